@@ -1,0 +1,192 @@
+//! Configuration: command-line flags, each also settable by a `TCC_*`
+//! environment variable. Every setting has a default, so the coordinator
+//! runs with no configuration at all.
+//!
+//! The same structs are the library's configuration: `Config::default()` is
+//! what the binary runs with when given no flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+
+/// The coordinator's configuration.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "tcc-coordinator",
+    version,
+    about = "TCC composite-transaction coordinator"
+)]
+pub struct Config {
+    /// Address to listen on for gRPC (all services, health and reflection).
+    #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded sled database (created if missing).
+    #[arg(long, env = "TCC_DATA_DIR", default_value = "tcc-data")]
+    pub data_dir: PathBuf,
+
+    /// Static participant endpoint, as SERVICE=URI (e.g.
+    /// orders=http://127.0.0.1:7001). Repeat the flag, or separate with
+    /// commas in the environment variable, for several.
+    #[arg(
+        long = "participant",
+        env = "TCC_PARTICIPANTS",
+        value_delimiter = ',',
+        value_name = "SERVICE=URI"
+    )]
+    pub participants: Vec<String>,
+
+    /// How long finished (CONFIRMED/CANCELLED) transactions and their topics
+    /// are kept before garbage collection, in seconds.
+    #[arg(long, env = "TCC_RETENTION_SECS", default_value_t = 86_400)]
+    pub retention_secs: u64,
+
+    /// Size and time limits on requests.
+    #[command(flatten)]
+    pub limits: Limits,
+
+    /// Phase-2 delivery: per-call deadline and retries.
+    #[command(flatten)]
+    pub delivery: DeliveryPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["tcc-coordinator"])
+    }
+}
+
+impl Config {
+    /// The GC retention as a duration.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_secs)
+    }
+}
+
+/// Limits that keep every request, topic and transaction bounded.
+#[derive(Clone, Debug, Args)]
+pub struct Limits {
+    /// Maximum participants in one transaction (Begin plus Enlist).
+    #[arg(long, env = "TCC_MAX_PARTICIPANTS", default_value_t = 32)]
+    pub max_participants: usize,
+    /// Maximum commands in one Append.
+    #[arg(long, env = "TCC_MAX_COMMANDS_PER_APPEND", default_value_t = 1000)]
+    pub max_commands_per_append: usize,
+    /// Maximum bytes of one command (payload + type + key).
+    #[arg(long, env = "TCC_MAX_COMMAND_BYTES", default_value_t = 1 << 20)]
+    pub max_command_bytes: usize,
+    /// Maximum payload bytes in one partial topic.
+    #[arg(long, env = "TCC_MAX_TOPIC_BYTES", default_value_t = 4 << 20)]
+    pub max_topic_bytes: u64,
+    /// Default transaction timeout when Begin gives none, in ms.
+    #[arg(long, env = "TCC_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub default_timeout_ms: u64,
+    /// Smallest timeout Begin accepts, in ms.
+    #[arg(long, env = "TCC_MIN_TIMEOUT_MS", default_value_t = 100)]
+    pub min_timeout_ms: u64,
+    /// Largest timeout Begin accepts, in ms.
+    #[arg(long, env = "TCC_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
+    pub max_timeout_ms: u64,
+}
+
+/// Fixed limits that are not worth a flag.
+pub mod fixed {
+    /// Longest service name.
+    pub const MAX_SERVICE_NAME: usize = 128;
+    /// Longest command type name.
+    pub const MAX_COMMAND_TYPE: usize = 256;
+    /// Longest command key.
+    pub const MAX_COMMAND_KEY: usize = 256;
+    /// Longest idempotency key.
+    pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+    /// Longest cancel reason.
+    pub const MAX_REASON: usize = 1024;
+    /// Longest endpoint URI.
+    pub const MAX_ENDPOINT: usize = 512;
+    /// Default wait of Confirm/Cancel with `wait`, in ms.
+    pub const DEFAULT_WAIT_MS: u64 = 10_000;
+    /// Longest wait of Confirm/Cancel, in ms.
+    pub const MAX_WAIT_MS: u64 = 60_000;
+    /// Largest page of ListTransactions and Read.
+    pub const MAX_PAGE: usize = 1000;
+    /// Default registration lease, in ms.
+    pub const DEFAULT_LEASE_MS: u64 = 30_000;
+    /// Shortest registration lease, in ms.
+    pub const MIN_LEASE_MS: u64 = 1_000;
+    /// Longest registration lease, in ms.
+    pub const MAX_LEASE_MS: u64 = 600_000;
+    /// Largest gRPC message the coordinator accepts or sends.
+    pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+}
+
+/// How phase-2 calls are made and retried.
+#[derive(Clone, Debug, Args)]
+pub struct DeliveryPolicy {
+    /// Deadline of one commit/rollback call, in ms.
+    #[arg(long, env = "TCC_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    pub call_timeout_ms: u64,
+    /// First retry delay, in ms; doubles per attempt up to the maximum, with
+    /// jitter.
+    #[arg(long, env = "TCC_RETRY_INITIAL_MS", default_value_t = 100)]
+    pub retry_initial_ms: u64,
+    /// Largest retry delay, in ms.
+    #[arg(long, env = "TCC_RETRY_MAX_MS", default_value_t = 10_000)]
+    pub retry_max_ms: u64,
+    /// Phase-2 calls per participant before the transaction is marked
+    /// FAILED_TO_CONFIRM / FAILED_TO_CANCEL (0 = retry forever).
+    #[arg(long, env = "TCC_RETRY_MAX_ATTEMPTS", default_value_t = 200)]
+    pub retry_max_attempts: u32,
+}
+
+impl DeliveryPolicy {
+    /// The delay before attempt `attempt + 1`, given `attempt` calls made:
+    /// capped exponential backoff with "equal jitter" (half fixed, half
+    /// random), so retries of many transactions spread out.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .retry_initial_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+        let capped = exp.min(self.retry_max_ms).max(1);
+        let half = capped / 2;
+        Duration::from_millis(half + rand::random_range(0..=capped - half))
+    }
+
+    /// True when `attempts` calls exhaust the budget.
+    pub fn exhausted(&self, attempts: u32) -> bool {
+        self.retry_max_attempts != 0 && attempts >= self.retry_max_attempts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let c = Config::try_parse_from(["tcc-coordinator"]);
+        let c = c.map_err(|e| e.to_string());
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let p = DeliveryPolicy {
+            call_timeout_ms: 1,
+            retry_initial_ms: 100,
+            retry_max_ms: 1000,
+            retry_max_attempts: 5,
+        };
+        for _ in 0..100 {
+            let d1 = p.backoff(1).as_millis();
+            assert!((50..=100).contains(&d1), "{d1}");
+            let d3 = p.backoff(3).as_millis();
+            assert!((200..=400).contains(&d3), "{d3}");
+            let d20 = p.backoff(20).as_millis();
+            assert!((500..=1000).contains(&d20), "{d20}");
+        }
+        assert!(!p.exhausted(4));
+        assert!(p.exhausted(5));
+    }
+}

@@ -1,0 +1,760 @@
+//! The transaction record and its state machine.
+//!
+//! ```text
+//!            confirm                 all acknowledged
+//!   ACTIVE ───────────▶ CONFIRMING ───────────────────▶ CONFIRMED
+//!     │                   │   ▲
+//!     │                   │   │ retry (admin)
+//!     │                   ▼   │
+//!     │               FAILED_TO_CONFIRM   (a participant refused, or the
+//!     │                                    retry budget ran out)
+//!     │ cancel / deadline       all acknowledged
+//!     └─────────────────▶ CANCELLING ───────────────────▶ CANCELLED
+//!                         │   ▲
+//!                         ▼   │ retry (admin)
+//!                     FAILED_TO_CANCEL
+//! ```
+//!
+//! [`apply`] is the only place where a [`TxnRecord`] changes. It is pure (no
+//! I/O, time passed in), checks the current state for every [`Event`], and
+//! answers with a typed error for an illegal move. The engine persists the
+//! record when `apply` reports [`Outcome::Changed`].
+//!
+//! Invariants kept here:
+//! * the decision is final: once CONFIRMING, the transaction never reaches a
+//!   CANCEL* state and vice versa;
+//! * appends and enlistments only while ACTIVE;
+//! * repeating a decision that was already taken is not an error
+//!   ([`Outcome::Unchanged`]), so retried Confirm/Cancel calls are safe;
+//! * a transaction finishes exactly when no participant is pending: all
+//!   acknowledged gives CONFIRMED/CANCELLED, any failed gives FAILED_TO_*.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::{PartialId, TxnId};
+
+/// The state of a composite transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TxnState {
+    /// Open for appends and enlistments.
+    Active,
+    /// Confirm decided; commits being delivered.
+    Confirming,
+    /// Every participant acknowledged its commit.
+    Confirmed,
+    /// Cancel decided; rollbacks being delivered.
+    Cancelling,
+    /// Every participant acknowledged its rollback.
+    Cancelled,
+    /// Commit delivery failed for good; needs an operator.
+    FailedToConfirm,
+    /// Rollback delivery failed for good; needs an operator.
+    FailedToCancel,
+}
+
+impl TxnState {
+    /// Every state, in declaration order.
+    pub const ALL: [TxnState; 7] = [
+        TxnState::Active,
+        TxnState::Confirming,
+        TxnState::Confirmed,
+        TxnState::Cancelling,
+        TxnState::Cancelled,
+        TxnState::FailedToConfirm,
+        TxnState::FailedToCancel,
+    ];
+
+    /// CONFIRMED or CANCELLED: nothing more will happen; eligible for GC.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TxnState::Confirmed | TxnState::Cancelled)
+    }
+
+    /// CONFIRMING or CANCELLING: phase-2 delivery is under way.
+    pub fn is_delivering(self) -> bool {
+        matches!(self, TxnState::Confirming | TxnState::Cancelling)
+    }
+
+    /// The decision taken, if any.
+    pub fn decision(self) -> Option<Decision> {
+        match self {
+            TxnState::Active => None,
+            TxnState::Confirming | TxnState::Confirmed | TxnState::FailedToConfirm => {
+                Some(Decision::Confirm)
+            }
+            TxnState::Cancelling | TxnState::Cancelled | TxnState::FailedToCancel => {
+                Some(Decision::Cancel)
+            }
+        }
+    }
+}
+
+impl fmt::Display for TxnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TxnState::Active => "ACTIVE",
+            TxnState::Confirming => "CONFIRMING",
+            TxnState::Confirmed => "CONFIRMED",
+            TxnState::Cancelling => "CANCELLING",
+            TxnState::Cancelled => "CANCELLED",
+            TxnState::FailedToConfirm => "FAILED_TO_CONFIRM",
+            TxnState::FailedToCancel => "FAILED_TO_CANCEL",
+        })
+    }
+}
+
+/// The phase-2 decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Apply every partial's commands.
+    Confirm,
+    /// Discard every partial's commands.
+    Cancel,
+}
+
+/// The phase-2 status of one participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase2Status {
+    /// Not decided yet, or decided and not yet acknowledged.
+    Pending,
+    /// The participant acknowledged the decision.
+    Acknowledged,
+    /// The participant refused permanently or the retry budget ran out.
+    Failed,
+}
+
+/// One participant service of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantRecord {
+    /// The participant's service name.
+    pub service: String,
+    /// Its partial transaction id (the topic name).
+    pub partial_id: PartialId,
+    /// Phase-2 status for the current decision.
+    pub status: Phase2Status,
+    /// Phase-2 calls made for the current decision.
+    pub attempts: u32,
+    /// The last phase-2 error, if any.
+    pub last_error: Option<String>,
+    /// When the next phase-2 call is due (unix ms, 0 if none scheduled).
+    pub next_attempt_ms: i64,
+    /// Commands in the topic; the last sequence number handed out.
+    pub command_count: u64,
+    /// Payload bytes in the topic.
+    pub topic_bytes: u64,
+}
+
+impl ParticipantRecord {
+    /// A fresh participant with an empty topic.
+    pub fn new(service: String, partial_id: PartialId) -> Self {
+        ParticipantRecord {
+            service,
+            partial_id,
+            status: Phase2Status::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_ms: 0,
+            command_count: 0,
+            topic_bytes: 0,
+        }
+    }
+}
+
+/// A composite transaction as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    /// The transaction id.
+    pub id: TxnId,
+    /// Current state.
+    pub state: TxnState,
+    /// Participants in enlistment order; service names are unique.
+    pub participants: Vec<ParticipantRecord>,
+    /// When Begin was accepted (unix ms).
+    pub created_ms: i64,
+    /// When an ACTIVE transaction is cancelled by the coordinator (unix ms).
+    pub deadline_ms: i64,
+    /// When the decision was taken (unix ms, 0 while ACTIVE).
+    pub decided_ms: i64,
+    /// When CONFIRMED/CANCELLED was reached (unix ms, 0 before).
+    pub finished_ms: i64,
+    /// Why it was cancelled; empty otherwise.
+    pub reason: String,
+}
+
+impl TxnRecord {
+    /// A new ACTIVE transaction.
+    pub fn new(
+        id: TxnId,
+        participants: Vec<ParticipantRecord>,
+        now_ms: i64,
+        deadline_ms: i64,
+    ) -> Self {
+        TxnRecord {
+            id,
+            state: TxnState::Active,
+            participants,
+            created_ms: now_ms,
+            deadline_ms,
+            decided_ms: 0,
+            finished_ms: 0,
+            reason: String::new(),
+        }
+    }
+
+    /// The index of the participant with this partial id.
+    pub fn participant_index(&self, partial: PartialId) -> Option<usize> {
+        self.participants
+            .iter()
+            .position(|p| p.partial_id == partial)
+    }
+
+    /// ACTIVE and at or past its deadline.
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.state == TxnState::Active && now_ms >= self.deadline_ms
+    }
+}
+
+/// The reason recorded when the deadline cancels a transaction.
+pub const DEADLINE_REASON: &str = "deadline exceeded";
+
+/// Something that happens to a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A participant joins (ACTIVE only).
+    Enlist {
+        /// Its service name (already validated).
+        service: String,
+        /// Its new partial id.
+        partial_id: PartialId,
+    },
+    /// A batch of commands is appended to participant `participant`'s topic.
+    Append {
+        /// Index into `participants`.
+        participant: usize,
+        /// Number of commands.
+        commands: u64,
+        /// Payload bytes.
+        bytes: u64,
+    },
+    /// The composite service decides confirm.
+    Confirm,
+    /// The composite service decides cancel.
+    Cancel {
+        /// Why (may be empty).
+        reason: String,
+    },
+    /// The deadline passed (applied by the sweeper, or before any client
+    /// event that finds the transaction expired).
+    Expire,
+    /// Participant `participant` acknowledged the decision.
+    Delivered {
+        /// Index into `participants`.
+        participant: usize,
+    },
+    /// A phase-2 call failed transiently and will be retried.
+    AttemptFailed {
+        /// Index into `participants`.
+        participant: usize,
+        /// What went wrong.
+        error: String,
+        /// When the next attempt is due (unix ms).
+        next_attempt_ms: i64,
+    },
+    /// A phase-2 call was refused permanently, or the budget ran out.
+    GaveUp {
+        /// Index into `participants`.
+        participant: usize,
+        /// What went wrong.
+        error: String,
+    },
+    /// An operator resumes delivery of a FAILED_TO_* transaction.
+    Retry,
+}
+
+impl Event {
+    /// The verb used in error messages.
+    fn action(&self) -> &'static str {
+        match self {
+            Event::Enlist { .. } => "enlist into",
+            Event::Append { .. } => "append to",
+            Event::Confirm => "confirm",
+            Event::Cancel { .. } => "cancel",
+            Event::Expire => "expire",
+            Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. } => {
+                "record phase-2 progress of"
+            }
+            Event::Retry => "retry",
+        }
+    }
+}
+
+/// What [`apply`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The record changed and must be persisted.
+    Changed,
+    /// Nothing to do (a repeated decision, a late expiry): not an error.
+    Unchanged,
+}
+
+/// Applies `event` to `txn` at time `now_ms`: the one function that moves a
+/// transaction. On error `txn` is left untouched.
+pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> {
+    use TxnState::*;
+    let illegal = |txn: &TxnRecord, event: &Event| {
+        let detail = if txn.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" (reason: {})", txn.reason)
+        };
+        Err(Error::IllegalTransition {
+            action: event.action(),
+            txn: txn.id.to_string(),
+            state: txn.state,
+            detail,
+        })
+    };
+
+    match (txn.state, event) {
+        // --- try phase --------------------------------------------------
+        (
+            Active,
+            Event::Enlist {
+                service,
+                partial_id,
+            },
+        ) => {
+            txn.participants
+                .push(ParticipantRecord::new(service, partial_id));
+            Ok(Outcome::Changed)
+        }
+        (
+            Active,
+            Event::Append {
+                participant,
+                commands,
+                bytes,
+            },
+        ) => {
+            let Some(p) = txn.participants.get_mut(participant) else {
+                return Err(Error::NotFound(format!(
+                    "participant #{participant} of transaction {}",
+                    txn.id
+                )));
+            };
+            p.command_count += commands;
+            p.topic_bytes += bytes;
+            Ok(Outcome::Changed)
+        }
+
+        // --- decisions ----------------------------------------------------
+        (Active, Event::Confirm) => {
+            decide(txn, Confirming, String::new(), now_ms);
+            Ok(Outcome::Changed)
+        }
+        (Active, Event::Cancel { reason }) => {
+            decide(txn, Cancelling, reason, now_ms);
+            Ok(Outcome::Changed)
+        }
+        (Active, Event::Expire) => {
+            if now_ms < txn.deadline_ms {
+                return Ok(Outcome::Unchanged);
+            }
+            decide(txn, Cancelling, DEADLINE_REASON.to_string(), now_ms);
+            Ok(Outcome::Changed)
+        }
+        (Confirming | Confirmed | FailedToConfirm, Event::Confirm) => Ok(Outcome::Unchanged),
+        (Cancelling | Cancelled | FailedToCancel, Event::Cancel { .. }) => Ok(Outcome::Unchanged),
+        // The sweeper may race a decision; a decided transaction has no deadline.
+        (_, Event::Expire) => Ok(Outcome::Unchanged),
+
+        // --- phase 2 ------------------------------------------------------
+        (Confirming | Cancelling, Event::Delivered { participant }) => {
+            let Some(p) = txn.participants.get_mut(participant) else {
+                return illegal(txn, &Event::Delivered { participant });
+            };
+            if p.status == Phase2Status::Acknowledged {
+                return Ok(Outcome::Unchanged);
+            }
+            p.status = Phase2Status::Acknowledged;
+            p.attempts += 1;
+            p.next_attempt_ms = 0;
+            finish_if_resolved(txn, now_ms);
+            Ok(Outcome::Changed)
+        }
+        (
+            Confirming | Cancelling,
+            Event::AttemptFailed {
+                participant,
+                error,
+                next_attempt_ms,
+            },
+        ) => {
+            let Some(p) = txn.participants.get_mut(participant) else {
+                return illegal(txn, &Event::Delivered { participant });
+            };
+            if p.status != Phase2Status::Pending {
+                return Ok(Outcome::Unchanged);
+            }
+            p.attempts += 1;
+            p.last_error = Some(error);
+            p.next_attempt_ms = next_attempt_ms;
+            Ok(Outcome::Changed)
+        }
+        (Confirming | Cancelling, Event::GaveUp { participant, error }) => {
+            let Some(p) = txn.participants.get_mut(participant) else {
+                return illegal(txn, &Event::Delivered { participant });
+            };
+            if p.status != Phase2Status::Pending {
+                return Ok(Outcome::Unchanged);
+            }
+            p.status = Phase2Status::Failed;
+            p.attempts += 1;
+            p.last_error = Some(error);
+            p.next_attempt_ms = 0;
+            finish_if_resolved(txn, now_ms);
+            Ok(Outcome::Changed)
+        }
+
+        // --- operator -----------------------------------------------------
+        (FailedToConfirm | FailedToCancel, Event::Retry) => {
+            txn.state = if txn.state == FailedToConfirm {
+                Confirming
+            } else {
+                Cancelling
+            };
+            for p in &mut txn.participants {
+                if p.status == Phase2Status::Failed {
+                    p.status = Phase2Status::Pending;
+                    p.attempts = 0;
+                    p.next_attempt_ms = 0;
+                }
+            }
+            Ok(Outcome::Changed)
+        }
+
+        (_, event) => illegal(txn, &event),
+    }
+}
+
+/// Takes the decision: every participant becomes pending for it.
+fn decide(txn: &mut TxnRecord, state: TxnState, reason: String, now_ms: i64) {
+    txn.state = state;
+    txn.reason = reason;
+    txn.decided_ms = now_ms;
+    for p in &mut txn.participants {
+        p.status = Phase2Status::Pending;
+        p.attempts = 0;
+        p.last_error = None;
+        p.next_attempt_ms = now_ms;
+    }
+}
+
+/// Moves a delivering transaction to its end state once no participant is
+/// pending.
+fn finish_if_resolved(txn: &mut TxnRecord, now_ms: i64) {
+    if txn
+        .participants
+        .iter()
+        .any(|p| p.status == Phase2Status::Pending)
+    {
+        return;
+    }
+    let failed = txn
+        .participants
+        .iter()
+        .any(|p| p.status == Phase2Status::Failed);
+    txn.state = match (txn.state, failed) {
+        (TxnState::Confirming, false) => TxnState::Confirmed,
+        (TxnState::Confirming, true) => TxnState::FailedToConfirm,
+        (TxnState::Cancelling, false) => TxnState::Cancelled,
+        (_, _) => TxnState::FailedToCancel,
+    };
+    if txn.state.is_finished() {
+        txn.finished_ms = now_ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_000_000;
+
+    fn txn_in(state: TxnState) -> TxnRecord {
+        let parts = vec![
+            ParticipantRecord::new("a".into(), PartialId::new()),
+            ParticipantRecord::new("b".into(), PartialId::new()),
+        ];
+        let mut t = TxnRecord::new(TxnId::new(), parts, NOW - 10, NOW + 1000);
+        match state {
+            TxnState::Active => {}
+            TxnState::Confirming => decide(&mut t, TxnState::Confirming, String::new(), NOW),
+            TxnState::Cancelling => decide(&mut t, TxnState::Cancelling, "r".into(), NOW),
+            TxnState::Confirmed | TxnState::Cancelled => {
+                let d = if state == TxnState::Confirmed {
+                    TxnState::Confirming
+                } else {
+                    TxnState::Cancelling
+                };
+                decide(&mut t, d, String::new(), NOW);
+                for p in &mut t.participants {
+                    p.status = Phase2Status::Acknowledged;
+                }
+                t.state = state;
+                t.finished_ms = NOW;
+            }
+            TxnState::FailedToConfirm | TxnState::FailedToCancel => {
+                let d = if state == TxnState::FailedToConfirm {
+                    TxnState::Confirming
+                } else {
+                    TxnState::Cancelling
+                };
+                decide(&mut t, d, String::new(), NOW);
+                t.participants[0].status = Phase2Status::Acknowledged;
+                t.participants[1].status = Phase2Status::Failed;
+                t.state = state;
+            }
+        }
+        t
+    }
+
+    fn events() -> Vec<Event> {
+        vec![
+            Event::Enlist {
+                service: "c".into(),
+                partial_id: PartialId::new(),
+            },
+            Event::Append {
+                participant: 0,
+                commands: 2,
+                bytes: 10,
+            },
+            Event::Confirm,
+            Event::Cancel {
+                reason: "why".into(),
+            },
+            Event::Expire,
+            Event::Delivered { participant: 0 },
+            Event::AttemptFailed {
+                participant: 0,
+                error: "down".into(),
+                next_attempt_ms: NOW + 5,
+            },
+            Event::GaveUp {
+                participant: 0,
+                error: "refused".into(),
+            },
+            Event::Retry,
+        ]
+    }
+
+    /// What each (state, event) pair must do: the full transition table.
+    /// `Ok(state)` = accepted and leads to `state`; `Err(())` = illegal.
+    fn expected(state: TxnState, event: &Event) -> Result<TxnState, ()> {
+        use TxnState::*;
+        match (state, event) {
+            (Active, Event::Enlist { .. } | Event::Append { .. }) => Ok(Active),
+            (Active, Event::Confirm) => Ok(Confirming),
+            (Active, Event::Cancel { .. }) => Ok(Cancelling),
+            (Active, Event::Expire) => Ok(Active), // not yet due at NOW
+            (s, Event::Expire) => Ok(s),
+            (Confirming | Confirmed | FailedToConfirm, Event::Confirm) => Ok(state),
+            (Cancelling | Cancelled | FailedToCancel, Event::Cancel { .. }) => Ok(state),
+            // one of two participants resolved: still delivering
+            (
+                Confirming | Cancelling,
+                Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. },
+            ) => Ok(state),
+            (FailedToConfirm, Event::Retry) => Ok(Confirming),
+            (FailedToCancel, Event::Retry) => Ok(Cancelling),
+            _ => Err(()),
+        }
+    }
+
+    #[test]
+    fn every_state_and_event_follows_the_table() {
+        for state in TxnState::ALL {
+            for event in events() {
+                let mut txn = txn_in(state);
+                let before = txn.clone();
+                let got = apply(&mut txn, event.clone(), NOW);
+                match (expected(state, &event), got) {
+                    (Ok(next), Ok(_)) => assert_eq!(txn.state, next, "{state} + {event:?}"),
+                    (Err(()), Err(Error::IllegalTransition { state: s, .. })) => {
+                        assert_eq!(s, state);
+                        assert_eq!(txn, before, "a refused event must not change the record");
+                    }
+                    (want, got) => panic!("{state} + {event:?}: expected {want:?}, got {got:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn illegal_move_names_the_state_and_reason() {
+        let mut txn = txn_in(TxnState::Active);
+        apply(&mut txn, Event::Expire, NOW + 1000).ok();
+        let err = apply(&mut txn, Event::Confirm, NOW + 1001)
+            .err()
+            .map(|e| e.to_string());
+        let msg = err.unwrap_or_default();
+        assert!(
+            msg.contains("CANCELLING") && msg.contains("deadline exceeded"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn repeated_decision_is_unchanged() {
+        let mut txn = txn_in(TxnState::Active);
+        assert_eq!(
+            apply(&mut txn, Event::Confirm, NOW).ok(),
+            Some(Outcome::Changed)
+        );
+        assert_eq!(
+            apply(&mut txn, Event::Confirm, NOW).ok(),
+            Some(Outcome::Unchanged)
+        );
+        assert!(
+            apply(
+                &mut txn,
+                Event::Cancel {
+                    reason: String::new()
+                },
+                NOW
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn expire_only_at_deadline() {
+        let mut txn = txn_in(TxnState::Active);
+        let deadline = txn.deadline_ms;
+        assert_eq!(
+            apply(&mut txn, Event::Expire, deadline - 1).ok(),
+            Some(Outcome::Unchanged)
+        );
+        assert_eq!(txn.state, TxnState::Active);
+        assert_eq!(
+            apply(&mut txn, Event::Expire, deadline).ok(),
+            Some(Outcome::Changed)
+        );
+        assert_eq!(txn.state, TxnState::Cancelling);
+        assert_eq!(txn.reason, DEADLINE_REASON);
+    }
+
+    #[test]
+    fn all_acknowledged_finishes() {
+        for (decision, done) in [
+            (Event::Confirm, TxnState::Confirmed),
+            (
+                Event::Cancel {
+                    reason: String::new(),
+                },
+                TxnState::Cancelled,
+            ),
+        ] {
+            let mut txn = txn_in(TxnState::Active);
+            apply(&mut txn, decision, NOW).ok();
+            apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 1).ok();
+            assert!(txn.state.is_delivering());
+            // a duplicate acknowledgement changes nothing
+            assert_eq!(
+                apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 1).ok(),
+                Some(Outcome::Unchanged)
+            );
+            apply(&mut txn, Event::Delivered { participant: 1 }, NOW + 2).ok();
+            assert_eq!(txn.state, done);
+            assert_eq!(txn.finished_ms, NOW + 2);
+        }
+    }
+
+    #[test]
+    fn a_failed_participant_fails_the_transaction_and_retry_resumes() {
+        let mut txn = txn_in(TxnState::Active);
+        apply(&mut txn, Event::Confirm, NOW).ok();
+        apply(
+            &mut txn,
+            Event::AttemptFailed {
+                participant: 1,
+                error: "x".into(),
+                next_attempt_ms: NOW + 9,
+            },
+            NOW,
+        )
+        .ok();
+        assert_eq!(txn.participants[1].attempts, 1);
+        apply(
+            &mut txn,
+            Event::GaveUp {
+                participant: 1,
+                error: "refused".into(),
+            },
+            NOW,
+        )
+        .ok();
+        assert_eq!(
+            txn.state,
+            TxnState::Confirming,
+            "participant 0 still pending"
+        );
+        apply(&mut txn, Event::Delivered { participant: 0 }, NOW).ok();
+        assert_eq!(txn.state, TxnState::FailedToConfirm);
+        assert_eq!(txn.finished_ms, 0);
+        apply(&mut txn, Event::Retry, NOW).ok();
+        assert_eq!(txn.state, TxnState::Confirming);
+        assert_eq!(txn.participants[1].status, Phase2Status::Pending);
+        assert_eq!(txn.participants[1].attempts, 0);
+        assert_eq!(
+            txn.participants[0].status,
+            Phase2Status::Acknowledged,
+            "acknowledged stays acknowledged"
+        );
+    }
+
+    #[test]
+    fn append_counts_commands_and_bytes() {
+        let mut txn = txn_in(TxnState::Active);
+        apply(
+            &mut txn,
+            Event::Append {
+                participant: 1,
+                commands: 3,
+                bytes: 30,
+            },
+            NOW,
+        )
+        .ok();
+        apply(
+            &mut txn,
+            Event::Append {
+                participant: 1,
+                commands: 2,
+                bytes: 5,
+            },
+            NOW,
+        )
+        .ok();
+        assert_eq!(
+            (
+                txn.participants[1].command_count,
+                txn.participants[1].topic_bytes
+            ),
+            (5, 35)
+        );
+        let bad = apply(
+            &mut txn,
+            Event::Append {
+                participant: 7,
+                commands: 1,
+                bytes: 1,
+            },
+            NOW,
+        );
+        assert!(matches!(bad, Err(Error::NotFound(_))));
+    }
+}

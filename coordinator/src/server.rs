@@ -1,0 +1,143 @@
+//! Assembles and runs the coordinator: store, engine, recovery, phase-2
+//! delivery, sweeper, and the gRPC server with health and reflection.
+//!
+//! Start-up order matters: recovery runs before the listener serves, so no
+//! client sees a transaction the engine has not loaded. Shutdown is the
+//! reverse: the server stops accepting and finishes in-flight requests, then
+//! the background tasks stop, then the store closes (every acknowledged
+//! write was already flushed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tcc_proto::v1::{
+    admin_server::AdminServer, registry_server::RegistryServer, topics_server::TopicsServer,
+    transactions_server::TransactionsServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::api::{
+    admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi,
+};
+use crate::config::{Config, fixed};
+use crate::delivery::{Delivery, registry::Registry};
+use crate::engine::{Engine, SystemClock, sweeper};
+use crate::store::sled::SledStore;
+
+/// Runs the coordinator on `listener` until `shutdown` is cancelled.
+/// `on_ready` is called with the listening address once recovery is done
+/// and requests are about to be served.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    let store =
+        Arc::new(SledStore::open(&config.data_dir).with_context(|| {
+            format!("cannot open data directory {}", config.data_dir.display())
+        })?);
+    let (engine, decided) = Engine::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        config.limits.clone(),
+        config.retention(),
+    );
+    let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
+    let registry = Arc::new(
+        Registry::new(&config.participants, connect_timeout).context("bad --participant")?,
+    );
+
+    let started = Instant::now();
+    let recovered = engine.recover().await.with_context(|| {
+        format!(
+            "recovery failed; the data directory {} is damaged or unreadable",
+            config.data_dir.display()
+        )
+    })?;
+    info!(
+        active = recovered.active,
+        delivering = recovered.delivering,
+        failed = recovered.failed,
+        finished = recovered.finished,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        data_dir = %config.data_dir.display(),
+        "recovery complete"
+    );
+
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let delivery = Delivery::new(
+        engine.clone(),
+        registry.clone(),
+        config.delivery.clone(),
+        background.clone(),
+    );
+    tasks.spawn(delivery.run(decided));
+    tasks.spawn(sweeper::run(engine.clone(), background.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<TransactionsServer<TransactionsApi<SledStore>>>()
+        .await;
+    health
+        .set_serving::<TopicsServer<TopicsApi<SledStore>>>()
+        .await;
+    health.set_serving::<RegistryServer<RegistryApi>>().await;
+    health
+        .set_serving::<AdminServer<AdminApi<SledStore>>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tcc_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tcc_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building reflection service")?;
+
+    let max = fixed::MAX_MESSAGE_BYTES;
+    info!(%addr, "serving");
+    on_ready(addr);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            TransactionsServer::new(TransactionsApi::new(engine.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            TopicsServer::new(TopicsApi::new(engine.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(RegistryServer::new(RegistryApi::new(registry)))
+        .add_service(
+            AdminServer::new(AdminApi::new(engine.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await
+        .context("gRPC server failed")?;
+
+    info!("server stopped accepting; in-flight requests done; stopping background tasks");
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
+    info!("coordinator stopped");
+    Ok(())
+}

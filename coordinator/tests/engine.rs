@@ -1,0 +1,440 @@
+//! Engine behaviour on a real sled store with a manual clock: deadlines,
+//! races, idempotent appends, limits, GC, listing and recovery. No network.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tcc_coordinator::config::Limits;
+use tcc_coordinator::engine::state::{Event, TxnState};
+use tcc_coordinator::engine::validate::NewCommand;
+use tcc_coordinator::engine::{Engine, ManualClock};
+use tcc_coordinator::error::Error;
+use tcc_coordinator::ids::{PartialId, TxnId};
+use tcc_coordinator::store::Store;
+use tcc_coordinator::store::sled::SledStore;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const T0: i64 = 1_700_000_000_000;
+const RETENTION: Duration = Duration::from_secs(60);
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<SledStore>,
+    clock: Arc<ManualClock>,
+    engine: Arc<Engine<SledStore>>,
+    decided: UnboundedReceiver<TxnId>,
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_participants: 3,
+        max_commands_per_append: 5,
+        max_command_bytes: 100,
+        max_topic_bytes: 150,
+        default_timeout_ms: 1_000,
+        min_timeout_ms: 100,
+        max_timeout_ms: 10_000,
+    }
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let store = Arc::new(SledStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+    let clock = Arc::new(ManualClock::at(T0));
+    let (engine, decided) = Engine::new(store.clone(), clock.clone(), limits(), RETENTION);
+    Fixture {
+        _dir: dir,
+        store,
+        clock,
+        engine,
+        decided,
+    }
+}
+
+fn cmd(kind: &str, payload: &[u8]) -> NewCommand {
+    NewCommand {
+        kind: kind.into(),
+        key: String::new(),
+        payload: payload.to_vec(),
+    }
+}
+
+fn svc(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+type R = Result<(), Error>;
+
+#[tokio::test]
+async fn begin_validates_its_input() -> R {
+    let f = fixture();
+    let cases: Vec<(Vec<String>, u64, &str)> = vec![
+        (svc(&[]), 0, "at least one"),
+        (svc(&["a", "a"]), 0, "twice"),
+        (svc(&["a", "b", "c", "d"]), 0, "limit is 3"),
+        (svc(&["bad name"]), 0, "contains ' '"),
+        (vec!["x".repeat(129)], 0, "limit is 128"),
+        (svc(&["a"]), 50, "out of range"),
+        (svc(&["a"]), 10_001, "out of range"),
+    ];
+    for (services, timeout, msg) in cases {
+        match f.engine.begin(services.clone(), timeout).await {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains(msg), "{services:?}/{timeout}: {m}")
+            }
+            other => panic!("{services:?}/{timeout}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    assert_eq!(
+        t.deadline_ms - t.created_ms,
+        1_000,
+        "0 means the default timeout"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_deadline_cancels_an_active_transaction() -> R {
+    let mut f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 500).await?;
+    assert_eq!(f.engine.next_due(), Some(T0 + 500));
+    f.clock.advance(499);
+    assert_eq!(f.engine.expire_due().await, 0);
+    assert_eq!(f.engine.get(t.id).await?.state, TxnState::Active);
+    f.clock.advance(1);
+    assert_eq!(f.engine.expire_due().await, 1);
+    let after = f.engine.get(t.id).await?;
+    assert_eq!(after.state, TxnState::Cancelling);
+    assert_eq!(after.reason, "deadline exceeded");
+    assert_eq!(
+        f.decided.try_recv().ok(),
+        Some(t.id),
+        "rollback delivery requested"
+    );
+    assert_eq!(
+        f.store.get_txn(t.id).await?.map(|t| t.state),
+        Some(TxnState::Cancelling),
+        "durable"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn confirm_or_append_racing_the_deadline_loses() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 500).await?;
+    let p = t.participants[0].partial_id;
+    f.clock.advance(500); // the sweeper has not run yet
+    match f.engine.append(p, vec![cmd("x", b"1")], "").await {
+        Err(Error::IllegalTransition {
+            state: TxnState::Cancelling,
+            ..
+        }) => {}
+        other => panic!("late append: {other:?}"),
+    }
+    match f.engine.confirm(t.id).await {
+        Err(
+            e @ Error::IllegalTransition {
+                state: TxnState::Cancelling,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("deadline exceeded"), "{e}")
+        }
+        other => panic!("late confirm: {other:?}"),
+    }
+    assert!(
+        f.store.read_topic(p, 1, 10).await?.is_empty(),
+        "nothing stored by the late try"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn confirm_and_cancel_at_once_have_one_winner() -> R {
+    let f = fixture();
+    for _ in 0..20 {
+        let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+        let (c, k) = tokio::join!(f.engine.confirm(t.id), f.engine.cancel(t.id, "race".into()));
+        let state = f.engine.get(t.id).await?.state;
+        match (c, k) {
+            (
+                Ok(_),
+                Err(Error::IllegalTransition {
+                    state: TxnState::Confirming,
+                    ..
+                }),
+            ) => {
+                assert_eq!(state, TxnState::Confirming)
+            }
+            (
+                Err(Error::IllegalTransition {
+                    state: TxnState::Cancelling,
+                    ..
+                }),
+                Ok(_),
+            ) => {
+                assert_eq!(state, TxnState::Cancelling)
+            }
+            other => panic!("expected exactly one winner: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn repeated_decisions_return_the_same_outcome() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let first = f.engine.confirm(t.id).await?;
+    let second = f.engine.confirm(t.id).await?;
+    assert_eq!(first, second);
+    assert!(matches!(
+        f.engine.cancel(t.id, String::new()).await,
+        Err(Error::IllegalTransition { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn idempotent_append_stores_once() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let p = t.participants[0].partial_id;
+    let batch = vec![cmd("x", b"1"), cmd("y", b"22")];
+    let (r1, dup1) = f.engine.append(p, batch.clone(), "req-1").await?;
+    let (r2, dup2) = f.engine.append(p, batch.clone(), "req-1").await?;
+    assert_eq!((r1, dup1, dup2), (r2, false, true));
+    assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
+    // Same key, different batch: refused, nothing stored.
+    assert!(matches!(
+        f.engine.append(p, vec![cmd("z", b"1")], "req-1").await,
+        Err(Error::InvalidArgument(_))
+    ));
+    // A retry that arrives after the decision still gets its receipt.
+    f.engine.confirm(t.id).await?;
+    assert_eq!(f.engine.append(p, batch, "req-1").await?, (r1, true));
+    assert_eq!(f.engine.get(t.id).await?.participants[0].command_count, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn append_limits() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let p = t.participants[0].partial_id;
+    let too_many = vec![cmd("x", b"1"); 6];
+    let cases = vec![
+        (vec![], "", "at least one"),
+        (too_many, "", "limit is 5"),
+        (vec![cmd("", b"")], "", "type must not be empty"),
+        (vec![cmd("x", &[0; 101])], "", "limit is 100 bytes"),
+        (vec![cmd(&"t".repeat(257), b"")], "", "type is 257"),
+    ];
+    for (batch, key, msg) in cases {
+        match f.engine.append(p, batch, key).await {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(msg), "{m}"),
+            other => panic!("{msg}: {other:?}"),
+        }
+    }
+    let long_key = "k".repeat(129);
+    assert!(matches!(
+        f.engine.append(p, vec![cmd("x", b"")], &long_key).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    f.engine.append(p, vec![cmd("x", &[0; 90])], "").await?;
+    match f.engine.append(p, vec![cmd("x", &[0; 90])], "").await {
+        Err(Error::LimitExceeded(m)) => assert!(m.contains("limit is 150"), "{m}"),
+        other => panic!("topic limit: {other:?}"),
+    }
+    assert_eq!(
+        f.store.read_topic(p, 1, 10).await?.len(),
+        1,
+        "the refused batch left nothing"
+    );
+    assert!(matches!(
+        f.engine
+            .append(PartialId::new(), vec![cmd("x", b"")], "")
+            .await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn enlist_rules() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let b = f.engine.enlist(t.id, "b".into()).await?;
+    assert_eq!(
+        f.engine.enlist(t.id, "b".into()).await?.partial_id,
+        b.partial_id,
+        "enlisting twice returns the same partial"
+    );
+    f.engine
+        .append(b.partial_id, vec![cmd("x", b"1")], "")
+        .await?;
+    f.engine.enlist(t.id, "c".into()).await?;
+    assert!(matches!(
+        f.engine.enlist(t.id, "d".into()).await,
+        Err(Error::LimitExceeded(_))
+    ));
+    f.engine.confirm(t.id).await?;
+    assert!(matches!(
+        f.engine.enlist(t.id, "e".into()).await,
+        Err(Error::IllegalTransition {
+            state: TxnState::Confirming,
+            ..
+        })
+    ));
+    assert!(matches!(
+        f.engine.enlist(TxnId::new(), "e".into()).await,
+        Err(Error::NotFound(_))
+    ));
+    Ok(())
+}
+
+/// Drives a confirmed transaction to CONFIRMED as the delivery driver would.
+async fn finish(f: &Fixture, id: TxnId) -> R {
+    let n = f.engine.get(id).await?.participants.len();
+    for i in 0..n {
+        f.engine
+            .record_phase2(id, Event::Delivered { participant: i })
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn finished_transactions_are_collected_after_retention() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    let p = t.participants[0].partial_id;
+    f.engine.append(p, vec![cmd("x", b"1")], "k").await?;
+    f.engine.confirm(t.id).await?;
+    finish(&f, t.id).await?;
+    let done = f.engine.get(t.id).await?;
+    assert_eq!(done.state, TxnState::Confirmed);
+    f.clock.advance(RETENTION.as_millis() as i64 - 1);
+    assert_eq!(f.engine.collect_garbage().await, 0);
+    assert_eq!(
+        f.engine.get(t.id).await?.state,
+        TxnState::Confirmed,
+        "kept during retention"
+    );
+    f.clock.advance(1);
+    assert_eq!(f.engine.collect_garbage().await, 1);
+    assert!(matches!(f.engine.get(t.id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.engine.read_topic(p, 1, 10).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(
+        f.store.read_topic(p, 1, 10).await?.is_empty(),
+        "topic deleted"
+    );
+    assert!(
+        f.store.find_receipt(p, "k").await?.is_none(),
+        "receipts deleted"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_transactions_are_listed_and_never_collected() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    f.engine.confirm(t.id).await?;
+    f.engine
+        .record_phase2(
+            t.id,
+            Event::GaveUp {
+                participant: 0,
+                error: "refused".into(),
+            },
+        )
+        .await?;
+    assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
+    f.clock.advance(10 * RETENTION.as_millis() as i64);
+    assert_eq!(f.engine.collect_garbage().await, 0);
+    let page = f
+        .engine
+        .list(&[TxnState::FailedToConfirm], 0, 10, None)
+        .await?;
+    assert_eq!(
+        page.transactions.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![t.id]
+    );
+    let retried = f.engine.retry(t.id).await?;
+    assert_eq!(retried.state, TxnState::Confirming);
+    Ok(())
+}
+
+#[tokio::test]
+async fn listing_filters_by_state_and_age_and_pages() -> R {
+    let f = fixture();
+    let mut active = Vec::new();
+    for i in 0..7 {
+        let t = f.engine.begin(svc(&["a"]), 0).await?;
+        if i % 2 == 0 {
+            f.engine.cancel(t.id, String::new()).await?;
+        } else {
+            active.push(t.id);
+        }
+        f.clock.advance(10);
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = f.engine.list(&[TxnState::Active], 0, 2, after).await?;
+        assert!(page.transactions.len() <= 2);
+        seen.extend(page.transactions.iter().map(|t| t.id));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, active, "oldest first, each once, only ACTIVE");
+    // min_age: only those created at least 35 ms ago (the first four).
+    let old = f.engine.list(&[], 35, 100, None).await?;
+    assert_eq!(old.transactions.len(), 4);
+    Ok(())
+}
+
+#[tokio::test]
+async fn recovery_reloads_every_unfinished_transaction() -> R {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::at(T0));
+    let (active, confirming, p) = {
+        let store = Arc::new(SledStore::open(dir.path())?);
+        let (engine, _rx) = Engine::new(store, clock.clone(), limits(), RETENTION);
+        let a = engine.begin(svc(&["a"]), 5_000).await?;
+        let c = engine.begin(svc(&["a", "b"]), 5_000).await?;
+        engine
+            .append(c.participants[1].partial_id, vec![cmd("x", b"1")], "k")
+            .await?;
+        engine.confirm(c.id).await?;
+        (a.id, c.id, c.participants[1].partial_id)
+    };
+    let store = Arc::new(SledStore::open(dir.path())?);
+    let (engine, mut decided) = Engine::new(store, clock.clone(), limits(), RETENTION);
+    let r = engine.recover().await?;
+    assert_eq!((r.active, r.delivering), (1, 1));
+    assert_eq!(
+        decided.try_recv().ok(),
+        Some(confirming),
+        "delivery resumes"
+    );
+    assert_eq!(
+        engine.next_due(),
+        Some(T0 + 5_000),
+        "the deadline is kept, not restarted"
+    );
+    clock.advance(5_000);
+    assert_eq!(engine.expire_due().await, 1);
+    assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
+    // The idempotency receipt survived too.
+    assert_eq!(engine.append(p, vec![cmd("x", b"1")], "k").await?.1, true);
+    Ok(())
+}
