@@ -435,6 +435,9 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     assert_eq!(engine.expire_due().await, 1);
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
-    assert_eq!(engine.append(p, vec![cmd("x", b"1")], "k").await?.1, true);
+    assert!(
+        engine.append(p, vec![cmd("x", b"1")], "k").await?.1,
+        "duplicate recognised"
+    );
     Ok(())
 }

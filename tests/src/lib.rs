@@ -1,1 +1,486 @@
-//! Test harness.
+//! Harness for end-to-end tests against the real binaries.
+//!
+//! * [`Coordinator`] spawns the `tcc-coordinator` binary on `127.0.0.1:0`
+//!   with its own data directory, waits for its readiness line on stdout
+//!   (no sleeping), writes its logs to a file shown on failure, and kills it
+//!   when dropped. [`Coordinator::kill9`] and [`Coordinator::terminate`]
+//!   stop it hard or gracefully; [`Coordinator::restart`] starts it again on
+//!   the same data directory.
+//! * [`TestParticipant`] is an in-process `tcc.v1.Participant` server whose
+//!   behaviour a test scripts (fail transiently N times, refuse, be slow),
+//!   and which records every call so a test can await and check them.
+//!
+//! The binaries are built by `cargo test --workspace` (cargo builds a
+//! package's binaries for its integration tests) and found next to the test
+//! executable, in `target/<profile>/`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tcc_proto::v1;
+use tcc_proto::v1::participant_server::{Participant, ParticipantServer};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+pub use tcc_proto::v1::{
+    admin_client::AdminClient, registry_client::RegistryClient, topics_client::TopicsClient,
+    transactions_client::TransactionsClient,
+};
+
+/// Path of a workspace binary built for this test run.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// A running `tcc-coordinator` process.
+pub struct Coordinator {
+    child: Option<Child>,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    /// Holds the data directory and logs; deleted with the last handle.
+    tmp: Arc<tempfile::TempDir>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with a fresh data directory and extra flags.
+    pub async fn start(args: &[&str]) -> Result<Self> {
+        let tmp = Arc::new(tempfile::tempdir()?);
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(tmp.path().join("data"), args, tmp).await
+    }
+
+    async fn spawn(
+        data_dir: PathBuf,
+        args: Vec<String>,
+        tmp: Arc<tempfile::TempDir>,
+    ) -> Result<Self> {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let log = tmp.path().join(format!(
+            "coordinator-{}.log",
+            RUN.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = std::fs::File::create(&log)?;
+        let mut child = Command::new(binary("tcc-coordinator"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&args)
+            .env("RUST_LOG", "info,tcc_coordinator=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning tcc-coordinator")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(addr) = line.strip_prefix("tcc-coordinator listening on ") {
+                    return Ok::<_, anyhow::Error>(Some(addr.parse::<SocketAddr>()?));
+                }
+            }
+            Ok(None)
+        })
+        .await;
+        let addr = match ready {
+            Ok(Ok(Some(addr))) => addr,
+            other => {
+                let logs = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("coordinator did not become ready ({other:?}); its log:\n{logs}");
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Coordinator {
+            child: Some(child),
+            addr,
+            data_dir,
+            log,
+            args,
+            tmp,
+        })
+    }
+
+    /// Starts a coordinator expected to fail; returns its exit status and
+    /// log.
+    pub async fn start_failing(
+        data_dir: &Path,
+        args: &[&str],
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            Command::new(binary("tcc-coordinator"))
+                .arg("--listen")
+                .arg("127.0.0.1:0")
+                .arg("--data-dir")
+                .arg(data_dir)
+                .args(args)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await??;
+        Ok((
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A channel to it.
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?
+            .connect()
+            .await?)
+    }
+
+    /// A Transactions client.
+    pub async fn transactions(&self) -> Result<TransactionsClient<Channel>> {
+        Ok(TransactionsClient::new(self.channel().await?))
+    }
+
+    /// A Topics client.
+    pub async fn topics(&self) -> Result<TopicsClient<Channel>> {
+        Ok(TopicsClient::new(self.channel().await?))
+    }
+
+    /// An Admin client.
+    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.channel().await?))
+    }
+
+    /// A Registry client.
+    pub async fn registry(&self) -> Result<RegistryClient<Channel>> {
+        Ok(RegistryClient::new(self.channel().await?))
+    }
+
+    /// Registers a participant's endpoint with a long lease.
+    pub async fn register(&self, service: &str, p: &TestParticipant) -> Result<()> {
+        self.registry()
+            .await?
+            .register(v1::RegisterRequest {
+                service: service.into(),
+                endpoint: p.url(),
+                ttl_ms: 600_000,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// kill -9: no chance to flush or clean up.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let pid = child.id().context("no pid")?;
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(tokio::time::timeout(Duration::from_secs(20), child.wait()).await??)
+    }
+
+    /// Starts the coordinator again on the same data directory and flags
+    /// (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)).
+    pub async fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "still running");
+        let next = Self::spawn(self.data_dir.clone(), self.args.clone(), self.tmp.clone()).await?;
+        *self = next;
+        Ok(())
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- coordinator log ({}) ---\n{}",
+                self.log.display(),
+                self.logs()
+            );
+        }
+    }
+}
+
+/// One call received by a [`TestParticipant`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// "commit" or "rollback".
+    pub kind: &'static str,
+    /// The partial id.
+    pub partial_id: String,
+    /// The transaction id.
+    pub transaction_id: String,
+    /// The commands carried.
+    pub commands: Vec<v1::StoredCommand>,
+    /// Whether this call was answered OK (false while in progress, and for
+    /// failed or abandoned calls).
+    pub acked: bool,
+}
+
+#[derive(Default)]
+struct Behaviour {
+    /// Answer UNAVAILABLE to this many calls first.
+    fail_transiently: AtomicU32,
+    /// Answer FAILED_PRECONDITION to every call while set.
+    refuse: AtomicBool,
+    /// Sleep this long (ms) before answering.
+    delay_ms: AtomicU64,
+}
+
+struct Shared {
+    behaviour: Behaviour,
+    calls: Mutex<Vec<Call>>,
+    changed: watch::Sender<usize>,
+}
+
+/// An in-process participant service on an ephemeral loopback port.
+pub struct TestParticipant {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+struct Service(Arc<Shared>);
+
+impl Service {
+    async fn handle(
+        &self,
+        kind: &'static str,
+        req: v1::PhaseTwoRequest,
+    ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        // Recorded on arrival, so a call the caller gave up on still shows.
+        let index = {
+            let mut calls = self.0.calls.lock().unwrap();
+            calls.push(Call {
+                kind,
+                partial_id: req.partial_id,
+                transaction_id: req.transaction_id,
+                commands: req.commands,
+                acked: false,
+            });
+            calls.len() - 1
+        };
+        self.0.changed.send_modify(|n| *n += 1);
+        let b = &self.0.behaviour;
+        let delay = b.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let transient = b
+            .fail_transiently
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if transient {
+            return Err(Status::unavailable("test participant: transient failure"));
+        }
+        if b.refuse.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition("test participant: refused"));
+        }
+        self.0.calls.lock().unwrap()[index].acked = true;
+        self.0.changed.send_modify(|n| *n += 1);
+        Ok(Response::new(v1::PhaseTwoResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for Service {
+    async fn commit(
+        &self,
+        r: Request<v1::PhaseTwoRequest>,
+    ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        self.handle("commit", r.into_inner()).await
+    }
+    async fn rollback(
+        &self,
+        r: Request<v1::PhaseTwoRequest>,
+    ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        self.handle("rollback", r.into_inner()).await
+    }
+}
+
+impl TestParticipant {
+    /// Starts serving on an ephemeral loopback port.
+    pub async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            behaviour: Behaviour::default(),
+            calls: Mutex::default(),
+            changed,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let svc = ParticipantServer::new(Service(shared.clone()));
+        let server = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+        });
+        Ok(TestParticipant {
+            shared,
+            addr,
+            stop: Some(stop),
+            server: Some(server),
+        })
+    }
+
+    /// Its endpoint URI.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answer UNAVAILABLE to the next `n` calls.
+    pub fn fail_transiently(&self, n: u32) {
+        self.shared
+            .behaviour
+            .fail_transiently
+            .store(n, Ordering::SeqCst);
+    }
+
+    /// Refuse (FAILED_PRECONDITION) every call while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.shared.behaviour.refuse.store(on, Ordering::SeqCst);
+    }
+
+    /// Wait this long before answering.
+    pub fn delay(&self, d: Duration) {
+        self.shared
+            .behaviour
+            .delay_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().unwrap().clone()
+    }
+
+    /// Waits (up to 30 s) until `cond` holds for the calls received.
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&[Call]) -> bool) -> Result<Vec<Call>> {
+        let mut rx = self.shared.changed.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                {
+                    let calls = self.shared.calls.lock().unwrap();
+                    if cond(&calls) {
+                        return calls.clone();
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Vec::new();
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(calls) => Ok(calls),
+            Err(_) => bail!(
+                "timed out waiting for {what}; calls so far: {:#?}",
+                self.calls()
+            ),
+        }
+    }
+
+    /// Stops serving (the port then refuses connections).
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.server.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for TestParticipant {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.
+/// For conditions the system exposes no event for (e.g. a record being
+/// garbage-collected); bounded, never a fixed sleep.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A command for an Append request.
+pub fn command(kind: &str, key: &str, payload: &[u8]) -> v1::Command {
+    v1::Command {
+        r#type: kind.into(),
+        key: key.into(),
+        payload: payload.to_vec(),
+    }
+}
