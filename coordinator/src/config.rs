@@ -13,11 +13,7 @@ use clap::{Args, Parser};
 
 /// The coordinator's configuration.
 #[derive(Clone, Debug, Parser)]
-#[command(
-    name = "tcc-coordinator",
-    version,
-    about = "TCC composite-transaction coordinator"
-)]
+#[command(name = "tcc-coordinator", version, about = "TCC composite-transaction coordinator")]
 pub struct Config {
     /// Address to listen on for gRPC (all services, health and reflection).
     #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:50051")]
@@ -30,12 +26,7 @@ pub struct Config {
     /// Static participant endpoint, as SERVICE=URI (e.g.
     /// orders=http://127.0.0.1:7001). Repeat the flag, or separate with
     /// commas in the environment variable, for several.
-    #[arg(
-        long = "participant",
-        env = "TCC_PARTICIPANTS",
-        value_delimiter = ',',
-        value_name = "SERVICE=URI"
-    )]
+    #[arg(long = "participant", env = "TCC_PARTICIPANTS", value_delimiter = ',', value_name = "SERVICE=URI")]
     pub participants: Vec<String>,
 
     /// How long finished (CONFIRMED/CANCELLED) transactions and their topics
@@ -77,8 +68,10 @@ pub struct Limits {
     /// Maximum bytes of one command (payload + type + key).
     #[arg(long, env = "TCC_MAX_COMMAND_BYTES", default_value_t = 1 << 20)]
     pub max_command_bytes: usize,
-    /// Maximum payload bytes in one partial topic.
-    #[arg(long, env = "TCC_MAX_TOPIC_BYTES", default_value_t = 4 << 20)]
+    /// Maximum bytes in one partial topic (type + key + payload + 16 per
+    /// command). The default keeps a commit/rollback message under the 4 MiB
+    /// that gRPC servers accept by default.
+    #[arg(long, env = "TCC_MAX_TOPIC_BYTES", default_value_t = 3 << 20)]
     pub max_topic_bytes: u64,
     /// Default transaction timeout when Begin gives none, in ms.
     #[arg(long, env = "TCC_DEFAULT_TIMEOUT_MS", default_value_t = 30_000)]
@@ -117,6 +110,10 @@ pub mod fixed {
     pub const MIN_LEASE_MS: u64 = 1_000;
     /// Longest registration lease, in ms.
     pub const MAX_LEASE_MS: u64 = 600_000;
+    /// Most registered instances of one service.
+    pub const MAX_INSTANCES_PER_SERVICE: usize = 64;
+    /// Most services with registered instances.
+    pub const MAX_SERVICES: usize = 1024;
     /// Largest gRPC message the coordinator accepts or sends.
     pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 }
@@ -145,9 +142,7 @@ impl DeliveryPolicy {
     /// capped exponential backoff with "equal jitter" (half fixed, half
     /// random), so retries of many transactions spread out.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .retry_initial_ms
-            .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+        let exp = self.retry_initial_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
         let capped = exp.min(self.retry_max_ms).max(1);
         let half = capped / 2;
         Duration::from_millis(half + rand::random_range(0..=capped - half))
@@ -172,12 +167,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
-        let p = DeliveryPolicy {
-            call_timeout_ms: 1,
-            retry_initial_ms: 100,
-            retry_max_ms: 1000,
-            retry_max_attempts: 5,
-        };
+        let p = DeliveryPolicy { call_timeout_ms: 1, retry_initial_ms: 100, retry_max_ms: 1000, retry_max_attempts: 5 };
         for _ in 0..100 {
             let d1 = p.backoff(1).as_millis();
             assert!((50..=100).contains(&d1), "{d1}");

@@ -10,7 +10,7 @@
 //! | `NotFound`           | NOT_FOUND           |
 //! | `IllegalTransition`  | FAILED_PRECONDITION |
 //! | `LimitExceeded`      | RESOURCE_EXHAUSTED  |
-//! | `Unavailable`        | UNAVAILABLE         |
+//! | `Unavailable`        | UNAVAILABLE         |  (shutting down, store failed)
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 
@@ -38,10 +38,11 @@ pub enum Error {
         txn: String,
         /// The state it is in.
         state: TxnState,
-        /// Extra context, e.g. the cancel reason, starting with "; ".
+        /// Extra context, e.g. " (reason: deadline exceeded)"; may be empty.
         detail: String,
     },
-    /// A cumulative limit (e.g. bytes per topic) would be exceeded.
+    /// A cumulative limit (bytes per topic, participants per transaction)
+    /// would be exceeded. Not transient: retrying the same call fails again.
     #[error("{0}")]
     LimitExceeded(String),
     /// The coordinator is shutting down or its store cannot take writes.

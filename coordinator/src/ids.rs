@@ -72,9 +72,7 @@ fn parse_uuid(field: &str, s: &str) -> Result<Uuid> {
         }
     }
     let shown: String = s.chars().take(40).collect();
-    Err(Error::invalid(format!(
-        "{field} {shown:?} is not a valid id (expected a hyphenated UUID)"
-    )))
+    Err(Error::invalid(format!("{field} {shown:?} is not a valid id (expected a hyphenated UUID)")))
 }
 
 impl fmt::Display for TxnId {
@@ -108,22 +106,10 @@ mod tests {
     #[test]
     fn parse_round_trips_and_rejects_garbage() {
         let id = TxnId::new();
-        assert_eq!(
-            TxnId::parse("transaction_id", &id.to_string()).ok(),
-            Some(id)
-        );
-        for bad in [
-            "",
-            "nope",
-            "0000",
-            &id.0.simple().to_string(),
-            &"x".repeat(500),
-        ] {
+        assert_eq!(TxnId::parse("transaction_id", &id.to_string()).ok(), Some(id));
+        for bad in ["", "nope", "0000", &id.0.simple().to_string(), &"x".repeat(500)] {
             let err = TxnId::parse("transaction_id", bad).err();
-            assert!(
-                matches!(err, Some(Error::InvalidArgument(_))),
-                "{bad:?} accepted"
-            );
+            assert!(matches!(err, Some(Error::InvalidArgument(_))), "{bad:?} accepted");
         }
     }
 

@@ -22,9 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::api::{
-    admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi,
-};
+use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
 use crate::config::{Config, fixed};
 use crate::delivery::{Delivery, registry::Registry};
 use crate::engine::{Engine, SystemClock, sweeper};
@@ -39,30 +37,19 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    let addr = listener
-        .local_addr()
-        .context("listener has no local address")?;
-    let store =
-        Arc::new(SledStore::open(&config.data_dir).with_context(|| {
-            format!("cannot open data directory {}", config.data_dir.display())
-        })?);
-    let (engine, decided) = Engine::new(
-        store.clone(),
-        Arc::new(SystemClock),
-        config.limits.clone(),
-        config.retention(),
+    let addr = listener.local_addr().context("listener has no local address")?;
+    let store = Arc::new(
+        SledStore::open(&config.data_dir)
+            .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?,
     );
+    let (engine, decided) =
+        Engine::new(store.clone(), Arc::new(SystemClock), config.limits.clone(), config.retention());
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
-    let registry = Arc::new(
-        Registry::new(&config.participants, connect_timeout).context("bad --participant")?,
-    );
+    let registry = Arc::new(Registry::new(&config.participants, connect_timeout).context("bad --participant")?);
 
     let started = Instant::now();
     let recovered = engine.recover().await.with_context(|| {
-        format!(
-            "recovery failed; the data directory {} is damaged or unreadable",
-            config.data_dir.display()
-        )
+        format!("recovery failed; the data directory {} is damaged or unreadable", config.data_dir.display())
     })?;
     info!(
         active = recovered.active,
@@ -76,36 +63,17 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let delivery = Delivery::new(
-        engine.clone(),
-        registry.clone(),
-        config.delivery.clone(),
-        background.clone(),
-    );
+    let delivery = Delivery::new(engine.clone(), registry.clone(), config.delivery.clone(), background.clone());
     tasks.spawn(delivery.run(decided));
     tasks.spawn(sweeper::run(engine.clone(), background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<TransactionsServer<TransactionsApi<SledStore>>>()
-        .await;
-    health
-        .set_serving::<TopicsServer<TopicsApi<SledStore>>>()
-        .await;
+    health.set_serving::<TransactionsServer<TransactionsApi<SledStore>>>().await;
+    health.set_serving::<TopicsServer<TopicsApi<SledStore>>>().await;
     health.set_serving::<RegistryServer<RegistryApi>>().await;
-    health
-        .set_serving::<AdminServer<AdminApi<SledStore>>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tcc_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building reflection service")?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tcc_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("building reflection service")?;
+    health.set_serving::<AdminServer<AdminApi<SledStore>>>().await;
+    let reflection = reflection_builder().build_v1().context("building reflection service")?;
+    let reflection_alpha = reflection_builder().build_v1alpha().context("building reflection service")?;
 
     let max = fixed::MAX_MESSAGE_BYTES;
     info!(%addr, "serving");
@@ -140,4 +108,24 @@ pub async fn run(
     tasks.wait().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Reflection over the services this server actually serves (the
+/// descriptor also holds `tcc.v1.Participant`, which domain services
+/// implement; it stays describable but is not listed).
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tcc_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in [
+        "tcc.v1.Transactions",
+        "tcc.v1.Topics",
+        "tcc.v1.Registry",
+        "tcc.v1.Admin",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        builder = builder.with_service_name(name);
+    }
+    builder
 }

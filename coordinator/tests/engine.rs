@@ -42,21 +42,11 @@ fn fixture() -> Fixture {
     let store = Arc::new(SledStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
     let clock = Arc::new(ManualClock::at(T0));
     let (engine, decided) = Engine::new(store.clone(), clock.clone(), limits(), RETENTION);
-    Fixture {
-        _dir: dir,
-        store,
-        clock,
-        engine,
-        decided,
-    }
+    Fixture { _dir: dir, store, clock, engine, decided }
 }
 
 fn cmd(kind: &str, payload: &[u8]) -> NewCommand {
-    NewCommand {
-        kind: kind.into(),
-        key: String::new(),
-        payload: payload.to_vec(),
-    }
+    NewCommand { kind: kind.into(), key: String::new(), payload: payload.to_vec() }
 }
 
 fn svc(names: &[&str]) -> Vec<String> {
@@ -86,11 +76,7 @@ async fn begin_validates_its_input() -> R {
         }
     }
     let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
-    assert_eq!(
-        t.deadline_ms - t.created_ms,
-        1_000,
-        "0 means the default timeout"
-    );
+    assert_eq!(t.deadline_ms - t.created_ms, 1_000, "0 means the default timeout");
     Ok(())
 }
 
@@ -107,16 +93,8 @@ async fn the_deadline_cancels_an_active_transaction() -> R {
     let after = f.engine.get(t.id).await?;
     assert_eq!(after.state, TxnState::Cancelling);
     assert_eq!(after.reason, "deadline exceeded");
-    assert_eq!(
-        f.decided.try_recv().ok(),
-        Some(t.id),
-        "rollback delivery requested"
-    );
-    assert_eq!(
-        f.store.get_txn(t.id).await?.map(|t| t.state),
-        Some(TxnState::Cancelling),
-        "durable"
-    );
+    assert_eq!(f.decided.try_recv().ok(), Some(t.id), "rollback delivery requested");
+    assert_eq!(f.store.get_txn(t.id).await?.map(|t| t.state), Some(TxnState::Cancelling), "durable");
     Ok(())
 }
 
@@ -127,27 +105,16 @@ async fn confirm_or_append_racing_the_deadline_loses() -> R {
     let p = t.participants[0].partial_id;
     f.clock.advance(500); // the sweeper has not run yet
     match f.engine.append(p, vec![cmd("x", b"1")], "").await {
-        Err(Error::IllegalTransition {
-            state: TxnState::Cancelling,
-            ..
-        }) => {}
+        Err(Error::IllegalTransition { state: TxnState::Cancelling, .. }) => {}
         other => panic!("late append: {other:?}"),
     }
     match f.engine.confirm(t.id).await {
-        Err(
-            e @ Error::IllegalTransition {
-                state: TxnState::Cancelling,
-                ..
-            },
-        ) => {
+        Err(e @ Error::IllegalTransition { state: TxnState::Cancelling, .. }) => {
             assert!(e.to_string().contains("deadline exceeded"), "{e}")
         }
         other => panic!("late confirm: {other:?}"),
     }
-    assert!(
-        f.store.read_topic(p, 1, 10).await?.is_empty(),
-        "nothing stored by the late try"
-    );
+    assert!(f.store.read_topic(p, 1, 10).await?.is_empty(), "nothing stored by the late try");
     Ok(())
 }
 
@@ -159,22 +126,10 @@ async fn confirm_and_cancel_at_once_have_one_winner() -> R {
         let (c, k) = tokio::join!(f.engine.confirm(t.id), f.engine.cancel(t.id, "race".into()));
         let state = f.engine.get(t.id).await?.state;
         match (c, k) {
-            (
-                Ok(_),
-                Err(Error::IllegalTransition {
-                    state: TxnState::Confirming,
-                    ..
-                }),
-            ) => {
+            (Ok(_), Err(Error::IllegalTransition { state: TxnState::Confirming, .. })) => {
                 assert_eq!(state, TxnState::Confirming)
             }
-            (
-                Err(Error::IllegalTransition {
-                    state: TxnState::Cancelling,
-                    ..
-                }),
-                Ok(_),
-            ) => {
+            (Err(Error::IllegalTransition { state: TxnState::Cancelling, .. }), Ok(_)) => {
                 assert_eq!(state, TxnState::Cancelling)
             }
             other => panic!("expected exactly one winner: {other:?}"),
@@ -190,10 +145,7 @@ async fn repeated_decisions_return_the_same_outcome() -> R {
     let first = f.engine.confirm(t.id).await?;
     let second = f.engine.confirm(t.id).await?;
     assert_eq!(first, second);
-    assert!(matches!(
-        f.engine.cancel(t.id, String::new()).await,
-        Err(Error::IllegalTransition { .. })
-    ));
+    assert!(matches!(f.engine.cancel(t.id, String::new()).await, Err(Error::IllegalTransition { .. })));
     Ok(())
 }
 
@@ -208,14 +160,34 @@ async fn idempotent_append_stores_once() -> R {
     assert_eq!((r1, dup1, dup2), (r2, false, true));
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
     // Same key, different batch: refused, nothing stored.
-    assert!(matches!(
-        f.engine.append(p, vec![cmd("z", b"1")], "req-1").await,
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(f.engine.append(p, vec![cmd("z", b"1")], "req-1").await, Err(Error::InvalidArgument(_))));
     // A retry that arrives after the decision still gets its receipt.
     f.engine.confirm(t.id).await?;
     assert_eq!(f.engine.append(p, batch, "req-1").await?, (r1, true));
     assert_eq!(f.engine.get(t.id).await?.participants[0].command_count, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_retries_of_one_append_store_it_once() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let p = t.participants[0].partial_id;
+    let batch = vec![cmd("x", b"1"), cmd("y", b"2")];
+    let tries: Vec<_> = (0..8)
+        .map(|_| {
+            let (e, b) = (f.engine.clone(), batch.clone());
+            tokio::spawn(async move { e.append(p, b, "same-key").await })
+        })
+        .collect();
+    let mut fresh = 0;
+    for t in tries {
+        let (receipt, duplicate) = t.await.map_err(|e| Error::Storage(e.to_string()))??;
+        assert_eq!((receipt.first_sequence, receipt.last_sequence), (1, 2));
+        fresh += usize::from(!duplicate);
+    }
+    assert_eq!(fresh, 1, "exactly one try stored the batch");
+    assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
     Ok(())
 }
 
@@ -239,26 +211,14 @@ async fn append_limits() -> R {
         }
     }
     let long_key = "k".repeat(129);
-    assert!(matches!(
-        f.engine.append(p, vec![cmd("x", b"")], &long_key).await,
-        Err(Error::InvalidArgument(_))
-    ));
+    assert!(matches!(f.engine.append(p, vec![cmd("x", b"")], &long_key).await, Err(Error::InvalidArgument(_))));
     f.engine.append(p, vec![cmd("x", &[0; 90])], "").await?;
     match f.engine.append(p, vec![cmd("x", &[0; 90])], "").await {
         Err(Error::LimitExceeded(m)) => assert!(m.contains("limit is 150"), "{m}"),
         other => panic!("topic limit: {other:?}"),
     }
-    assert_eq!(
-        f.store.read_topic(p, 1, 10).await?.len(),
-        1,
-        "the refused batch left nothing"
-    );
-    assert!(matches!(
-        f.engine
-            .append(PartialId::new(), vec![cmd("x", b"")], "")
-            .await,
-        Err(Error::NotFound(_))
-    ));
+    assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 1, "the refused batch left nothing");
+    assert!(matches!(f.engine.append(PartialId::new(), vec![cmd("x", b"")], "").await, Err(Error::NotFound(_))));
     Ok(())
 }
 
@@ -272,26 +232,15 @@ async fn enlist_rules() -> R {
         b.partial_id,
         "enlisting twice returns the same partial"
     );
-    f.engine
-        .append(b.partial_id, vec![cmd("x", b"1")], "")
-        .await?;
+    f.engine.append(b.partial_id, vec![cmd("x", b"1")], "").await?;
     f.engine.enlist(t.id, "c".into()).await?;
-    assert!(matches!(
-        f.engine.enlist(t.id, "d".into()).await,
-        Err(Error::LimitExceeded(_))
-    ));
+    assert!(matches!(f.engine.enlist(t.id, "d".into()).await, Err(Error::LimitExceeded(_))));
     f.engine.confirm(t.id).await?;
     assert!(matches!(
         f.engine.enlist(t.id, "e".into()).await,
-        Err(Error::IllegalTransition {
-            state: TxnState::Confirming,
-            ..
-        })
+        Err(Error::IllegalTransition { state: TxnState::Confirming, .. })
     ));
-    assert!(matches!(
-        f.engine.enlist(TxnId::new(), "e".into()).await,
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(f.engine.enlist(TxnId::new(), "e".into()).await, Err(Error::NotFound(_))));
     Ok(())
 }
 
@@ -299,9 +248,7 @@ async fn enlist_rules() -> R {
 async fn finish(f: &Fixture, id: TxnId) -> R {
     let n = f.engine.get(id).await?.participants.len();
     for i in 0..n {
-        f.engine
-            .record_phase2(id, Event::Delivered { participant: i })
-            .await?;
+        f.engine.record_phase2(id, Event::Delivered { participant: i }).await?;
     }
     Ok(())
 }
@@ -318,26 +265,13 @@ async fn finished_transactions_are_collected_after_retention() -> R {
     assert_eq!(done.state, TxnState::Confirmed);
     f.clock.advance(RETENTION.as_millis() as i64 - 1);
     assert_eq!(f.engine.collect_garbage().await, 0);
-    assert_eq!(
-        f.engine.get(t.id).await?.state,
-        TxnState::Confirmed,
-        "kept during retention"
-    );
+    assert_eq!(f.engine.get(t.id).await?.state, TxnState::Confirmed, "kept during retention");
     f.clock.advance(1);
     assert_eq!(f.engine.collect_garbage().await, 1);
     assert!(matches!(f.engine.get(t.id).await, Err(Error::NotFound(_))));
-    assert!(matches!(
-        f.engine.read_topic(p, 1, 10).await,
-        Err(Error::NotFound(_))
-    ));
-    assert!(
-        f.store.read_topic(p, 1, 10).await?.is_empty(),
-        "topic deleted"
-    );
-    assert!(
-        f.store.find_receipt(p, "k").await?.is_none(),
-        "receipts deleted"
-    );
+    assert!(matches!(f.engine.read_topic(p, 1, 10).await, Err(Error::NotFound(_))));
+    assert!(f.store.read_topic(p, 1, 10).await?.is_empty(), "topic deleted");
+    assert!(f.store.find_receipt(p, "k").await?.is_none(), "receipts deleted");
     Ok(())
 }
 
@@ -346,26 +280,12 @@ async fn failed_transactions_are_listed_and_never_collected() -> R {
     let f = fixture();
     let t = f.engine.begin(svc(&["a"]), 0).await?;
     f.engine.confirm(t.id).await?;
-    f.engine
-        .record_phase2(
-            t.id,
-            Event::GaveUp {
-                participant: 0,
-                error: "refused".into(),
-            },
-        )
-        .await?;
+    f.engine.record_phase2(t.id, Event::GaveUp { participant: 0, error: "refused".into() }).await?;
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
     f.clock.advance(10 * RETENTION.as_millis() as i64);
     assert_eq!(f.engine.collect_garbage().await, 0);
-    let page = f
-        .engine
-        .list(&[TxnState::FailedToConfirm], 0, 10, None)
-        .await?;
-    assert_eq!(
-        page.transactions.iter().map(|t| t.id).collect::<Vec<_>>(),
-        vec![t.id]
-    );
+    let page = f.engine.list(&[TxnState::FailedToConfirm], 0, 10, None).await?;
+    assert_eq!(page.transactions.iter().map(|t| t.id).collect::<Vec<_>>(), vec![t.id]);
     let retried = f.engine.retry(t.id).await?;
     assert_eq!(retried.state, TxnState::Confirming);
     Ok(())
@@ -411,9 +331,7 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
         let (engine, _rx) = Engine::new(store, clock.clone(), limits(), RETENTION);
         let a = engine.begin(svc(&["a"]), 5_000).await?;
         let c = engine.begin(svc(&["a", "b"]), 5_000).await?;
-        engine
-            .append(c.participants[1].partial_id, vec![cmd("x", b"1")], "k")
-            .await?;
+        engine.append(c.participants[1].partial_id, vec![cmd("x", b"1")], "k").await?;
         engine.confirm(c.id).await?;
         (a.id, c.id, c.participants[1].partial_id)
     };
@@ -421,23 +339,12 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     let (engine, mut decided) = Engine::new(store, clock.clone(), limits(), RETENTION);
     let r = engine.recover().await?;
     assert_eq!((r.active, r.delivering), (1, 1));
-    assert_eq!(
-        decided.try_recv().ok(),
-        Some(confirming),
-        "delivery resumes"
-    );
-    assert_eq!(
-        engine.next_due(),
-        Some(T0 + 5_000),
-        "the deadline is kept, not restarted"
-    );
+    assert_eq!(decided.try_recv().ok(), Some(confirming), "delivery resumes");
+    assert_eq!(engine.next_due(), Some(T0 + 5_000), "the deadline is kept, not restarted");
     clock.advance(5_000);
     assert_eq!(engine.expire_due().await, 1);
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
-    assert!(
-        engine.append(p, vec![cmd("x", b"1")], "k").await?.1,
-        "duplicate recognised"
-    );
+    assert!(engine.append(p, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
     Ok(())
 }

@@ -34,8 +34,7 @@ async fn a_damaged_record_is_reported_with_its_key() -> Result<()> {
         let tree = db.open_tree("tcc").map_err(Error::from)?;
         let mut key = vec![0x01];
         key.extend_from_slice(id.as_bytes());
-        tree.insert(key, vec![1u8, 0xff, 0xff, 0xff])
-            .map_err(Error::from)?;
+        tree.insert(key, vec![1u8, 0xff, 0xff, 0xff]).map_err(Error::from)?;
         db.flush().map_err(Error::from)?;
     }
     let store = dir.open()?;

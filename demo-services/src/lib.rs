@@ -1,1 +1,3 @@
-//! Placeholder; filled by the SDK issue.
+//! The demo shop (orders, customers, inventory and the composite shop
+//! service), built on the domain-sdk. Filled by the SDK issue; this crate
+//! only reserves its place in the workspace.

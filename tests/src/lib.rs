@@ -41,10 +41,7 @@ pub use tcc_proto::v1::{
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -73,16 +70,9 @@ impl Coordinator {
         Self::spawn(tmp.path().join("data"), args, tmp).await
     }
 
-    async fn spawn(
-        data_dir: PathBuf,
-        args: Vec<String>,
-        tmp: Arc<tempfile::TempDir>,
-    ) -> Result<Self> {
+    async fn spawn(data_dir: PathBuf, args: Vec<String>, tmp: Arc<tempfile::TempDir>) -> Result<Self> {
         static RUN: AtomicU64 = AtomicU64::new(0);
-        let log = tmp.path().join(format!(
-            "coordinator-{}.log",
-            RUN.fetch_add(1, Ordering::Relaxed)
-        ));
+        let log = tmp.path().join(format!("coordinator-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
         let log_file = std::fs::File::create(&log)?;
         let mut child = Command::new(binary("tcc-coordinator"))
             .arg("--listen")
@@ -116,22 +106,12 @@ impl Coordinator {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Coordinator {
-            child: Some(child),
-            addr,
-            data_dir,
-            log,
-            args,
-            tmp,
-        })
+        Ok(Coordinator { child: Some(child), addr, data_dir, log, args, tmp })
     }
 
     /// Starts a coordinator expected to fail; returns its exit status and
     /// log.
-    pub async fn start_failing(
-        data_dir: &Path,
-        args: &[&str],
-    ) -> Result<(std::process::ExitStatus, String)> {
+    pub async fn start_failing(data_dir: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
         let out = tokio::time::timeout(
             Duration::from_secs(30),
             Command::new(binary("tcc-coordinator"))
@@ -144,10 +124,7 @@ impl Coordinator {
                 .output(),
         )
         .await??;
-        Ok((
-            out.status,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        Ok((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
     }
 
     /// The gRPC address.
@@ -167,9 +144,7 @@ impl Coordinator {
 
     /// A channel to it.
     pub async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?
-            .connect()
-            .await?)
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?.connect().await?)
     }
 
     /// A Transactions client.
@@ -196,11 +171,7 @@ impl Coordinator {
     pub async fn register(&self, service: &str, p: &TestParticipant) -> Result<()> {
         self.registry()
             .await?
-            .register(v1::RegisterRequest {
-                service: service.into(),
-                endpoint: p.url(),
-                ttl_ms: 600_000,
-            })
+            .register(v1::RegisterRequest { service: service.into(), endpoint: p.url(), ttl_ms: 600_000 })
             .await?;
         Ok(())
     }
@@ -217,10 +188,7 @@ impl Coordinator {
     pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().context("not running")?;
         let pid = child.id().context("no pid")?;
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()?;
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
         anyhow::ensure!(status.success(), "kill -TERM failed");
         Ok(tokio::time::timeout(Duration::from_secs(20), child.wait()).await??)
     }
@@ -241,11 +209,7 @@ impl Drop for Coordinator {
             let _ = child.start_kill();
         }
         if std::thread::panicking() {
-            eprintln!(
-                "--- coordinator log ({}) ---\n{}",
-                self.log.display(),
-                self.logs()
-            );
+            eprintln!("--- coordinator log ({}) ---\n{}", self.log.display(), self.logs());
         }
     }
 }
@@ -316,10 +280,8 @@ impl Service {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let transient = b
-            .fail_transiently
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+        let transient =
+            b.fail_transiently.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if transient {
             return Err(Status::unavailable("test participant: transient failure"));
         }
@@ -334,16 +296,10 @@ impl Service {
 
 #[tonic::async_trait]
 impl Participant for Service {
-    async fn commit(
-        &self,
-        r: Request<v1::PhaseTwoRequest>,
-    ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+    async fn commit(&self, r: Request<v1::PhaseTwoRequest>) -> Result<Response<v1::PhaseTwoResponse>, Status> {
         self.handle("commit", r.into_inner()).await
     }
-    async fn rollback(
-        &self,
-        r: Request<v1::PhaseTwoRequest>,
-    ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+    async fn rollback(&self, r: Request<v1::PhaseTwoRequest>) -> Result<Response<v1::PhaseTwoResponse>, Status> {
         self.handle("rollback", r.into_inner()).await
     }
 }
@@ -354,30 +310,18 @@ impl TestParticipant {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (changed, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
-            behaviour: Behaviour::default(),
-            calls: Mutex::default(),
-            changed,
-        });
+        let shared = Arc::new(Shared { behaviour: Behaviour::default(), calls: Mutex::default(), changed });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let svc = ParticipantServer::new(Service(shared.clone()));
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
                 .await;
         });
-        Ok(TestParticipant {
-            shared,
-            addr,
-            stop: Some(stop),
-            server: Some(server),
-        })
+        Ok(TestParticipant { shared, addr, stop: Some(stop), server: Some(server) })
     }
 
     /// Its endpoint URI.
@@ -387,10 +331,7 @@ impl TestParticipant {
 
     /// Answer UNAVAILABLE to the next `n` calls.
     pub fn fail_transiently(&self, n: u32) {
-        self.shared
-            .behaviour
-            .fail_transiently
-            .store(n, Ordering::SeqCst);
+        self.shared.behaviour.fail_transiently.store(n, Ordering::SeqCst);
     }
 
     /// Refuse (FAILED_PRECONDITION) every call while `on`.
@@ -400,10 +341,7 @@ impl TestParticipant {
 
     /// Wait this long before answering.
     pub fn delay(&self, d: Duration) {
-        self.shared
-            .behaviour
-            .delay_ms
-            .store(d.as_millis() as u64, Ordering::SeqCst);
+        self.shared.behaviour.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Every call so far.
@@ -430,10 +368,7 @@ impl TestParticipant {
         .await;
         match waited {
             Ok(calls) => Ok(calls),
-            Err(_) => bail!(
-                "timed out waiting for {what}; calls so far: {:#?}",
-                self.calls()
-            ),
+            Err(_) => bail!("timed out waiting for {what}; calls so far: {:#?}", self.calls()),
         }
     }
 
@@ -478,9 +413,5 @@ where
 
 /// A command for an Append request.
 pub fn command(kind: &str, key: &str, payload: &[u8]) -> v1::Command {
-    v1::Command {
-        r#type: kind.into(),
-        key: key.into(),
-        payload: payload.to_vec(),
-    }
+    v1::Command { r#type: kind.into(), key: key.into(), payload: payload.to_vec() }
 }

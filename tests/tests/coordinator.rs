@@ -13,31 +13,18 @@ use tcc_tests::{Call, Coordinator, TestParticipant, command, eventually};
 use tonic::Code;
 
 /// Fast retries so failure paths finish in well under a second.
-const FAST: &[&str] = &[
-    "--retry-initial-ms",
-    "20",
-    "--retry-max-ms",
-    "200",
-    "--call-timeout-ms",
-    "2000",
-];
+const FAST: &[&str] = &["--retry-initial-ms", "20", "--retry-max-ms", "200", "--call-timeout-ms", "2000"];
 
 fn commits(calls: &[Call]) -> Vec<&Call> {
     calls.iter().filter(|c| c.kind == "commit").collect()
 }
 
 fn acked(calls: &[Call], kind: &str, partial: &str) -> usize {
-    calls
-        .iter()
-        .filter(|c| c.kind == kind && c.partial_id == partial && c.acked)
-        .count()
+    calls.iter().filter(|c| c.kind == kind && c.partial_id == partial && c.acked).count()
 }
 
 async fn begin(c: &Coordinator, services: &[&str], timeout_ms: u64) -> Result<v1::BeginResponse> {
-    let req = v1::BeginRequest {
-        participants: services.iter().map(|s| s.to_string()).collect(),
-        timeout_ms,
-    };
+    let req = v1::BeginRequest { participants: services.iter().map(|s| s.to_string()).collect(), timeout_ms };
     Ok(c.transactions().await?.begin(req).await?.into_inner())
 }
 
@@ -47,38 +34,19 @@ async fn append(
     cmds: Vec<v1::Command>,
     key: &str,
 ) -> Result<v1::AppendResponse, tonic::Status> {
-    let mut client = c
-        .topics()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let req = v1::AppendRequest {
-        partial_id: partial.into(),
-        commands: cmds,
-        idempotency_key: key.into(),
-    };
+    let mut client = c.topics().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let req = v1::AppendRequest { partial_id: partial.into(), commands: cmds, idempotency_key: key.into() };
     Ok(client.append(req).await?.into_inner())
 }
 
 async fn confirm_wait(c: &Coordinator, id: &str) -> Result<v1::DecisionResponse> {
-    let req = v1::ConfirmRequest {
-        transaction_id: id.into(),
-        wait: true,
-        wait_timeout_ms: 20_000,
-    };
+    let req = v1::ConfirmRequest { transaction_id: id.into(), wait: true, wait_timeout_ms: 20_000 };
     Ok(c.transactions().await?.confirm(req).await?.into_inner())
 }
 
 async fn get(c: &Coordinator, id: &str) -> Result<v1::Transaction, tonic::Status> {
-    let mut client = c
-        .transactions()
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    Ok(client
-        .get(v1::GetRequest {
-            transaction_id: id.into(),
-        })
-        .await?
-        .into_inner())
+    let mut client = c.transactions().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    Ok(client.get(v1::GetRequest { transaction_id: id.into() }).await?.into_inner())
 }
 
 #[tokio::test]
@@ -93,10 +61,7 @@ async fn grpc_surface_lists_every_service_and_reports_health() -> Result<()> {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
-        .await?
-        .into_inner();
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
     let resp = stream.message().await?.expect("one reflection response");
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
         panic!("unexpected reflection answer")
@@ -110,24 +75,12 @@ async fn grpc_surface_lists_every_service_and_reports_health() -> Result<()> {
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
     }
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel().await?);
     for service in ["", "tcc.v1.Transactions", "tcc.v1.Topics"] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await?
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service:?}"
-        );
+        let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await?.into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
     }
     Ok(())
 }
@@ -135,46 +88,22 @@ async fn grpc_surface_lists_every_service_and_reports_health() -> Result<()> {
 #[tokio::test]
 async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_order() -> Result<()> {
     let c = Coordinator::start(FAST).await?;
-    let (orders, customers) = (
-        TestParticipant::start().await?,
-        TestParticipant::start().await?,
-    );
+    let (orders, customers) = (TestParticipant::start().await?, TestParticipant::start().await?);
     c.register("orders", &orders).await?;
     c.register("customers", &customers).await?;
 
     let t = begin(&c, &["orders", "customers"], 10_000).await?;
     assert_eq!(t.partials.len(), 2);
     let (po, pc) = (&t.partials[0].partial_id, &t.partials[1].partial_id);
-    assert_eq!(
-        (
-            t.partials[0].service.as_str(),
-            t.partials[1].service.as_str()
-        ),
-        ("orders", "customers")
-    );
+    assert_eq!((t.partials[0].service.as_str(), t.partials[1].service.as_str()), ("orders", "customers"));
     assert_ne!(po, pc);
 
-    let a1 = append(
-        &c,
-        po,
-        vec![
-            command("orders.Create", "o-1", b"one"),
-            command("orders.AddLine", "o-1", b"two"),
-        ],
-        "",
-    )
-    .await?;
+    let a1 =
+        append(&c, po, vec![command("orders.Create", "o-1", b"one"), command("orders.AddLine", "o-1", b"two")], "")
+            .await?;
     let a2 = append(&c, po, vec![command("orders.AddLine", "o-1", b"three")], "").await?;
     let a3 = append(&c, pc, vec![command("customers.Debit", "c-9", b"42")], "").await?;
-    assert_eq!(
-        (
-            a1.first_sequence,
-            a1.last_sequence,
-            a2.first_sequence,
-            a3.first_sequence
-        ),
-        (1, 2, 3, 1)
-    );
+    assert_eq!((a1.first_sequence, a1.last_sequence, a2.first_sequence, a3.first_sequence), (1, 2, 3, 1));
 
     let d = confirm_wait(&c, &t.transaction_id).await?;
     assert_eq!(d.state, S::Confirmed as i32);
@@ -184,11 +113,8 @@ async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_ord
     assert_eq!(oc[0].kind, "commit");
     assert_eq!(&oc[0].partial_id, po);
     assert_eq!(oc[0].transaction_id, t.transaction_id);
-    let got: Vec<(u64, &str, &[u8])> = oc[0]
-        .commands
-        .iter()
-        .map(|c| (c.sequence, c.r#type.as_str(), c.payload.as_slice()))
-        .collect();
+    let got: Vec<(u64, &str, &[u8])> =
+        oc[0].commands.iter().map(|c| (c.sequence, c.r#type.as_str(), c.payload.as_slice())).collect();
     assert_eq!(
         got,
         vec![
@@ -199,10 +125,7 @@ async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_ord
     );
     let cc = customers.calls();
     assert_eq!(cc.len(), 1, "exactly one call to customers: {cc:#?}");
-    assert_eq!(
-        (cc[0].kind, cc[0].partial_id.as_str(), cc[0].commands.len()),
-        ("commit", pc.as_str(), 1)
-    );
+    assert_eq!((cc[0].kind, cc[0].partial_id.as_str(), cc[0].commands.len()), ("commit", pc.as_str(), 1));
     assert_eq!(cc[0].commands[0].key, "c-9");
 
     let g = get(&c, &t.transaction_id).await?;
@@ -215,10 +138,7 @@ async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_ord
     assert_eq!(g.participants[0].command_count, 3);
 
     // Confirm again: same outcome, no new delivery.
-    assert_eq!(
-        confirm_wait(&c, &t.transaction_id).await?.state,
-        S::Confirmed as i32
-    );
+    assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
     assert_eq!(orders.calls().len(), 1);
     Ok(())
 }
@@ -226,20 +146,11 @@ async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_ord
 #[tokio::test]
 async fn cancel_rolls_back_every_participant_including_ones_that_never_tried() -> Result<()> {
     let c = Coordinator::start(FAST).await?;
-    let (a, b) = (
-        TestParticipant::start().await?,
-        TestParticipant::start().await?,
-    );
+    let (a, b) = (TestParticipant::start().await?, TestParticipant::start().await?);
     c.register("a", &a).await?;
     c.register("b", &b).await?;
     let t = begin(&c, &["a", "b"], 10_000).await?;
-    append(
-        &c,
-        &t.partials[0].partial_id,
-        vec![command("a.Reserve", "", b"x")],
-        "",
-    )
-    .await?;
+    append(&c, &t.partials[0].partial_id, vec![command("a.Reserve", "", b"x")], "").await?;
     let req = v1::CancelRequest {
         transaction_id: t.transaction_id.clone(),
         reason: "out of stock".into(),
@@ -248,36 +159,19 @@ async fn cancel_rolls_back_every_participant_including_ones_that_never_tried() -
     };
     let d = c.transactions().await?.cancel(req).await?.into_inner();
     assert_eq!(d.state, S::Cancelled as i32);
-    assert_eq!(
-        d.transaction.map(|t| t.reason),
-        Some("out of stock".to_string())
-    );
+    assert_eq!(d.transaction.map(|t| t.reason), Some("out of stock".to_string()));
     let (ac, bc) = (a.calls(), b.calls());
-    assert_eq!(
-        (ac.len(), ac[0].kind, ac[0].commands.len()),
-        (1, "rollback", 1)
-    );
-    assert_eq!(
-        (bc.len(), bc[0].kind, bc[0].commands.len()),
-        (1, "rollback", 0),
-        "empty compensation delivered too"
-    );
+    assert_eq!((ac.len(), ac[0].kind, ac[0].commands.len()), (1, "rollback", 1));
+    assert_eq!((bc.len(), bc[0].kind, bc[0].commands.len()), (1, "rollback", 0), "empty compensation delivered too");
     // Confirm after cancel: FAILED_PRECONDITION naming the state.
     let err = c
         .transactions()
         .await?
-        .confirm(v1::ConfirmRequest {
-            transaction_id: t.transaction_id,
-            ..Default::default()
-        })
+        .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().contains("CANCELLED") && err.message().contains("out of stock"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("CANCELLED") && err.message().contains("out of stock"), "{}", err.message());
     Ok(())
 }
 
@@ -289,35 +183,16 @@ async fn the_deadline_cancels_and_a_late_try_is_refused() -> Result<()> {
     let t = begin(&c, &["svc"], 300).await?;
     let partial = t.partials[0].partial_id.clone();
     // The rollback arriving is the event that the deadline fired.
-    p.wait_for("rollback after the deadline", |calls| {
-        acked(calls, "rollback", &partial) == 1
-    })
-    .await?;
-    let req = v1::CancelRequest {
-        transaction_id: t.transaction_id.clone(),
-        wait: true,
-        ..Default::default()
-    };
+    p.wait_for("rollback after the deadline", |calls| acked(calls, "rollback", &partial) == 1).await?;
+    let req = v1::CancelRequest { transaction_id: t.transaction_id.clone(), wait: true, ..Default::default() };
     let d = c.transactions().await?.cancel(req).await?.into_inner();
     let txn = d.transaction.expect("transaction");
-    assert_eq!(
-        (d.state, txn.reason.as_str()),
-        (S::Cancelled as i32, "deadline exceeded")
-    );
-    let late = append(&c, &partial, vec![command("svc.Reserve", "", b"")], "")
-        .await
-        .unwrap_err();
+    assert_eq!((d.state, txn.reason.as_str()), (S::Cancelled as i32, "deadline exceeded"));
+    let late = append(&c, &partial, vec![command("svc.Reserve", "", b"")], "").await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     assert!(late.message().contains("CANCELLED"), "{}", late.message());
-    let read = c
-        .topics()
-        .await?
-        .read(v1::ReadRequest {
-            partial_id: partial,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let read =
+        c.topics().await?.read(v1::ReadRequest { partial_id: partial, ..Default::default() }).await?.into_inner();
     assert!(read.commands.is_empty(), "nothing stored for the late try");
     assert_eq!(commits(&p.calls()).len(), 0);
     Ok(())
@@ -329,20 +204,11 @@ async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Resul
     // No endpoint for "svc" yet: the commit cannot be delivered before the crash.
     let t = begin(&c, &["svc"], 60_000).await?;
     let partial = t.partials[0].partial_id.clone();
-    append(
-        &c,
-        &partial,
-        vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")],
-        "k1",
-    )
-    .await?;
+    append(&c, &partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
     let d = c
         .transactions()
         .await?
-        .confirm(v1::ConfirmRequest {
-            transaction_id: t.transaction_id.clone(),
-            ..Default::default()
-        })
+        .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
         .await?
         .into_inner();
     assert_eq!(d.state, S::Confirming as i32);
@@ -353,24 +219,10 @@ async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Resul
     c.restart().await?;
 
     let a = get(&c, &active.transaction_id).await?;
-    assert_eq!(
-        (a.state, a.deadline_unix_ms),
-        (S::Active as i32, active.deadline_unix_ms),
-        "deadline kept"
-    );
-    assert_eq!(
-        get(&c, &t.transaction_id).await?.state,
-        S::Confirming as i32,
-        "decision kept"
-    );
+    assert_eq!((a.state, a.deadline_unix_ms), (S::Active as i32, active.deadline_unix_ms), "deadline kept");
+    assert_eq!(get(&c, &t.transaction_id).await?.state, S::Confirming as i32, "decision kept");
     // The retried append is recognised after the restart.
-    let again = append(
-        &c,
-        &partial,
-        vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")],
-        "k1",
-    )
-    .await?;
+    let again = append(&c, &partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
     assert!(again.duplicate);
 
     let p = TestParticipant::start().await?;
@@ -378,16 +230,8 @@ async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Resul
     let d = confirm_wait(&c, &t.transaction_id).await?;
     assert_eq!(d.state, S::Confirmed as i32, "{}", c.logs());
     let calls = p.calls();
-    assert_eq!(
-        commits(&calls).len(),
-        1,
-        "delivered exactly once: {calls:#?}"
-    );
-    let payloads: Vec<&[u8]> = calls[0]
-        .commands
-        .iter()
-        .map(|c| c.payload.as_slice())
-        .collect();
+    assert_eq!(commits(&calls).len(), 1, "delivered exactly once: {calls:#?}");
+    let payloads: Vec<&[u8]> = calls[0].commands.iter().map(|c| c.payload.as_slice()).collect();
     assert_eq!(payloads, vec![b"1".as_slice(), b"2".as_slice()]);
     Ok(())
 }
@@ -399,45 +243,23 @@ async fn kill_9_while_delivering_to_a_down_participant_then_it_returns() -> Resu
     c.register("svc", &first).await?;
     first.stop().await; // registered, but down: calls fail at the transport
     let t = begin(&c, &["svc"], 60_000).await?;
-    append(
-        &c,
-        &t.partials[0].partial_id,
-        vec![command("svc.A", "", b"1")],
-        "",
-    )
-    .await?;
+    append(&c, &t.partials[0].partial_id, vec![command("svc.A", "", b"1")], "").await?;
     c.transactions()
         .await?
-        .confirm(v1::ConfirmRequest {
-            transaction_id: t.transaction_id.clone(),
-            ..Default::default()
-        })
+        .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
         .await?;
-    eventually(
-        "a failed attempt recorded",
-        Duration::from_secs(10),
-        || async {
-            let g = get(&c, &t.transaction_id).await?;
-            Ok(
-                (g.participants[0].attempts >= 1 && !g.participants[0].last_error.is_empty())
-                    .then_some(()),
-            )
-        },
-    )
+    eventually("a failed attempt recorded", Duration::from_secs(10), || async {
+        let g = get(&c, &t.transaction_id).await?;
+        Ok((g.participants[0].attempts >= 1 && !g.participants[0].last_error.is_empty()).then_some(()))
+    })
     .await?;
     c.kill9().await?;
     c.restart().await?;
     let g = get(&c, &t.transaction_id).await?;
-    assert!(
-        g.participants[0].attempts >= 1,
-        "attempts persisted across the crash"
-    );
+    assert!(g.participants[0].attempts >= 1, "attempts persisted across the crash");
     let second = TestParticipant::start().await?;
     c.register("svc", &second).await?;
-    assert_eq!(
-        confirm_wait(&c, &t.transaction_id).await?.state,
-        S::Confirmed as i32
-    );
+    assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
     assert_eq!(commits(&second.calls()).len(), 1);
     assert!(first.calls().is_empty());
     Ok(())
@@ -446,10 +268,7 @@ async fn kill_9_while_delivering_to_a_down_participant_then_it_returns() -> Resu
 #[tokio::test]
 async fn transient_failures_are_retried_and_a_refusal_needs_an_operator() -> Result<()> {
     let c = Coordinator::start(FAST).await?;
-    let (flaky, stubborn) = (
-        TestParticipant::start().await?,
-        TestParticipant::start().await?,
-    );
+    let (flaky, stubborn) = (TestParticipant::start().await?, TestParticipant::start().await?);
     c.register("flaky", &flaky).await?;
     c.register("stubborn", &stubborn).await?;
     flaky.fail_transiently(2);
@@ -459,10 +278,7 @@ async fn transient_failures_are_retried_and_a_refusal_needs_an_operator() -> Res
     assert_eq!(d.state, S::FailedToConfirm as i32);
     let txn = d.transaction.expect("transaction");
     let (f, s) = (&txn.participants[0], &txn.participants[1]);
-    assert_eq!(
-        (f.status, f.attempts),
-        (v1::ParticipantStatus::Acknowledged as i32, 3)
-    );
+    assert_eq!((f.status, f.attempts), (v1::ParticipantStatus::Acknowledged as i32, 3));
     assert_eq!(s.status, v1::ParticipantStatus::Failed as i32);
     assert!(s.last_error.contains("refused"), "{}", s.last_error);
 
@@ -475,52 +291,29 @@ async fn transient_failures_are_retried_and_a_refusal_needs_an_operator() -> Res
         .await?
         .into_inner();
     assert_eq!(
-        listed
-            .transactions
-            .iter()
-            .map(|t| t.transaction_id.as_str())
-            .collect::<Vec<_>>(),
+        listed.transactions.iter().map(|t| t.transaction_id.as_str()).collect::<Vec<_>>(),
         vec![t.transaction_id.as_str()]
     );
     // Still decided: cancel is refused.
     let err = c
         .transactions()
         .await?
-        .cancel(v1::CancelRequest {
-            transaction_id: t.transaction_id.clone(),
-            ..Default::default()
-        })
+        .cancel(v1::CancelRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     stubborn.refuse(false);
-    let r = admin
-        .retry(v1::RetryRequest {
-            transaction_id: t.transaction_id.clone(),
-        })
-        .await?
-        .into_inner();
+    let r = admin.retry(v1::RetryRequest { transaction_id: t.transaction_id.clone() }).await?.into_inner();
     assert_eq!(r.state, S::Confirming as i32);
-    assert_eq!(
-        confirm_wait(&c, &t.transaction_id).await?.state,
-        S::Confirmed as i32
-    );
-    assert_eq!(
-        acked(&stubborn.calls(), "commit", &t.partials[1].partial_id),
-        1
-    );
+    assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
+    assert_eq!(acked(&stubborn.calls(), "commit", &t.partials[1].partial_id), 1);
     assert_eq!(
         acked(&flaky.calls(), "commit", &t.partials[0].partial_id),
         1,
         "acknowledged participant not called again"
     );
-    let err = admin
-        .retry(v1::RetryRequest {
-            transaction_id: t.transaction_id.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = admin.retry(v1::RetryRequest { transaction_id: t.transaction_id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("CONFIRMED"));
     Ok(())
@@ -553,33 +346,19 @@ async fn an_exhausted_retry_budget_ends_in_failed_to_cancel() -> Result<()> {
 
 #[tokio::test]
 async fn a_participant_slower_than_the_call_deadline_is_retried() -> Result<()> {
-    let c = Coordinator::start(&[
-        "--retry-initial-ms",
-        "20",
-        "--retry-max-ms",
-        "100",
-        "--call-timeout-ms",
-        "200",
-    ])
-    .await?;
+    let c =
+        Coordinator::start(&["--retry-initial-ms", "20", "--retry-max-ms", "100", "--call-timeout-ms", "200"]).await?;
     let p = TestParticipant::start().await?;
     c.register("slow", &p).await?;
     p.delay(Duration::from_millis(600));
     let t = begin(&c, &["slow"], 10_000).await?;
     c.transactions()
         .await?
-        .confirm(v1::ConfirmRequest {
-            transaction_id: t.transaction_id.clone(),
-            ..Default::default()
-        })
+        .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
         .await?;
-    p.wait_for("two slow calls", |calls| calls.len() >= 2)
-        .await?;
+    p.wait_for("two slow calls", |calls| calls.len() >= 2).await?;
     p.delay(Duration::ZERO);
-    assert_eq!(
-        confirm_wait(&c, &t.transaction_id).await?.state,
-        S::Confirmed as i32
-    );
+    assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
     let g = get(&c, &t.transaction_id).await?;
     assert!(g.participants[0].attempts >= 2);
     Ok(())
@@ -590,9 +369,7 @@ async fn idempotent_append_and_topic_read_back() -> Result<()> {
     let c = Coordinator::start(&[]).await?;
     let t = begin(&c, &["svc"], 10_000).await?;
     let partial = t.partials[0].partial_id.clone();
-    let batch: Vec<v1::Command> = (0..5)
-        .map(|i| command("svc.Cmd", &format!("k{i}"), &[i]))
-        .collect();
+    let batch: Vec<v1::Command> = (0..5).map(|i| command("svc.Cmd", &format!("k{i}"), &[i])).collect();
     let first = append(&c, &partial, batch.clone(), "req-42").await?;
     let retry = append(&c, &partial, batch.clone(), "req-42").await?;
     assert!(!first.duplicate && retry.duplicate);
@@ -600,40 +377,14 @@ async fn idempotent_append_and_topic_read_back() -> Result<()> {
     let other = append(&c, &partial, vec![command("svc.Cmd", "", b"z")], "").await?;
     assert_eq!(other.first_sequence, 6);
     let mut topics = c.topics().await?;
-    let page1 = topics
-        .read(v1::ReadRequest {
-            partial_id: partial.clone(),
-            from_sequence: 0,
-            limit: 4,
-        })
-        .await?
-        .into_inner();
-    assert_eq!(
-        page1
-            .commands
-            .iter()
-            .map(|c| c.sequence)
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
+    let page1 =
+        topics.read(v1::ReadRequest { partial_id: partial.clone(), from_sequence: 0, limit: 4 }).await?.into_inner();
+    assert_eq!(page1.commands.iter().map(|c| c.sequence).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     assert_eq!((page1.next_sequence, page1.service.as_str()), (5, "svc"));
     assert_eq!(page1.transaction_id, t.transaction_id);
-    let page2 = topics
-        .read(v1::ReadRequest {
-            partial_id: partial.clone(),
-            from_sequence: 5,
-            limit: 4,
-        })
-        .await?
-        .into_inner();
-    assert_eq!(
-        page2
-            .commands
-            .iter()
-            .map(|c| c.sequence)
-            .collect::<Vec<_>>(),
-        vec![5, 6]
-    );
+    let page2 =
+        topics.read(v1::ReadRequest { partial_id: partial.clone(), from_sequence: 5, limit: 4 }).await?.into_inner();
+    assert_eq!(page2.commands.iter().map(|c| c.sequence).collect::<Vec<_>>(), vec![5, 6]);
     assert_eq!(page2.next_sequence, 0, "end reached");
     assert_eq!(page2.commands[0].key, "k4");
     Ok(())
@@ -649,32 +400,17 @@ async fn finished_transactions_are_garbage_collected() -> Result<()> {
     let t = begin(&c, &["svc"], 10_000).await?;
     let partial = t.partials[0].partial_id.clone();
     append(&c, &partial, vec![command("svc.A", "", b"1")], "").await?;
-    assert_eq!(
-        confirm_wait(&c, &t.transaction_id).await?.state,
-        S::Confirmed as i32
-    );
+    assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
     let kept = begin(&c, &["svc"], 60_000).await?; // ACTIVE: never collected
-    eventually(
-        "the finished transaction to be collected",
-        Duration::from_secs(15),
-        || async {
-            match get(&c, &t.transaction_id).await {
-                Err(s) if s.code() == Code::NotFound => Ok(Some(())),
-                Ok(_) => Ok(None),
-                Err(s) => Err(s.into()),
-            }
-        },
-    )
+    eventually("the finished transaction to be collected", Duration::from_secs(15), || async {
+        match get(&c, &t.transaction_id).await {
+            Err(s) if s.code() == Code::NotFound => Ok(Some(())),
+            Ok(_) => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    })
     .await?;
-    let err = c
-        .topics()
-        .await?
-        .read(v1::ReadRequest {
-            partial_id: partial,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.topics().await?.read(v1::ReadRequest { partial_id: partial, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(get(&c, &kept.transaction_id).await?.state, S::Active as i32);
     Ok(())
@@ -685,45 +421,21 @@ async fn registration_lifecycle() -> Result<()> {
     let c = Coordinator::start(&["--participant", "inventory=http://127.0.0.1:9"]).await?;
     let mut reg = c.registry().await?;
     let r = reg
-        .register(v1::RegisterRequest {
-            service: "orders".into(),
-            endpoint: "http://127.0.0.1:7001".into(),
-            ttl_ms: 0,
-        })
+        .register(v1::RegisterRequest { service: "orders".into(), endpoint: "http://127.0.0.1:7001".into(), ttl_ms: 0 })
         .await?
         .into_inner();
     assert_eq!(r.ttl_ms, 30_000, "default lease");
-    let list = reg
-        .list_endpoints(v1::ListEndpointsRequest::default())
-        .await?
-        .into_inner()
-        .endpoints;
-    let rows: Vec<(&str, &str, bool)> = list
-        .iter()
-        .map(|e| (e.service.as_str(), e.endpoint.as_str(), e.from_config))
-        .collect();
-    assert_eq!(
-        rows,
-        vec![
-            ("inventory", "http://127.0.0.1:9", true),
-            ("orders", "http://127.0.0.1:7001", false)
-        ]
-    );
+    let list = reg.list_endpoints(v1::ListEndpointsRequest::default()).await?.into_inner().endpoints;
+    let rows: Vec<(&str, &str, bool)> =
+        list.iter().map(|e| (e.service.as_str(), e.endpoint.as_str(), e.from_config)).collect();
+    assert_eq!(rows, vec![("inventory", "http://127.0.0.1:9", true), ("orders", "http://127.0.0.1:7001", false)]);
     assert!(list[1].expires_unix_ms > 0);
     let d = reg
-        .deregister(v1::DeregisterRequest {
-            service: "orders".into(),
-            endpoint: "http://127.0.0.1:7001".into(),
-        })
+        .deregister(v1::DeregisterRequest { service: "orders".into(), endpoint: "http://127.0.0.1:7001".into() })
         .await?
         .into_inner();
     assert!(d.removed);
-    let only = reg
-        .list_endpoints(v1::ListEndpointsRequest {
-            service: "orders".into(),
-        })
-        .await?
-        .into_inner();
+    let only = reg.list_endpoints(v1::ListEndpointsRequest { service: "orders".into() }).await?.into_inner();
     assert!(only.endpoints.is_empty());
     for (service, endpoint, ttl) in [
         ("", "http://127.0.0.1:1", 0),
@@ -732,18 +444,10 @@ async fn registration_lifecycle() -> Result<()> {
         ("a", "http://127.0.0.1:1", 5),
     ] {
         let err = reg
-            .register(v1::RegisterRequest {
-                service: service.into(),
-                endpoint: endpoint.into(),
-                ttl_ms: ttl,
-            })
+            .register(v1::RegisterRequest { service: service.into(), endpoint: endpoint.into(), ttl_ms: ttl })
             .await
             .unwrap_err();
-        assert_eq!(
-            err.code(),
-            Code::InvalidArgument,
-            "{service:?} {endpoint:?} {ttl}"
-        );
+        assert_eq!(err.code(), Code::InvalidArgument, "{service:?} {endpoint:?} {ttl}");
     }
     Ok(())
 }
@@ -763,8 +467,7 @@ async fn sigterm_shuts_down_gracefully_and_the_data_directory_reopens() -> Resul
 #[tokio::test]
 async fn startup_fails_clearly_on_bad_configuration() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (status, log) =
-        Coordinator::start_failing(dir.path(), &["--participant", "no-equals-sign"]).await?;
+    let (status, log) = Coordinator::start_failing(dir.path(), &["--participant", "no-equals-sign"]).await?;
     assert!(!status.success());
     assert!(log.contains("SERVICE=URI"), "{log}");
     // A second coordinator on the same data directory is refused, not corrupting it.
@@ -787,10 +490,7 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     let confirmed = begin(&c, &["other"], 60_000).await?;
     c.transactions()
         .await?
-        .confirm(v1::ConfirmRequest {
-            transaction_id: confirmed.transaction_id.clone(),
-            ..Default::default()
-        })
+        .confirm(v1::ConfirmRequest { transaction_id: confirmed.transaction_id.clone(), ..Default::default() })
         .await?;
 
     let unknown = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".to_string();
@@ -798,13 +498,9 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     let mut tx = c.transactions().await?;
     let mut topics = c.topics().await?;
     let mut admin = c.admin().await?;
-    let begin_req = |p: Vec<String>, t: u64| v1::BeginRequest {
-        participants: p,
-        timeout_ms: t,
-    };
-    let cmds = |n: usize, size: usize| -> Vec<v1::Command> {
-        (0..n).map(|_| command("t", "", &vec![7u8; size])).collect()
-    };
+    let begin_req = |p: Vec<String>, t: u64| v1::BeginRequest { participants: p, timeout_ms: t };
+    let cmds =
+        |n: usize, size: usize| -> Vec<v1::Command> { (0..n).map(|_| command("t", "", &vec![7u8; size])).collect() };
     let app = |p: &str, cmds: Vec<v1::Command>, key: &str| v1::AppendRequest {
         partial_id: p.into(),
         commands: cmds,
@@ -817,30 +513,10 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
             cases.push(($name, $call.await.map(|_| ()), $code, $msg));
         };
     }
-    case!(
-        "begin: no participants",
-        tx.begin(begin_req(vec![], 0)),
-        Code::InvalidArgument,
-        "at least one"
-    );
-    case!(
-        "begin: empty name",
-        tx.begin(begin_req(vec!["".into()], 0)),
-        Code::InvalidArgument,
-        "must not be empty"
-    );
-    case!(
-        "begin: name too long",
-        tx.begin(begin_req(vec![long.clone()], 0)),
-        Code::InvalidArgument,
-        "limit is 128"
-    );
-    case!(
-        "begin: bad characters",
-        tx.begin(begin_req(vec!["a/b".into()], 0)),
-        Code::InvalidArgument,
-        "contains '/'"
-    );
+    case!("begin: no participants", tx.begin(begin_req(vec![], 0)), Code::InvalidArgument, "at least one");
+    case!("begin: empty name", tx.begin(begin_req(vec!["".into()], 0)), Code::InvalidArgument, "must not be empty");
+    case!("begin: name too long", tx.begin(begin_req(vec![long.clone()], 0)), Code::InvalidArgument, "limit is 128");
+    case!("begin: bad characters", tx.begin(begin_req(vec!["a/b".into()], 0)), Code::InvalidArgument, "contains '/'");
     case!(
         "begin: duplicate",
         tx.begin(begin_req(vec!["a".into(), "a".into()], 0)),
@@ -853,12 +529,7 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
         Code::InvalidArgument,
         "limit is 32"
     );
-    case!(
-        "begin: timeout too short",
-        tx.begin(begin_req(vec!["a".into()], 1)),
-        Code::InvalidArgument,
-        "out of range"
-    );
+    case!("begin: timeout too short", tx.begin(begin_req(vec!["a".into()], 1)), Code::InvalidArgument, "out of range");
     case!(
         "begin: timeout too long",
         tx.begin(begin_req(vec!["a".into()], 3_600_001)),
@@ -867,37 +538,25 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     );
     case!(
         "enlist: malformed id",
-        tx.enlist(v1::EnlistRequest {
-            transaction_id: "nope".into(),
-            service: "b".into()
-        }),
+        tx.enlist(v1::EnlistRequest { transaction_id: "nope".into(), service: "b".into() }),
         Code::InvalidArgument,
         "not a valid id"
     );
     case!(
         "enlist: unknown id",
-        tx.enlist(v1::EnlistRequest {
-            transaction_id: unknown.clone(),
-            service: "b".into()
-        }),
+        tx.enlist(v1::EnlistRequest { transaction_id: unknown.clone(), service: "b".into() }),
         Code::NotFound,
         "not found"
     );
     case!(
         "enlist: bad service",
-        tx.enlist(v1::EnlistRequest {
-            transaction_id: good.transaction_id.clone(),
-            service: "".into()
-        }),
+        tx.enlist(v1::EnlistRequest { transaction_id: good.transaction_id.clone(), service: "".into() }),
         Code::InvalidArgument,
         "service"
     );
     case!(
         "enlist: decided",
-        tx.enlist(v1::EnlistRequest {
-            transaction_id: confirmed.transaction_id.clone(),
-            service: "b".into()
-        }),
+        tx.enlist(v1::EnlistRequest { transaction_id: confirmed.transaction_id.clone(), service: "b".into() }),
         Code::FailedPrecondition,
         "CONFIRMING"
     );
@@ -909,28 +568,19 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     );
     case!(
         "confirm: unknown id",
-        tx.confirm(v1::ConfirmRequest {
-            transaction_id: unknown.clone(),
-            ..Default::default()
-        }),
+        tx.confirm(v1::ConfirmRequest { transaction_id: unknown.clone(), ..Default::default() }),
         Code::NotFound,
         "not found"
     );
     case!(
         "confirm: a partial id",
-        tx.confirm(v1::ConfirmRequest {
-            transaction_id: gp.clone(),
-            ..Default::default()
-        }),
+        tx.confirm(v1::ConfirmRequest { transaction_id: gp.clone(), ..Default::default() }),
         Code::NotFound,
         "not found"
     );
     case!(
         "cancel: garbage id",
-        tx.cancel(v1::CancelRequest {
-            transaction_id: "\u{0}\u{ffff}".into(),
-            ..Default::default()
-        }),
+        tx.cancel(v1::CancelRequest { transaction_id: "\u{0}\u{ffff}".into(), ..Default::default() }),
         Code::InvalidArgument,
         "not a valid id"
     );
@@ -946,53 +596,26 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     );
     case!(
         "cancel: confirmed",
-        tx.cancel(v1::CancelRequest {
-            transaction_id: confirmed.transaction_id.clone(),
-            ..Default::default()
-        }),
+        tx.cancel(v1::CancelRequest { transaction_id: confirmed.transaction_id.clone(), ..Default::default() }),
         Code::FailedPrecondition,
         "CONFIRMING"
     );
     case!(
         "get: malformed",
-        tx.get(v1::GetRequest {
-            transaction_id: "1234".into()
-        }),
+        tx.get(v1::GetRequest { transaction_id: "1234".into() }),
         Code::InvalidArgument,
         "not a valid id"
     );
-    case!(
-        "get: unknown",
-        tx.get(v1::GetRequest {
-            transaction_id: unknown.clone()
-        }),
-        Code::NotFound,
-        "not found"
-    );
-    case!(
-        "append: malformed partial",
-        topics.append(app("zzz", cmds(1, 1), "")),
-        Code::InvalidArgument,
-        "partial_id"
-    );
-    case!(
-        "append: unknown partial",
-        topics.append(app(&unknown, cmds(1, 1), "")),
-        Code::NotFound,
-        "not found"
-    );
+    case!("get: unknown", tx.get(v1::GetRequest { transaction_id: unknown.clone() }), Code::NotFound, "not found");
+    case!("append: malformed partial", topics.append(app("zzz", cmds(1, 1), "")), Code::InvalidArgument, "partial_id");
+    case!("append: unknown partial", topics.append(app(&unknown, cmds(1, 1), "")), Code::NotFound, "not found");
     case!(
         "append: a transaction id",
         topics.append(app(&good.transaction_id, cmds(1, 1), "")),
         Code::NotFound,
         "not found"
     );
-    case!(
-        "append: no commands",
-        topics.append(app(&gp, vec![], "")),
-        Code::InvalidArgument,
-        "at least one"
-    );
+    case!("append: no commands", topics.append(app(&gp, vec![], "")), Code::InvalidArgument, "at least one");
     case!(
         "append: too many commands",
         topics.append(app(&gp, cmds(1001, 0), "")),
@@ -1025,53 +648,37 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     );
     case!(
         "read: malformed",
-        topics.read(v1::ReadRequest {
-            partial_id: "".into(),
-            ..Default::default()
-        }),
+        topics.read(v1::ReadRequest { partial_id: "".into(), ..Default::default() }),
         Code::InvalidArgument,
         "partial_id is required"
     );
     case!(
         "read: unknown",
-        topics.read(v1::ReadRequest {
-            partial_id: unknown.clone(),
-            ..Default::default()
-        }),
+        topics.read(v1::ReadRequest { partial_id: unknown.clone(), ..Default::default() }),
         Code::NotFound,
         "not found"
     );
     case!(
         "list: bad state",
-        admin.list_transactions(v1::ListTransactionsRequest {
-            states: vec![99],
-            ..Default::default()
-        }),
+        admin.list_transactions(v1::ListTransactionsRequest { states: vec![99], ..Default::default() }),
         Code::InvalidArgument,
         "not a TransactionState"
     );
     case!(
         "list: bad token",
-        admin.list_transactions(v1::ListTransactionsRequest {
-            page_token: "abc".into(),
-            ..Default::default()
-        }),
+        admin.list_transactions(v1::ListTransactionsRequest { page_token: "abc".into(), ..Default::default() }),
         Code::InvalidArgument,
         "page_token"
     );
     case!(
         "retry: active",
-        admin.retry(v1::RetryRequest {
-            transaction_id: good.transaction_id.clone()
-        }),
+        admin.retry(v1::RetryRequest { transaction_id: good.transaction_id.clone() }),
         Code::FailedPrecondition,
         "ACTIVE"
     );
     case!(
         "retry: unknown",
-        admin.retry(v1::RetryRequest {
-            transaction_id: unknown.clone()
-        }),
+        admin.retry(v1::RetryRequest { transaction_id: unknown.clone() }),
         Code::NotFound,
         "not found"
     );
@@ -1080,82 +687,39 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     for (name, got, code, msg) in &cases {
         match got {
             Err(s) if s.code() == *code && s.message().contains(msg) => {}
-            other => failures.push(format!(
-                "{name}: expected {code:?} containing {msg:?}, got {other:?}"
-            )),
+            other => failures.push(format!("{name}: expected {code:?} containing {msg:?}, got {other:?}")),
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases wrong:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases wrong:\n{}", failures.len(), cases.len(), failures.join("\n"));
 
     // Cumulative limits: a topic's bytes, a transaction's participants.
-    for _ in 0..4 {
-        append(
-            &c,
-            &gp,
-            cmds(1, 1 << 20)
-                .into_iter()
-                .map(|mut c| {
-                    c.payload.truncate((1 << 20) - 1);
-                    c
-                })
-                .collect(),
-            "",
-        )
-        .await?;
+    // The default topic limit is 3 MiB, accounted as type + key + payload +
+    // 16 per command: two commands of just under 1 MiB fit, a third does not.
+    for _ in 0..2 {
+        append(&c, &gp, cmds(1, (1 << 20) - 1), "").await?;
     }
-    let err = append(&c, &gp, cmds(1, 16), "").await.unwrap_err();
+    let err = append(&c, &gp, cmds(1, (1 << 20) - 1), "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limit is 3145728"), "{}", err.message());
     let wide = begin(
         &c,
-        &(0..32)
-            .map(|i| format!("s{i}"))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>(),
+        &(0..32).map(|i| format!("s{i}")).collect::<Vec<_>>().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
         0,
     )
     .await?;
     let err = tx
-        .enlist(v1::EnlistRequest {
-            transaction_id: wide.transaction_id,
-            service: "one-more".into(),
-        })
+        .enlist(v1::EnlistRequest { transaction_id: wide.transaction_id, service: "one-more".into() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
 
     // Still healthy, and the good transaction is intact.
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel().await?);
-    let h = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(
-        h.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    let h = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?.into_inner();
+    assert_eq!(h.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     let g = get(&c, &good.transaction_id).await?;
-    assert_eq!(
-        (g.state, g.participants[0].command_count),
-        (S::Active as i32, 5)
-    );
-    let first = topics
-        .read(v1::ReadRequest {
-            partial_id: gp,
-            from_sequence: 1,
-            limit: 1,
-        })
-        .await?
-        .into_inner();
+    assert_eq!((g.state, g.participants[0].command_count), (S::Active as i32, 3));
+    let first = topics.read(v1::ReadRequest { partial_id: gp, from_sequence: 1, limit: 1 }).await?.into_inner();
     assert_eq!(first.commands[0].payload, b"safe");
     Ok(())
 }

@@ -36,25 +36,15 @@ impl<S: Store> Admin for AdminApi<S> {
                 states.push(s);
             }
         }
-        let after = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(TxnId::parse("page_token", &req.page_token)?)
-        };
-        let page = self
-            .engine
-            .list(&states, req.min_age_ms, req.page_size as usize, after)
-            .await?;
+        let after = if req.page_token.is_empty() { None } else { Some(TxnId::parse("page_token", &req.page_token)?) };
+        let page = self.engine.list(&states, req.min_age_ms, req.page_size as usize, after).await?;
         Ok(Response::new(v1::ListTransactionsResponse {
             transactions: page.transactions.iter().map(convert::transaction).collect(),
             next_page_token: page.next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
-    async fn retry(
-        &self,
-        request: Request<v1::RetryRequest>,
-    ) -> Result<Response<v1::Transaction>, Status> {
+    async fn retry(&self, request: Request<v1::RetryRequest>) -> Result<Response<v1::Transaction>, Status> {
         let id = TxnId::parse("transaction_id", &request.into_inner().transaction_id)?;
         let txn = self.engine.retry(id).await?;
         tracing::warn!(txn = %id, state = %txn.state, "operator retry");

@@ -23,8 +23,7 @@ pub fn state(s: TxnState) -> v1::TransactionState {
 /// Wire enum (as sent, an i32) to engine state; `None` for UNSPECIFIED.
 pub fn parse_state(field: &str, raw: i32) -> Result<Option<TxnState>> {
     use v1::TransactionState as W;
-    let w = W::try_from(raw)
-        .map_err(|_| Error::invalid(format!("{field}: {raw} is not a TransactionState")))?;
+    let w = W::try_from(raw).map_err(|_| Error::invalid(format!("{field}: {raw} is not a TransactionState")))?;
     Ok(match w {
         W::Unspecified => None,
         W::Active => Some(TxnState::Active),
@@ -50,11 +49,7 @@ pub fn participant(p: &ParticipantRecord) -> v1::TransactionParticipant {
         status: status.into(),
         attempts: p.attempts,
         last_error: p.last_error.clone().unwrap_or_default(),
-        next_attempt_unix_ms: if p.status == Phase2Status::Pending {
-            p.next_attempt_ms
-        } else {
-            0
-        },
+        next_attempt_unix_ms: if p.status == Phase2Status::Pending { p.next_attempt_ms } else { 0 },
         command_count: p.command_count,
         topic_bytes: p.topic_bytes,
     }
@@ -76,10 +71,5 @@ pub fn transaction(t: &TxnRecord) -> v1::Transaction {
 
 /// Stored command to wire command.
 pub fn command(c: CommandRecord) -> v1::StoredCommand {
-    v1::StoredCommand {
-        sequence: c.sequence,
-        r#type: c.kind,
-        key: c.key,
-        payload: c.payload,
-    }
+    v1::StoredCommand { sequence: c.sequence, r#type: c.kind, key: c.key, payload: c.payload }
 }

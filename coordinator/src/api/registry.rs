@@ -22,18 +22,11 @@ impl RegistryApi {
 
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryApi {
-    async fn register(
-        &self,
-        request: Request<v1::RegisterRequest>,
-    ) -> Result<Response<v1::RegisterResponse>, Status> {
+    async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let req = request.into_inner();
-        let ttl = self
-            .registry
-            .register(&req.service, &req.endpoint, req.ttl_ms)?;
+        let ttl = self.registry.register(&req.service, &req.endpoint, req.ttl_ms)?;
         tracing::debug!(service = %req.service, endpoint = %req.endpoint, ttl_ms = ttl.as_millis() as u64, "endpoint registered");
-        Ok(Response::new(v1::RegisterResponse {
-            ttl_ms: ttl.as_millis() as u64,
-        }))
+        Ok(Response::new(v1::RegisterResponse { ttl_ms: ttl.as_millis() as u64 }))
     }
 
     async fn deregister(
@@ -61,10 +54,7 @@ impl registry_server::Registry for RegistryApi {
                 service: e.service,
                 endpoint: e.endpoint,
                 from_config: e.from_config,
-                expires_unix_ms: e
-                    .expires_in
-                    .map(|d| now + d.as_millis() as i64)
-                    .unwrap_or(0),
+                expires_unix_ms: e.expires_in.map(|d| now + d.as_millis() as i64).unwrap_or(0),
                 healthy: e.healthy,
             })
             .collect();

@@ -25,25 +25,12 @@ impl<S: Store> TopicsApi<S> {
 
 #[tonic::async_trait]
 impl<S: Store> Topics for TopicsApi<S> {
-    async fn append(
-        &self,
-        request: Request<v1::AppendRequest>,
-    ) -> Result<Response<v1::AppendResponse>, Status> {
+    async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
         let req = request.into_inner();
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
-        let commands = req
-            .commands
-            .into_iter()
-            .map(|c| NewCommand {
-                kind: c.r#type,
-                key: c.key,
-                payload: c.payload,
-            })
-            .collect();
-        let (receipt, duplicate) = self
-            .engine
-            .append(partial, commands, &req.idempotency_key)
-            .await?;
+        let commands =
+            req.commands.into_iter().map(|c| NewCommand { kind: c.r#type, key: c.key, payload: c.payload }).collect();
+        let (receipt, duplicate) = self.engine.append(partial, commands, &req.idempotency_key).await?;
         Ok(Response::new(v1::AppendResponse {
             first_sequence: receipt.first_sequence,
             last_sequence: receipt.last_sequence,
@@ -51,16 +38,11 @@ impl<S: Store> Topics for TopicsApi<S> {
         }))
     }
 
-    async fn read(
-        &self,
-        request: Request<v1::ReadRequest>,
-    ) -> Result<Response<v1::ReadResponse>, Status> {
+    async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
         let req = request.into_inner();
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
-        let (txn, participant, commands) = self
-            .engine
-            .read_topic(partial, req.from_sequence, req.limit as usize)
-            .await?;
+        let (txn, participant, commands) =
+            self.engine.read_topic(partial, req.from_sequence, req.limit as usize).await?;
         let next_sequence = match commands.last() {
             Some(last) if last.sequence < participant.command_count => last.sequence + 1,
             _ => 0,

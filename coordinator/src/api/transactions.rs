@@ -26,21 +26,10 @@ impl<S: Store> TransactionsApi<S> {
     }
 
     /// Optionally waits for the outcome, then answers with the state reached.
-    async fn decided(
-        &self,
-        txn: TxnRecord,
-        wait: bool,
-        wait_ms: u64,
-    ) -> Result<v1::DecisionResponse> {
+    async fn decided(&self, txn: TxnRecord, wait: bool, wait_ms: u64) -> Result<v1::DecisionResponse> {
         let txn = if wait && txn.state.is_delivering() {
-            let ms = if wait_ms == 0 {
-                fixed::DEFAULT_WAIT_MS
-            } else {
-                wait_ms.min(fixed::MAX_WAIT_MS)
-            };
-            self.engine
-                .wait_settled(txn.id, Duration::from_millis(ms))
-                .await?
+            let ms = if wait_ms == 0 { fixed::DEFAULT_WAIT_MS } else { wait_ms.min(fixed::MAX_WAIT_MS) };
+            self.engine.wait_settled(txn.id, Duration::from_millis(ms)).await?
         } else {
             txn
         };
@@ -53,10 +42,7 @@ impl<S: Store> TransactionsApi<S> {
 
 #[tonic::async_trait]
 impl<S: Store> Transactions for TransactionsApi<S> {
-    async fn begin(
-        &self,
-        request: Request<v1::BeginRequest>,
-    ) -> Result<Response<v1::BeginResponse>, Status> {
+    async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
         let req = request.into_inner();
         let txn = self.engine.begin(req.participants, req.timeout_ms).await?;
         Ok(Response::new(v1::BeginResponse {
@@ -64,56 +50,34 @@ impl<S: Store> Transactions for TransactionsApi<S> {
             partials: txn
                 .participants
                 .iter()
-                .map(|p| v1::PartialTransaction {
-                    service: p.service.clone(),
-                    partial_id: p.partial_id.to_string(),
-                })
+                .map(|p| v1::PartialTransaction { service: p.service.clone(), partial_id: p.partial_id.to_string() })
                 .collect(),
             deadline_unix_ms: txn.deadline_ms,
         }))
     }
 
-    async fn enlist(
-        &self,
-        request: Request<v1::EnlistRequest>,
-    ) -> Result<Response<v1::PartialTransaction>, Status> {
+    async fn enlist(&self, request: Request<v1::EnlistRequest>) -> Result<Response<v1::PartialTransaction>, Status> {
         let req = request.into_inner();
         let id = TxnId::parse("transaction_id", &req.transaction_id)?;
         let p = self.engine.enlist(id, req.service).await?;
-        Ok(Response::new(v1::PartialTransaction {
-            service: p.service,
-            partial_id: p.partial_id.to_string(),
-        }))
+        Ok(Response::new(v1::PartialTransaction { service: p.service, partial_id: p.partial_id.to_string() }))
     }
 
-    async fn confirm(
-        &self,
-        request: Request<v1::ConfirmRequest>,
-    ) -> Result<Response<v1::DecisionResponse>, Status> {
+    async fn confirm(&self, request: Request<v1::ConfirmRequest>) -> Result<Response<v1::DecisionResponse>, Status> {
         let req = request.into_inner();
         let id = TxnId::parse("transaction_id", &req.transaction_id)?;
         let txn = self.engine.confirm(id).await?;
-        Ok(Response::new(
-            self.decided(txn, req.wait, req.wait_timeout_ms).await?,
-        ))
+        Ok(Response::new(self.decided(txn, req.wait, req.wait_timeout_ms).await?))
     }
 
-    async fn cancel(
-        &self,
-        request: Request<v1::CancelRequest>,
-    ) -> Result<Response<v1::DecisionResponse>, Status> {
+    async fn cancel(&self, request: Request<v1::CancelRequest>) -> Result<Response<v1::DecisionResponse>, Status> {
         let req = request.into_inner();
         let id = TxnId::parse("transaction_id", &req.transaction_id)?;
         let txn = self.engine.cancel(id, req.reason).await?;
-        Ok(Response::new(
-            self.decided(txn, req.wait, req.wait_timeout_ms).await?,
-        ))
+        Ok(Response::new(self.decided(txn, req.wait, req.wait_timeout_ms).await?))
     }
 
-    async fn get(
-        &self,
-        request: Request<v1::GetRequest>,
-    ) -> Result<Response<v1::Transaction>, Status> {
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Transaction>, Status> {
         let id = TxnId::parse("transaction_id", &request.into_inner().transaction_id)?;
         let txn = self.engine.get(id).await?;
         Ok(Response::new(convert::transaction(&txn)))

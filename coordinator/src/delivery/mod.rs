@@ -20,16 +20,18 @@
 pub mod registry;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tcc_proto::v1::participant_client::ParticipantClient;
 use tcc_proto::v1::{PhaseTwoRequest, StoredCommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Code;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 
 use crate::config::{DeliveryPolicy, fixed};
 use crate::engine::state::{Decision, Event, ParticipantRecord};
@@ -71,14 +73,7 @@ impl<S: Store> Delivery<S> {
         policy: DeliveryPolicy,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Delivery {
-            engine,
-            registry,
-            policy,
-            running: Mutex::default(),
-            tasks: TaskTracker::new(),
-            shutdown,
-        })
+        Arc::new(Delivery { engine, registry, policy, running: Mutex::default(), tasks: TaskTracker::new(), shutdown })
     }
 
     /// Takes transactions to deliver from the engine until shutdown, then
@@ -106,7 +101,18 @@ impl<S: Store> Delivery<S> {
         }
         running.insert(id, false);
         let this = self.clone();
-        self.tasks.spawn(async move { this.drive(id).await });
+        self.tasks.spawn(async move {
+            // A panicking driver must not leave the transaction without one.
+            let outcome = AssertUnwindSafe(this.clone().drive(id)).catch_unwind().await;
+            if outcome.is_err() {
+                error!(txn = %id, "delivery driver panicked; restarting it in 1 s");
+                lock(&this.running).remove(&id);
+                this.pause(Duration::from_secs(1)).await;
+                if !this.shutdown.is_cancelled() {
+                    this.start(id);
+                }
+            }
+        });
     }
 
     async fn drive(self: Arc<Self>, id: TxnId) {
@@ -133,10 +139,7 @@ impl<S: Store> Delivery<S> {
     }
 
     async fn deliver_all(&self, plan: DeliveryPlan) {
-        let calls = plan
-            .pending
-            .into_iter()
-            .map(|(idx, p)| self.deliver_one(plan.txn, plan.decision, idx, p));
+        let calls = plan.pending.into_iter().map(|(idx, p)| self.deliver_one(plan.txn, plan.decision, idx, p));
         futures::future::join_all(calls).await;
     }
 
@@ -151,11 +154,7 @@ impl<S: Store> Delivery<S> {
                 return self.pause(Duration::from_secs(1)).await;
             }
         };
-        let verb = if decision == Decision::Confirm {
-            "commit"
-        } else {
-            "rollback"
-        };
+        let verb = if decision == Decision::Confirm { "commit" } else { "rollback" };
         let mut attempts = p.attempts;
         let mut next_at = p.next_attempt_ms;
         loop {
@@ -170,7 +169,7 @@ impl<S: Store> Delivery<S> {
             attempts += 1;
             let event = match outcome {
                 Ok(()) => {
-                    info!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
+                    debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
                     Event::Delivered { participant: idx }
                 }
                 Err(CallError::Transient(error)) if !self.policy.exhausted(attempts) => {
@@ -178,26 +177,16 @@ impl<S: Store> Delivery<S> {
                     next_at = self.engine.now_ms() + delay.as_millis() as i64;
                     warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
                         cause = %error, "{verb} failed; will retry");
-                    Event::AttemptFailed {
-                        participant: idx,
-                        error,
-                        next_attempt_ms: next_at,
-                    }
+                    Event::AttemptFailed { participant: idx, error, next_attempt_ms: next_at }
                 }
                 Err(CallError::Transient(error)) => {
                     error!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, cause = %error,
                         "{verb} retry budget exhausted; giving up");
-                    Event::GaveUp {
-                        participant: idx,
-                        error: format!("gave up after {attempts} attempts: {error}"),
-                    }
+                    Event::GaveUp { participant: idx, error: format!("gave up after {attempts} attempts: {error}") }
                 }
                 Err(CallError::Permanent(error)) => {
                     error!(txn = %txn, partial = %p.partial_id, service = %p.service, cause = %error, "{verb} refused permanently");
-                    Event::GaveUp {
-                        participant: idx,
-                        error: format!("refused: {error}"),
-                    }
+                    Event::GaveUp { participant: idx, error: format!("refused: {error}") }
                 }
             };
             let done = matches!(event, Event::Delivered { .. } | Event::GaveUp { .. });
@@ -212,38 +201,22 @@ impl<S: Store> Delivery<S> {
     }
 
     async fn request(&self, txn: TxnId, p: &ParticipantRecord) -> Result<PhaseTwoRequest> {
-        let commands = self
-            .engine
-            .store()
-            .read_topic(p.partial_id, 1, usize::MAX)
-            .await?;
+        let commands = self.engine.store().read_topic(p.partial_id, 1, usize::MAX).await?;
         Ok(PhaseTwoRequest {
             transaction_id: txn.to_string(),
             partial_id: p.partial_id.to_string(),
             service: p.service.clone(),
             commands: commands
                 .into_iter()
-                .map(|c| StoredCommand {
-                    sequence: c.sequence,
-                    r#type: c.kind,
-                    key: c.key,
-                    payload: c.payload,
-                })
+                .map(|c| StoredCommand { sequence: c.sequence, r#type: c.kind, key: c.key, payload: c.payload })
                 .collect(),
         })
     }
 
     /// One phase-2 call to some instance of `service`.
-    async fn call(
-        &self,
-        service: &str,
-        decision: Decision,
-        request: PhaseTwoRequest,
-    ) -> Result<(), CallError> {
+    async fn call(&self, service: &str, decision: Decision, request: PhaseTwoRequest) -> Result<(), CallError> {
         let Some((endpoint, channel)) = self.registry.pick(service) else {
-            return Err(CallError::Transient(format!(
-                "no endpoint known for service {service:?}"
-            )));
+            return Err(CallError::Transient(format!("no endpoint known for service {service:?}")));
         };
         let timeout = Duration::from_millis(self.policy.call_timeout_ms);
         let mut client = ParticipantClient::new(channel)
@@ -266,10 +239,7 @@ impl<S: Store> Delivery<S> {
                 self.registry.report(&endpoint, true);
                 Ok(())
             }
-            Err(_) => Err(CallError::Transient(format!(
-                "{endpoint}: no answer within {} ms",
-                timeout.as_millis()
-            ))),
+            Err(_) => Err(CallError::Transient(format!("{endpoint}: no answer within {} ms", timeout.as_millis()))),
             Ok(Err(status)) => {
                 let msg = format!("{endpoint}: {:?}: {}", status.code(), status.message());
                 match status.code() {

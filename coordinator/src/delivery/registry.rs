@@ -69,16 +69,12 @@ pub fn parse_endpoint(uri: &str) -> Result<Endpoint> {
         )));
     }
     if !(uri.starts_with("http://") || uri.starts_with("https://")) {
-        return Err(Error::invalid(format!(
-            "endpoint {uri:?} must start with http:// or https://"
-        )));
+        return Err(Error::invalid(format!("endpoint {uri:?} must start with http:// or https://")));
     }
     let ep = Endpoint::from_shared(uri.to_string())
         .map_err(|e| Error::invalid(format!("endpoint {uri:?} is not a valid URI: {e}")))?;
     if ep.uri().host().is_none() || ep.uri().port_u16().is_none() {
-        return Err(Error::invalid(format!(
-            "endpoint {uri:?} must name a host and a port"
-        )));
+        return Err(Error::invalid(format!("endpoint {uri:?} must name a host and a port")));
     }
     Ok(ep)
 }
@@ -94,9 +90,7 @@ impl Registry {
         };
         for entry in static_entries {
             let Some((service, uri)) = entry.split_once('=') else {
-                return Err(Error::invalid(format!(
-                    "participant {entry:?} must look like SERVICE=URI"
-                )));
+                return Err(Error::invalid(format!("participant {entry:?} must look like SERVICE=URI")));
             };
             validate::service_name("participant service", service)?;
             parse_endpoint(uri)?;
@@ -115,12 +109,7 @@ impl Registry {
                     i.expires = expires;
                 }
             }
-            None => list.push(Instance {
-                endpoint: endpoint.to_string(),
-                expires,
-                down_until: None,
-                failures: 0,
-            }),
+            None => list.push(Instance { endpoint: endpoint.to_string(), expires, down_until: None, failures: 0 }),
         }
     }
 
@@ -129,11 +118,7 @@ impl Registry {
     pub fn register(&self, service: &str, endpoint: &str, ttl_ms: u64) -> Result<Duration> {
         validate::service_name("service", service)?;
         parse_endpoint(endpoint)?;
-        let ttl = if ttl_ms == 0 {
-            fixed::DEFAULT_LEASE_MS
-        } else {
-            ttl_ms
-        };
+        let ttl = if ttl_ms == 0 { fixed::DEFAULT_LEASE_MS } else { ttl_ms };
         if !(fixed::MIN_LEASE_MS..=fixed::MAX_LEASE_MS).contains(&ttl) {
             return Err(Error::invalid(format!(
                 "ttl_ms {ttl} is out of range; allowed are {}..={} (or 0 for {})",
@@ -143,19 +128,57 @@ impl Registry {
             )));
         }
         let ttl = Duration::from_millis(ttl);
+        self.prune();
+        {
+            let services = lock(&self.services);
+            let known = services.get(service);
+            if known.is_none() && services.len() >= fixed::MAX_SERVICES {
+                return Err(Error::LimitExceeded(format!(
+                    "{} services are registered; the limit is {}",
+                    services.len(),
+                    fixed::MAX_SERVICES
+                )));
+            }
+            if let Some(list) = known {
+                if list.len() >= fixed::MAX_INSTANCES_PER_SERVICE && !list.iter().any(|i| i.endpoint == endpoint) {
+                    return Err(Error::LimitExceeded(format!(
+                        "service {service:?} has {} instances registered; the limit is {}",
+                        list.len(),
+                        fixed::MAX_INSTANCES_PER_SERVICE
+                    )));
+                }
+            }
+        }
         self.upsert(service, endpoint, Some(Instant::now() + ttl));
         Ok(ttl)
     }
 
     /// Removes a registered instance. Static instances stay.
     pub fn deregister(&self, service: &str, endpoint: &str) -> bool {
-        let mut services = lock(&self.services);
-        let Some(list) = services.get_mut(service) else {
-            return false;
+        let removed = {
+            let mut services = lock(&self.services);
+            let Some(list) = services.get_mut(service) else {
+                return false;
+            };
+            let before = list.len();
+            list.retain(|i| i.expires.is_none() || i.endpoint != endpoint);
+            before != list.len()
         };
-        let before = list.len();
-        list.retain(|i| i.expires.is_none() || i.endpoint != endpoint);
-        before != list.len()
+        self.prune();
+        removed
+    }
+
+    /// Drops expired instances, services left without instances, and
+    /// channels no instance uses, so registrations cannot pile up.
+    fn prune(&self) {
+        let now = Instant::now();
+        let mut services = lock(&self.services);
+        for list in services.values_mut() {
+            list.retain(|i| i.expires.is_none_or(|e| e > now));
+        }
+        services.retain(|_, list| !list.is_empty());
+        let mut channels = lock(&self.channels);
+        channels.retain(|ep, _| services.values().flatten().any(|i| &i.endpoint == ep));
     }
 
     /// Every known instance, ordered by service and endpoint; expired leases
@@ -189,10 +212,7 @@ impl Registry {
             let mut services = lock(&self.services);
             let list = services.get_mut(service)?;
             list.retain(|i| i.expires.is_none_or(|e| e > now));
-            let healthy: Vec<&Instance> = list
-                .iter()
-                .filter(|i| i.down_until.is_none_or(|d| d <= now))
-                .collect();
+            let healthy: Vec<&Instance> = list.iter().filter(|i| i.down_until.is_none_or(|d| d <= now)).collect();
             if healthy.is_empty() {
                 list.iter().min_by_key(|i| i.down_until)?.endpoint.clone()
             } else {
@@ -209,10 +229,7 @@ impl Registry {
         if let Some(c) = channels.get(endpoint) {
             return Some(c.clone());
         }
-        let ep = parse_endpoint(endpoint)
-            .ok()?
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true);
+        let ep = parse_endpoint(endpoint).ok()?.connect_timeout(self.connect_timeout).tcp_nodelay(true);
         let channel = ep.connect_lazy();
         channels.insert(endpoint.to_string(), channel.clone());
         Some(channel)
@@ -222,11 +239,7 @@ impl Registry {
     /// the instance down for a growing period, a success clears it.
     pub fn report(&self, endpoint: &str, reachable: bool) {
         let mut services = lock(&self.services);
-        for i in services
-            .values_mut()
-            .flatten()
-            .filter(|i| i.endpoint == endpoint)
-        {
+        for i in services.values_mut().flatten().filter(|i| i.endpoint == endpoint) {
             if reachable {
                 i.failures = 0;
                 i.down_until = None;
@@ -244,10 +257,7 @@ mod tests {
     use super::*;
 
     fn reg() -> Registry {
-        match Registry::new(
-            &["orders=http://127.0.0.1:7001".into()],
-            Duration::from_secs(1),
-        ) {
+        match Registry::new(&["orders=http://127.0.0.1:7001".into()], Duration::from_secs(1)) {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         }
@@ -255,16 +265,8 @@ mod tests {
 
     #[test]
     fn static_entries_are_validated() {
-        for bad in [
-            "orders",
-            "orders=127.0.0.1:1",
-            "or ders=http://127.0.0.1:1",
-            "orders=http://host",
-        ] {
-            assert!(
-                Registry::new(&[bad.into()], Duration::from_secs(1)).is_err(),
-                "{bad} accepted"
-            );
+        for bad in ["orders", "orders=127.0.0.1:1", "or ders=http://127.0.0.1:1", "orders=http://host"] {
+            assert!(Registry::new(&[bad.into()], Duration::from_secs(1)).is_err(), "{bad} accepted");
         }
     }
 
@@ -272,20 +274,13 @@ mod tests {
     async fn register_renew_deregister_and_rotation() {
         let r = reg();
         assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok());
-        assert!(
-            r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok(),
-            "renewal"
-        );
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok(), "renewal");
         assert_eq!(r.list(Some("orders")).len(), 2);
-        let picks: std::collections::HashSet<String> = (0..4)
-            .filter_map(|_| r.pick("orders").map(|(e, _)| e))
-            .collect();
+        let picks: std::collections::HashSet<String> =
+            (0..4).filter_map(|_| r.pick("orders").map(|(e, _)| e)).collect();
         assert_eq!(picks.len(), 2, "rotates across instances");
         assert!(r.deregister("orders", "http://127.0.0.1:7002"));
-        assert!(
-            !r.deregister("orders", "http://127.0.0.1:7001"),
-            "static entries stay"
-        );
+        assert!(!r.deregister("orders", "http://127.0.0.1:7001"), "static entries stay");
         assert_eq!(r.list(None).len(), 1);
         assert!(r.pick("nobody").is_none());
     }
@@ -296,21 +291,30 @@ mod tests {
         assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok());
         r.report("http://127.0.0.1:7001", false);
         for _ in 0..4 {
-            assert_eq!(
-                r.pick("orders").map(|(e, _)| e).as_deref(),
-                Some("http://127.0.0.1:7002")
-            );
+            assert_eq!(r.pick("orders").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7002"));
         }
         r.report("http://127.0.0.1:7002", false);
-        assert!(
-            r.pick("orders").is_some(),
-            "all down: still try the one back soonest"
-        );
+        assert!(r.pick("orders").is_some(), "all down: still try the one back soonest");
         r.report("http://127.0.0.1:7001", true);
-        assert_eq!(
-            r.pick("orders").map(|(e, _)| e).as_deref(),
-            Some("http://127.0.0.1:7001")
-        );
+        assert_eq!(r.pick("orders").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7001"));
+    }
+
+    #[tokio::test]
+    async fn registrations_are_bounded_and_pruned() {
+        let r = reg();
+        for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
+            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000).is_ok());
+        }
+        let over = r.register("many", "http://127.0.0.1:9999", 5_000);
+        assert!(matches!(over, Err(Error::LimitExceeded(_))), "{over:?}");
+        assert!(r.register("many", "http://127.0.0.1:10000", 5_000).is_ok(), "renewing stays allowed");
+        let _ = r.pick("many");
+        assert_eq!(lock(&r.channels).len(), 1, "one pick, one channel");
+        for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
+            assert!(r.deregister("many", &format!("http://127.0.0.1:{}", 10_000 + i)));
+        }
+        assert!(r.register("many", "http://127.0.0.1:9999", 5_000).is_ok(), "room again");
+        assert_eq!(lock(&r.channels).len(), 0, "channels of removed instances dropped");
     }
 
     #[test]
@@ -318,10 +322,7 @@ mod tests {
         let r = reg();
         assert!(r.register("", "http://127.0.0.1:1", 0).is_err());
         assert!(r.register("a", "ftp://x:1", 0).is_err());
-        assert!(
-            r.register("a", "http://127.0.0.1:1", 10).is_err(),
-            "lease too short"
-        );
+        assert!(r.register("a", "http://127.0.0.1:1", 10).is_err(), "lease too short");
         assert!(r.register("a", "http://127.0.0.1:1", 0).is_ok());
     }
 }

@@ -235,10 +235,7 @@ impl<S: Store> Engine<S> {
             _ => {}
         }
         let (state, _) = watch::channel(txn.state);
-        let live = Arc::new(Live {
-            record: tokio::sync::Mutex::new(txn),
-            state,
-        });
+        let live = Arc::new(Live { record: tokio::sync::Mutex::new(txn), state });
         lock(&self.live).insert(id, live);
     }
 
@@ -249,13 +246,10 @@ impl<S: Store> Engine<S> {
         validate::participants(&self.limits, &services)?;
         let timeout = validate::timeout_ms(&self.limits, timeout_ms)?;
         let now = self.clock.now_ms();
-        let parts = services
-            .into_iter()
-            .map(|s| ParticipantRecord::new(s, PartialId::new()))
-            .collect();
+        let parts = services.into_iter().map(|s| ParticipantRecord::new(s, PartialId::new())).collect();
         let txn = TxnRecord::new(TxnId::new(), parts, now, now.saturating_add(timeout as i64));
         self.store.put_txn(&txn).await?;
-        info!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
+        tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
         self.insert_live(txn.clone());
         self.schedule_changed.notify_one();
         Ok(txn)
@@ -268,13 +262,7 @@ impl<S: Store> Engine<S> {
         let live = match self.find(id).await? {
             Found::Live(live) => live,
             Found::Finished(txn) => {
-                return Err(self.refuse_finished(
-                    txn,
-                    Event::Enlist {
-                        service,
-                        partial_id: PartialId::new(),
-                    },
-                ));
+                return Err(self.refuse_finished(txn, Event::Enlist { service, partial_id: PartialId::new() }));
             }
         };
         let mut guard = live.record.lock().await;
@@ -293,14 +281,7 @@ impl<S: Store> Engine<S> {
         }
         let partial_id = PartialId::new();
         let mut next = guard.clone();
-        apply(
-            &mut next,
-            Event::Enlist {
-                service: service.clone(),
-                partial_id,
-            },
-            self.clock.now_ms(),
-        )?;
+        apply(&mut next, Event::Enlist { service: service.clone(), partial_id }, self.clock.now_ms())?;
         self.store.put_txn(&next).await?;
         lock(&self.partials).insert(partial_id, id);
         info!(txn = %id, partial = %partial_id, %service, "participant enlisted");
@@ -317,11 +298,7 @@ impl<S: Store> Engine<S> {
     /// Decides cancel. Returns the record after the (durable) decision.
     pub async fn cancel(&self, id: TxnId, reason: String) -> Result<TxnRecord> {
         validate::reason(&reason)?;
-        let reason = if reason.is_empty() {
-            "cancelled by request".to_string()
-        } else {
-            reason
-        };
+        let reason = if reason.is_empty() { "cancelled by request".to_string() } else { reason };
         self.transition(id, Event::Cancel { reason }).await
     }
 
@@ -354,6 +331,12 @@ impl<S: Store> Engine<S> {
 
     /// Appends a batch to a partial topic. Returns the receipt and whether it
     /// was a duplicate of an earlier append with the same idempotency key.
+    ///
+    /// A retried append whose first try landed is answered from its receipt
+    /// in any state (the commands are part of the topic). The receipt is
+    /// looked up under the transaction's lock, which the first try holds
+    /// until its write is durable, so a retry is never told "stored" about a
+    /// write that is still in flight.
     pub async fn append(
         &self,
         partial: PartialId,
@@ -362,32 +345,24 @@ impl<S: Store> Engine<S> {
     ) -> Result<(AppendReceipt, bool)> {
         let key = validate::idempotency_key(idempotency_key)?;
         let bytes = validate::commands(&self.limits, &commands)?;
+        let n = commands.len() as u64;
         let id = self.txn_of(partial).await?;
-        let found = self.find(id).await?;
-
-        // A retried append whose first try landed is answered from its
-        // receipt, in any state: the commands are already part of the topic.
-        if let Some(key) = key {
-            if let Some(r) = self.store.find_receipt(partial, key).await? {
-                return check_receipt(r, commands.len() as u64, bytes, key).map(|r| (r, true));
-            }
-        }
-        let live = match found {
+        let live = match self.find(id).await? {
             Found::Live(live) => live,
             Found::Finished(txn) => {
-                let event = Event::Append {
-                    participant: 0,
-                    commands: commands.len() as u64,
-                    bytes,
-                };
+                if let Some(key) = key {
+                    if let Some(r) = self.store.find_receipt(partial, key).await? {
+                        return check_receipt(r, n, bytes, key).map(|r| (r, true));
+                    }
+                }
+                let event = Event::Append { participant: 0, commands: n, bytes };
                 return Err(self.refuse_finished(txn, event));
             }
         };
         let mut guard = live.record.lock().await;
-        // Re-check under the lock: the first try may have just committed.
         if let Some(key) = key {
             if let Some(r) = self.store.find_receipt(partial, key).await? {
-                return check_receipt(r, commands.len() as u64, bytes, key).map(|r| (r, true));
+                return check_receipt(r, n, bytes, key).map(|r| (r, true));
             }
         }
         self.expire_if_due(&live, &mut guard).await?;
@@ -395,20 +370,11 @@ impl<S: Store> Engine<S> {
             .participant_index(partial)
             .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
         let mut next = guard.clone();
-        let n = commands.len() as u64;
-        apply(
-            &mut next,
-            Event::Append {
-                participant: idx,
-                commands: n,
-                bytes,
-            },
-            self.clock.now_ms(),
-        )?;
+        apply(&mut next, Event::Append { participant: idx, commands: n, bytes }, self.clock.now_ms())?;
         let p = &next.participants[idx];
         if p.topic_bytes > self.limits.max_topic_bytes {
             return Err(Error::LimitExceeded(format!(
-                "partial topic {partial} would hold {} payload bytes; the limit is {}",
+                "partial topic {partial} would hold {} bytes; the limit is {}",
                 p.topic_bytes, self.limits.max_topic_bytes
             )));
         }
@@ -416,23 +382,10 @@ impl<S: Store> Engine<S> {
         let records: Vec<CommandRecord> = commands
             .into_iter()
             .zip(first..)
-            .map(|(c, sequence)| CommandRecord {
-                sequence,
-                kind: c.kind,
-                key: c.key,
-                payload: c.payload,
-            })
+            .map(|(c, sequence)| CommandRecord { sequence, kind: c.kind, key: c.key, payload: c.payload })
             .collect();
-        let receipt = AppendReceipt {
-            first_sequence: first,
-            last_sequence: first + n - 1,
-            bytes,
-        };
-        let batch = AppendBatch {
-            partial_id: partial,
-            commands: &records,
-            idempotency: key.map(|k| (k, receipt)),
-        };
+        let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes };
+        let batch = AppendBatch { partial_id: partial, commands: &records, idempotency: key.map(|k| (k, receipt)) };
         self.store.append(&next, batch).await?;
         tracing::debug!(txn = %id, %partial, first, count = n, "commands appended");
         self.commit(&live, &mut guard, next);
@@ -440,7 +393,9 @@ impl<S: Store> Engine<S> {
     }
 
     /// Reads a topic from `from` (0 or 1 = start), at most `limit` commands
-    /// (0 = the maximum). Returns the transaction and the participant too.
+    /// (0 = the maximum). Returns the transaction and the participant too,
+    /// read together with the commands (under the lock while live), so the
+    /// participant's `command_count` matches what was read.
     pub async fn read_topic(
         &self,
         partial: PartialId,
@@ -448,19 +403,24 @@ impl<S: Store> Engine<S> {
         limit: usize,
     ) -> Result<(TxnRecord, ParticipantRecord, Vec<CommandRecord>)> {
         let id = self.txn_of(partial).await?;
-        let txn = self.get(id).await?;
+        let limit = if limit == 0 { fixed::MAX_PAGE } else { limit.min(fixed::MAX_PAGE) };
+        let (txn, commands) = match self.find(id).await? {
+            Found::Live(live) => {
+                let guard = live.record.lock().await;
+                let commands = self.store.read_topic(partial, from.max(1), limit).await?;
+                (guard.clone(), commands)
+            }
+            Found::Finished(txn) => {
+                let commands = self.store.read_topic(partial, from.max(1), limit).await?;
+                (txn, commands)
+            }
+        };
         let participant = txn
             .participants
             .iter()
             .find(|p| p.partial_id == partial)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
-        let limit = if limit == 0 {
-            fixed::MAX_PAGE
-        } else {
-            limit.min(fixed::MAX_PAGE)
-        };
-        let commands = self.store.read_topic(partial, from.max(1), limit).await?;
         Ok((txn, participant, commands))
     }
 
@@ -476,15 +436,8 @@ impl<S: Store> Engine<S> {
         after: Option<TxnId>,
     ) -> Result<ListPage> {
         const SCAN_BUDGET: usize = 100_000;
-        let page_size = if page_size == 0 {
-            100
-        } else {
-            page_size.min(fixed::MAX_PAGE)
-        };
-        let newest_created = self
-            .clock
-            .now_ms()
-            .saturating_sub(min_age_ms.min(i64::MAX as u64) as i64);
+        let page_size = if page_size == 0 { 100 } else { page_size.min(fixed::MAX_PAGE) };
+        let newest_created = self.clock.now_ms().saturating_sub(min_age_ms.min(i64::MAX as u64) as i64);
         let mut out = ListPage::default();
         let mut cursor = after;
         let mut scanned = 0;
@@ -532,11 +485,7 @@ impl<S: Store> Engine<S> {
             .filter(|(_, p)| p.status == Phase2Status::Pending)
             .map(|(i, p)| (i, p.clone()))
             .collect();
-        Ok(Some(DeliveryPlan {
-            txn: id,
-            decision,
-            pending,
-        }))
+        Ok(Some(DeliveryPlan { txn: id, decision, pending }))
     }
 
     /// Records phase-2 progress (an acknowledgement, a failed attempt, or
@@ -563,6 +512,10 @@ impl<S: Store> Engine<S> {
         let mut n = 0;
         for id in due {
             match self.transition(id, Event::Expire).await {
+                Ok(t) if t.state == TxnState::Active => {
+                    // Not due by the clock after all (it stepped back): keep it.
+                    lock(&self.schedule).deadlines.insert((t.deadline_ms, id));
+                }
                 Ok(t) if t.reason == state::DEADLINE_REASON => n += 1,
                 Ok(_) => {}
                 Err(e) => {
@@ -582,16 +535,17 @@ impl<S: Store> Engine<S> {
         let mut n = 0;
         for id in due {
             let result = match self.store.get_txn(id).await {
-                Ok(Some(txn)) if txn.state.is_finished() => {
-                    self.store.delete_txn(&txn).await.map(|_| true)
-                }
+                Ok(Some(txn)) if txn.state.is_finished() => self.store.delete_txn(&txn).await.map(|_| true),
                 Ok(_) => Ok(false),
                 Err(e) => Err(e),
             };
             match result {
                 Ok(true) => n += 1,
                 Ok(false) => {}
-                Err(e) => warn!(txn = %id, cause = %e, "garbage collection failed; will retry"),
+                Err(e) => {
+                    warn!(txn = %id, cause = %e, "garbage collection failed; will retry in 1 s");
+                    lock(&self.schedule).collectable.insert((now + 1000, id));
+                }
             }
         }
         if n > 0 {
@@ -645,9 +599,7 @@ impl<S: Store> Engine<S> {
             return;
         }
         if old == TxnState::Active {
-            lock(&self.schedule)
-                .deadlines
-                .remove(&(txn.deadline_ms, txn.id));
+            lock(&self.schedule).deadlines.remove(&(txn.deadline_ms, txn.id));
         }
         match txn.state {
             TxnState::Confirming | TxnState::Cancelling => {
@@ -663,9 +615,7 @@ impl<S: Store> Engine<S> {
                     }
                 }
                 lock(&self.live).remove(&txn.id);
-                lock(&self.schedule)
-                    .collectable
-                    .insert((txn.finished_ms.saturating_add(self.retention_ms), txn.id));
+                lock(&self.schedule).collectable.insert((txn.finished_ms.saturating_add(self.retention_ms), txn.id));
                 self.schedule_changed.notify_one();
             }
             TxnState::FailedToConfirm | TxnState::FailedToCancel => {
@@ -711,10 +661,7 @@ impl<S: Store> Engine<S> {
     fn refuse_finished(&self, txn: TxnRecord, event: Event) -> Error {
         match self.apply_finished(txn, event) {
             Err(e) => e,
-            Ok(txn) => Error::Storage(format!(
-                "transaction {} accepted an event while {}",
-                txn.id, txn.state
-            )),
+            Ok(txn) => Error::Storage(format!("transaction {} accepted an event while {}", txn.id, txn.state)),
         }
     }
 
@@ -739,9 +686,7 @@ enum Found {
 }
 
 fn not_found(id: TxnId) -> Error {
-    Error::NotFound(format!(
-        "transaction {id} not found (never begun, or garbage-collected)"
-    ))
+    Error::NotFound(format!("transaction {id} not found (never begun, or garbage-collected)"))
 }
 
 fn check_receipt(r: AppendReceipt, count: u64, bytes: u64, key: &str) -> Result<AppendReceipt> {

@@ -81,12 +81,8 @@ impl TxnState {
     pub fn decision(self) -> Option<Decision> {
         match self {
             TxnState::Active => None,
-            TxnState::Confirming | TxnState::Confirmed | TxnState::FailedToConfirm => {
-                Some(Decision::Confirm)
-            }
-            TxnState::Cancelling | TxnState::Cancelled | TxnState::FailedToCancel => {
-                Some(Decision::Cancel)
-            }
+            TxnState::Confirming | TxnState::Confirmed | TxnState::FailedToConfirm => Some(Decision::Confirm),
+            TxnState::Cancelling | TxnState::Cancelled | TxnState::FailedToCancel => Some(Decision::Cancel),
         }
     }
 }
@@ -142,7 +138,7 @@ pub struct ParticipantRecord {
     pub next_attempt_ms: i64,
     /// Commands in the topic; the last sequence number handed out.
     pub command_count: u64,
-    /// Payload bytes in the topic.
+    /// Bytes in the topic, as accounted by `validate::accounted_bytes`.
     pub topic_bytes: u64,
 }
 
@@ -185,12 +181,7 @@ pub struct TxnRecord {
 
 impl TxnRecord {
     /// A new ACTIVE transaction.
-    pub fn new(
-        id: TxnId,
-        participants: Vec<ParticipantRecord>,
-        now_ms: i64,
-        deadline_ms: i64,
-    ) -> Self {
+    pub fn new(id: TxnId, participants: Vec<ParticipantRecord>, now_ms: i64, deadline_ms: i64) -> Self {
         TxnRecord {
             id,
             state: TxnState::Active,
@@ -205,9 +196,7 @@ impl TxnRecord {
 
     /// The index of the participant with this partial id.
     pub fn participant_index(&self, partial: PartialId) -> Option<usize> {
-        self.participants
-            .iter()
-            .position(|p| p.partial_id == partial)
+        self.participants.iter().position(|p| p.partial_id == partial)
     }
 
     /// ACTIVE and at or past its deadline.
@@ -235,7 +224,7 @@ pub enum Event {
         participant: usize,
         /// Number of commands.
         commands: u64,
-        /// Payload bytes.
+        /// Accounted bytes (`validate::accounted_bytes`).
         bytes: u64,
     },
     /// The composite service decides confirm.
@@ -304,45 +293,19 @@ pub enum Outcome {
 pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> {
     use TxnState::*;
     let illegal = |txn: &TxnRecord, event: &Event| {
-        let detail = if txn.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" (reason: {})", txn.reason)
-        };
-        Err(Error::IllegalTransition {
-            action: event.action(),
-            txn: txn.id.to_string(),
-            state: txn.state,
-            detail,
-        })
+        let detail = if txn.reason.is_empty() { String::new() } else { format!(" (reason: {})", txn.reason) };
+        Err(Error::IllegalTransition { action: event.action(), txn: txn.id.to_string(), state: txn.state, detail })
     };
 
     match (txn.state, event) {
         // --- try phase --------------------------------------------------
-        (
-            Active,
-            Event::Enlist {
-                service,
-                partial_id,
-            },
-        ) => {
-            txn.participants
-                .push(ParticipantRecord::new(service, partial_id));
+        (Active, Event::Enlist { service, partial_id }) => {
+            txn.participants.push(ParticipantRecord::new(service, partial_id));
             Ok(Outcome::Changed)
         }
-        (
-            Active,
-            Event::Append {
-                participant,
-                commands,
-                bytes,
-            },
-        ) => {
+        (Active, Event::Append { participant, commands, bytes }) => {
             let Some(p) = txn.participants.get_mut(participant) else {
-                return Err(Error::NotFound(format!(
-                    "participant #{participant} of transaction {}",
-                    txn.id
-                )));
+                return Err(Error::NotFound(format!("participant #{participant} of transaction {}", txn.id)));
             };
             p.command_count += commands;
             p.topic_bytes += bytes;
@@ -384,14 +347,7 @@ pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> 
             finish_if_resolved(txn, now_ms);
             Ok(Outcome::Changed)
         }
-        (
-            Confirming | Cancelling,
-            Event::AttemptFailed {
-                participant,
-                error,
-                next_attempt_ms,
-            },
-        ) => {
+        (Confirming | Cancelling, Event::AttemptFailed { participant, error, next_attempt_ms }) => {
             let Some(p) = txn.participants.get_mut(participant) else {
                 return illegal(txn, &Event::Delivered { participant });
             };
@@ -420,11 +376,7 @@ pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> 
 
         // --- operator -----------------------------------------------------
         (FailedToConfirm | FailedToCancel, Event::Retry) => {
-            txn.state = if txn.state == FailedToConfirm {
-                Confirming
-            } else {
-                Cancelling
-            };
+            txn.state = if txn.state == FailedToConfirm { Confirming } else { Cancelling };
             for p in &mut txn.participants {
                 if p.status == Phase2Status::Failed {
                     p.status = Phase2Status::Pending;
@@ -455,17 +407,10 @@ fn decide(txn: &mut TxnRecord, state: TxnState, reason: String, now_ms: i64) {
 /// Moves a delivering transaction to its end state once no participant is
 /// pending.
 fn finish_if_resolved(txn: &mut TxnRecord, now_ms: i64) {
-    if txn
-        .participants
-        .iter()
-        .any(|p| p.status == Phase2Status::Pending)
-    {
+    if txn.participants.iter().any(|p| p.status == Phase2Status::Pending) {
         return;
     }
-    let failed = txn
-        .participants
-        .iter()
-        .any(|p| p.status == Phase2Status::Failed);
+    let failed = txn.participants.iter().any(|p| p.status == Phase2Status::Failed);
     txn.state = match (txn.state, failed) {
         (TxnState::Confirming, false) => TxnState::Confirmed,
         (TxnState::Confirming, true) => TxnState::FailedToConfirm,
@@ -494,11 +439,7 @@ mod tests {
             TxnState::Confirming => decide(&mut t, TxnState::Confirming, String::new(), NOW),
             TxnState::Cancelling => decide(&mut t, TxnState::Cancelling, "r".into(), NOW),
             TxnState::Confirmed | TxnState::Cancelled => {
-                let d = if state == TxnState::Confirmed {
-                    TxnState::Confirming
-                } else {
-                    TxnState::Cancelling
-                };
+                let d = if state == TxnState::Confirmed { TxnState::Confirming } else { TxnState::Cancelling };
                 decide(&mut t, d, String::new(), NOW);
                 for p in &mut t.participants {
                     p.status = Phase2Status::Acknowledged;
@@ -507,11 +448,7 @@ mod tests {
                 t.finished_ms = NOW;
             }
             TxnState::FailedToConfirm | TxnState::FailedToCancel => {
-                let d = if state == TxnState::FailedToConfirm {
-                    TxnState::Confirming
-                } else {
-                    TxnState::Cancelling
-                };
+                let d = if state == TxnState::FailedToConfirm { TxnState::Confirming } else { TxnState::Cancelling };
                 decide(&mut t, d, String::new(), NOW);
                 t.participants[0].status = Phase2Status::Acknowledged;
                 t.participants[1].status = Phase2Status::Failed;
@@ -523,30 +460,14 @@ mod tests {
 
     fn events() -> Vec<Event> {
         vec![
-            Event::Enlist {
-                service: "c".into(),
-                partial_id: PartialId::new(),
-            },
-            Event::Append {
-                participant: 0,
-                commands: 2,
-                bytes: 10,
-            },
+            Event::Enlist { service: "c".into(), partial_id: PartialId::new() },
+            Event::Append { participant: 0, commands: 2, bytes: 10 },
             Event::Confirm,
-            Event::Cancel {
-                reason: "why".into(),
-            },
+            Event::Cancel { reason: "why".into() },
             Event::Expire,
             Event::Delivered { participant: 0 },
-            Event::AttemptFailed {
-                participant: 0,
-                error: "down".into(),
-                next_attempt_ms: NOW + 5,
-            },
-            Event::GaveUp {
-                participant: 0,
-                error: "refused".into(),
-            },
+            Event::AttemptFailed { participant: 0, error: "down".into(), next_attempt_ms: NOW + 5 },
+            Event::GaveUp { participant: 0, error: "refused".into() },
             Event::Retry,
         ]
     }
@@ -564,10 +485,9 @@ mod tests {
             (Confirming | Confirmed | FailedToConfirm, Event::Confirm) => Ok(state),
             (Cancelling | Cancelled | FailedToCancel, Event::Cancel { .. }) => Ok(state),
             // one of two participants resolved: still delivering
-            (
-                Confirming | Cancelling,
-                Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. },
-            ) => Ok(state),
+            (Confirming | Cancelling, Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. }) => {
+                Ok(state)
+            }
             (FailedToConfirm, Event::Retry) => Ok(Confirming),
             (FailedToCancel, Event::Retry) => Ok(Cancelling),
             _ => Err(()),
@@ -597,76 +517,41 @@ mod tests {
     fn illegal_move_names_the_state_and_reason() {
         let mut txn = txn_in(TxnState::Active);
         apply(&mut txn, Event::Expire, NOW + 1000).ok();
-        let err = apply(&mut txn, Event::Confirm, NOW + 1001)
-            .err()
-            .map(|e| e.to_string());
+        let err = apply(&mut txn, Event::Confirm, NOW + 1001).err().map(|e| e.to_string());
         let msg = err.unwrap_or_default();
-        assert!(
-            msg.contains("CANCELLING") && msg.contains("deadline exceeded"),
-            "{msg}"
-        );
+        assert!(msg.contains("CANCELLING") && msg.contains("deadline exceeded"), "{msg}");
     }
 
     #[test]
     fn repeated_decision_is_unchanged() {
         let mut txn = txn_in(TxnState::Active);
-        assert_eq!(
-            apply(&mut txn, Event::Confirm, NOW).ok(),
-            Some(Outcome::Changed)
-        );
-        assert_eq!(
-            apply(&mut txn, Event::Confirm, NOW).ok(),
-            Some(Outcome::Unchanged)
-        );
-        assert!(
-            apply(
-                &mut txn,
-                Event::Cancel {
-                    reason: String::new()
-                },
-                NOW
-            )
-            .is_err()
-        );
+        assert_eq!(apply(&mut txn, Event::Confirm, NOW).ok(), Some(Outcome::Changed));
+        assert_eq!(apply(&mut txn, Event::Confirm, NOW).ok(), Some(Outcome::Unchanged));
+        assert!(apply(&mut txn, Event::Cancel { reason: String::new() }, NOW).is_err());
     }
 
     #[test]
     fn expire_only_at_deadline() {
         let mut txn = txn_in(TxnState::Active);
         let deadline = txn.deadline_ms;
-        assert_eq!(
-            apply(&mut txn, Event::Expire, deadline - 1).ok(),
-            Some(Outcome::Unchanged)
-        );
+        assert_eq!(apply(&mut txn, Event::Expire, deadline - 1).ok(), Some(Outcome::Unchanged));
         assert_eq!(txn.state, TxnState::Active);
-        assert_eq!(
-            apply(&mut txn, Event::Expire, deadline).ok(),
-            Some(Outcome::Changed)
-        );
+        assert_eq!(apply(&mut txn, Event::Expire, deadline).ok(), Some(Outcome::Changed));
         assert_eq!(txn.state, TxnState::Cancelling);
         assert_eq!(txn.reason, DEADLINE_REASON);
     }
 
     #[test]
     fn all_acknowledged_finishes() {
-        for (decision, done) in [
-            (Event::Confirm, TxnState::Confirmed),
-            (
-                Event::Cancel {
-                    reason: String::new(),
-                },
-                TxnState::Cancelled,
-            ),
-        ] {
+        for (decision, done) in
+            [(Event::Confirm, TxnState::Confirmed), (Event::Cancel { reason: String::new() }, TxnState::Cancelled)]
+        {
             let mut txn = txn_in(TxnState::Active);
             apply(&mut txn, decision, NOW).ok();
             apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 1).ok();
             assert!(txn.state.is_delivering());
             // a duplicate acknowledgement changes nothing
-            assert_eq!(
-                apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 1).ok(),
-                Some(Outcome::Unchanged)
-            );
+            assert_eq!(apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 1).ok(), Some(Outcome::Unchanged));
             apply(&mut txn, Event::Delivered { participant: 1 }, NOW + 2).ok();
             assert_eq!(txn.state, done);
             assert_eq!(txn.finished_ms, NOW + 2);
@@ -677,31 +562,10 @@ mod tests {
     fn a_failed_participant_fails_the_transaction_and_retry_resumes() {
         let mut txn = txn_in(TxnState::Active);
         apply(&mut txn, Event::Confirm, NOW).ok();
-        apply(
-            &mut txn,
-            Event::AttemptFailed {
-                participant: 1,
-                error: "x".into(),
-                next_attempt_ms: NOW + 9,
-            },
-            NOW,
-        )
-        .ok();
+        apply(&mut txn, Event::AttemptFailed { participant: 1, error: "x".into(), next_attempt_ms: NOW + 9 }, NOW).ok();
         assert_eq!(txn.participants[1].attempts, 1);
-        apply(
-            &mut txn,
-            Event::GaveUp {
-                participant: 1,
-                error: "refused".into(),
-            },
-            NOW,
-        )
-        .ok();
-        assert_eq!(
-            txn.state,
-            TxnState::Confirming,
-            "participant 0 still pending"
-        );
+        apply(&mut txn, Event::GaveUp { participant: 1, error: "refused".into() }, NOW).ok();
+        assert_eq!(txn.state, TxnState::Confirming, "participant 0 still pending");
         apply(&mut txn, Event::Delivered { participant: 0 }, NOW).ok();
         assert_eq!(txn.state, TxnState::FailedToConfirm);
         assert_eq!(txn.finished_ms, 0);
@@ -709,52 +573,16 @@ mod tests {
         assert_eq!(txn.state, TxnState::Confirming);
         assert_eq!(txn.participants[1].status, Phase2Status::Pending);
         assert_eq!(txn.participants[1].attempts, 0);
-        assert_eq!(
-            txn.participants[0].status,
-            Phase2Status::Acknowledged,
-            "acknowledged stays acknowledged"
-        );
+        assert_eq!(txn.participants[0].status, Phase2Status::Acknowledged, "acknowledged stays acknowledged");
     }
 
     #[test]
     fn append_counts_commands_and_bytes() {
         let mut txn = txn_in(TxnState::Active);
-        apply(
-            &mut txn,
-            Event::Append {
-                participant: 1,
-                commands: 3,
-                bytes: 30,
-            },
-            NOW,
-        )
-        .ok();
-        apply(
-            &mut txn,
-            Event::Append {
-                participant: 1,
-                commands: 2,
-                bytes: 5,
-            },
-            NOW,
-        )
-        .ok();
-        assert_eq!(
-            (
-                txn.participants[1].command_count,
-                txn.participants[1].topic_bytes
-            ),
-            (5, 35)
-        );
-        let bad = apply(
-            &mut txn,
-            Event::Append {
-                participant: 7,
-                commands: 1,
-                bytes: 1,
-            },
-            NOW,
-        );
+        apply(&mut txn, Event::Append { participant: 1, commands: 3, bytes: 30 }, NOW).ok();
+        apply(&mut txn, Event::Append { participant: 1, commands: 2, bytes: 5 }, NOW).ok();
+        assert_eq!((txn.participants[1].command_count, txn.participants[1].topic_bytes), (5, 35));
+        let bad = apply(&mut txn, Event::Append { participant: 7, commands: 1, bytes: 1 }, NOW);
         assert!(matches!(bad, Err(Error::NotFound(_))));
     }
 }

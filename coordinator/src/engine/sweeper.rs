@@ -27,8 +27,7 @@ pub async fn run<S: Store>(engine: Arc<Engine<S>>, shutdown: CancellationToken) 
         engine.collect_garbage().await;
 
         let sleep = match engine.next_due() {
-            Some(t) => Duration::from_millis(t.saturating_sub(engine.now_ms()).max(0) as u64)
-                .min(MAX_SLEEP),
+            Some(t) => Duration::from_millis(t.saturating_sub(engine.now_ms()).max(0) as u64).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
         tokio::select! {

@@ -29,10 +29,7 @@ pub fn service_name(field: &str, name: &str) -> Result<()> {
             fixed::MAX_SERVICE_NAME
         )));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(Error::invalid(format!(
             "{field} {name:?} contains {c:?}; allowed are ASCII letters, digits, '.', '_' and '-'"
         )));
@@ -43,9 +40,7 @@ pub fn service_name(field: &str, name: &str) -> Result<()> {
 /// Checks Begin's participant list.
 pub fn participants(limits: &Limits, services: &[String]) -> Result<()> {
     if services.is_empty() {
-        return Err(Error::invalid(
-            "participants must name at least one service",
-        ));
+        return Err(Error::invalid("participants must name at least one service"));
     }
     if services.len() > limits.max_participants {
         return Err(Error::invalid(format!(
@@ -78,7 +73,18 @@ pub fn timeout_ms(limits: &Limits, requested: u64) -> Result<u64> {
     Ok(requested)
 }
 
-/// Checks an append batch; returns its payload bytes.
+/// Bytes a command is accounted for in its topic: type, key and payload plus
+/// a fixed overhead for framing, so that a topic's size bounds the size of
+/// the phase-2 message that carries it.
+pub fn accounted_bytes(c: &NewCommand) -> u64 {
+    (c.kind.len() + c.key.len() + c.payload.len()) as u64 + COMMAND_OVERHEAD
+}
+
+/// Framing overhead accounted per command (sequence, tags, lengths).
+pub const COMMAND_OVERHEAD: u64 = 16;
+
+/// Checks an append batch; returns its accounted bytes (see
+/// [`accounted_bytes`]).
 pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
     if commands.is_empty() {
         return Err(Error::invalid("commands must hold at least one command"));
@@ -93,9 +99,7 @@ pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
     let mut bytes = 0u64;
     for (i, c) in commands.iter().enumerate() {
         if c.kind.is_empty() {
-            return Err(Error::invalid(format!(
-                "commands[{i}].type must not be empty"
-            )));
+            return Err(Error::invalid(format!("commands[{i}].type must not be empty")));
         }
         if c.kind.len() > fixed::MAX_COMMAND_TYPE {
             return Err(Error::invalid(format!(
@@ -118,7 +122,7 @@ pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
                 limits.max_command_bytes
             )));
         }
-        bytes += c.payload.len() as u64;
+        bytes += accounted_bytes(c);
     }
     Ok(bytes)
 }

@@ -46,10 +46,7 @@ macro_rules! store_conformance_tests {
 }
 
 fn txn(services: &[&str]) -> TxnRecord {
-    let parts = services
-        .iter()
-        .map(|s| ParticipantRecord::new(s.to_string(), PartialId::new()))
-        .collect();
+    let parts = services.iter().map(|s| ParticipantRecord::new(s.to_string(), PartialId::new())).collect();
     TxnRecord::new(TxnId::new(), parts, 1_000, 31_000)
 }
 
@@ -65,38 +62,16 @@ fn commands(from: u64, n: u64) -> Vec<CommandRecord> {
 }
 
 fn check(cond: bool, what: &str) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Storage(format!("conformance check failed: {what}")))
-    }
+    if cond { Ok(()) } else { Err(Error::Storage(format!("conformance check failed: {what}"))) }
 }
 
 /// Appends `n` commands to participant `idx` the way the engine does.
-async fn append_n<S: Store>(
-    s: &S,
-    t: &mut TxnRecord,
-    idx: usize,
-    n: u64,
-    key: Option<&str>,
-) -> Result<AppendReceipt> {
+async fn append_n<S: Store>(s: &S, t: &mut TxnRecord, idx: usize, n: u64, key: Option<&str>) -> Result<AppendReceipt> {
     let first = t.participants[idx].command_count + 1;
     let cmds = commands(first, n);
     let bytes = cmds.iter().map(|c| c.payload.len() as u64).sum();
-    apply(
-        t,
-        Event::Append {
-            participant: idx,
-            commands: n,
-            bytes,
-        },
-        2_000,
-    )?;
-    let receipt = AppendReceipt {
-        first_sequence: first,
-        last_sequence: first + n - 1,
-        bytes,
-    };
+    apply(t, Event::Append { participant: idx, commands: n, bytes }, 2_000)?;
+    let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes };
     let batch = AppendBatch {
         partial_id: t.participants[idx].partial_id,
         commands: &cmds,
@@ -111,21 +86,12 @@ pub async fn put_get_round_trip<H: Harness>(h: &H) -> Result<()> {
     let s = h.open()?;
     let mut t = txn(&["a", "b"]);
     s.put_txn(&t).await?;
-    check(
-        s.get_txn(t.id).await? == Some(t.clone()),
-        "record reads back",
-    )?;
+    check(s.get_txn(t.id).await? == Some(t.clone()), "record reads back")?;
     apply(&mut t, Event::Confirm, 3_000)?;
     s.put_txn(&t).await?;
     let back = s.get_txn(t.id).await?;
-    check(
-        back.map(|b| b.state) == Some(TxnState::Confirming),
-        "overwrite reads back",
-    )?;
-    check(
-        s.get_txn(TxnId::new()).await?.is_none(),
-        "missing txn is None",
-    )
+    check(back.map(|b| b.state) == Some(TxnState::Confirming), "overwrite reads back")?;
+    check(s.get_txn(TxnId::new()).await?.is_none(), "missing txn is None")
 }
 
 /// Every participant's partial id, including enlisted ones, finds its txn.
@@ -134,25 +100,12 @@ pub async fn partial_index_follows_participants<H: Harness>(h: &H) -> Result<()>
     let mut t = txn(&["a"]);
     s.put_txn(&t).await?;
     let p = PartialId::new();
-    apply(
-        &mut t,
-        Event::Enlist {
-            service: "b".into(),
-            partial_id: p,
-        },
-        1_500,
-    )?;
+    apply(&mut t, Event::Enlist { service: "b".into(), partial_id: p }, 1_500)?;
     s.put_txn(&t).await?;
     for part in &t.participants {
-        check(
-            s.find_partial(part.partial_id).await? == Some(t.id),
-            "partial index entry",
-        )?;
+        check(s.find_partial(part.partial_id).await? == Some(t.id), "partial index entry")?;
     }
-    check(
-        s.find_partial(PartialId::new()).await?.is_none(),
-        "unknown partial is None",
-    )
+    check(s.find_partial(PartialId::new()).await?.is_none(), "unknown partial is None")
 }
 
 /// Appended commands come back in order, with the record's counters.
@@ -168,10 +121,7 @@ pub async fn append_is_ordered_and_counted<H: Harness>(h: &H) -> Result<()> {
     let b = s.read_topic(t.participants[1].partial_id, 1, 100).await?;
     check(b == commands(1, 1), "topic b holds its own command only")?;
     let rec = s.get_txn(t.id).await?;
-    check(
-        rec.map(|r| r.participants[0].command_count) == Some(5),
-        "counter stored with the batch",
-    )
+    check(rec.map(|r| r.participants[0].command_count) == Some(5), "counter stored with the batch")
 }
 
 /// A receipt stored with an append is found by its key, and only there.
@@ -182,18 +132,9 @@ pub async fn idempotency_receipts<H: Harness>(h: &H) -> Result<()> {
     let r = append_n(&s, &mut t, 0, 2, Some("key-1")).await?;
     let pa = t.participants[0].partial_id;
     let pb = t.participants[1].partial_id;
-    check(
-        s.find_receipt(pa, "key-1").await? == Some(r),
-        "receipt found",
-    )?;
-    check(
-        s.find_receipt(pa, "key-2").await?.is_none(),
-        "other key not found",
-    )?;
-    check(
-        s.find_receipt(pb, "key-1").await?.is_none(),
-        "keys are per topic",
-    )
+    check(s.find_receipt(pa, "key-1").await? == Some(r), "receipt found")?;
+    check(s.find_receipt(pa, "key-2").await?.is_none(), "other key not found")?;
+    check(s.find_receipt(pb, "key-1").await?.is_none(), "keys are per topic")
 }
 
 /// `read_topic` honours `from` and `limit`.
@@ -203,16 +144,10 @@ pub async fn read_topic_paging<H: Harness>(h: &H) -> Result<()> {
     s.put_txn(&t).await?;
     append_n(&s, &mut t, 0, 10, None).await?;
     let p = t.participants[0].partial_id;
-    check(
-        s.read_topic(p, 4, 3).await? == commands(4, 3),
-        "from 4, 3 commands",
-    )?;
+    check(s.read_topic(p, 4, 3).await? == commands(4, 3), "from 4, 3 commands")?;
     check(s.read_topic(p, 9, 100).await? == commands(9, 2), "tail")?;
     check(s.read_topic(p, 11, 100).await?.is_empty(), "past the end")?;
-    check(
-        s.read_topic(PartialId::new(), 1, 100).await?.is_empty(),
-        "unknown topic is empty",
-    )
+    check(s.read_topic(PartialId::new(), 1, 100).await?.is_empty(), "unknown topic is empty")
 }
 
 /// `scan` lists records in id (creation) order, in pages.
@@ -249,29 +184,14 @@ pub async fn delete_removes_everything_of_one_txn<H: Harness>(h: &H) -> Result<(
     s.delete_txn(&gone).await?;
     check(s.get_txn(gone.id).await?.is_none(), "record deleted")?;
     for p in &gone.participants {
-        check(
-            s.find_partial(p.partial_id).await?.is_none(),
-            "index deleted",
-        )?;
-        check(
-            s.read_topic(p.partial_id, 1, 10).await?.is_empty(),
-            "topic deleted",
-        )?;
-        check(
-            s.find_receipt(p.partial_id, "k").await?.is_none(),
-            "receipt deleted",
-        )?;
+        check(s.find_partial(p.partial_id).await?.is_none(), "index deleted")?;
+        check(s.read_topic(p.partial_id, 1, 10).await?.is_empty(), "topic deleted")?;
+        check(s.find_receipt(p.partial_id, "k").await?.is_none(), "receipt deleted")?;
     }
     let kp = kept.participants[0].partial_id;
     check(s.get_txn(kept.id).await?.is_some(), "other record kept")?;
-    check(
-        s.read_topic(kp, 1, 10).await?.len() == 3,
-        "other topic kept",
-    )?;
-    check(
-        s.find_receipt(kp, "k").await?.is_some(),
-        "other receipt kept",
-    )?;
+    check(s.read_topic(kp, 1, 10).await?.len() == 3, "other topic kept")?;
+    check(s.find_receipt(kp, "k").await?.is_some(), "other receipt kept")?;
     s.delete_txn(&gone).await // deleting again is fine
 }
 
@@ -284,19 +204,10 @@ pub async fn survives_reopen<H: Harness>(h: &H) -> Result<()> {
         append_n(&s, &mut t, 0, 4, Some("k")).await?;
     }
     let s = h.open()?;
-    check(
-        s.get_txn(t.id).await? == Some(t.clone()),
-        "record after reopen",
-    )?;
+    check(s.get_txn(t.id).await? == Some(t.clone()), "record after reopen")?;
     let p = t.participants[0].partial_id;
-    check(
-        s.read_topic(p, 1, 10).await? == commands(1, 4),
-        "topic after reopen",
-    )?;
-    check(
-        s.find_receipt(p, "k").await?.is_some(),
-        "receipt after reopen",
-    )
+    check(s.read_topic(p, 1, 10).await? == commands(1, 4), "topic after reopen")?;
+    check(s.find_receipt(p, "k").await?.is_some(), "receipt after reopen")
 }
 
 /// Many concurrent writers all complete (group commit must not lose or hang
@@ -317,10 +228,7 @@ pub async fn concurrent_writers_share_flushes<H: Harness>(h: &H) -> Result<()> {
         ids.insert(id);
     }
     for id in &ids {
-        check(
-            s.get_txn(*id).await?.is_some(),
-            "every concurrent write stored",
-        )?;
+        check(s.get_txn(*id).await?.is_some(), "every concurrent write stored")?;
     }
     check(ids.len() == 64, "64 distinct writes")
 }

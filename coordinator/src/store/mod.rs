@@ -52,7 +52,8 @@ pub struct AppendReceipt {
     pub first_sequence: u64,
     /// Sequence of the batch's last command.
     pub last_sequence: u64,
-    /// Payload bytes of the batch (to detect a key reused for another batch).
+    /// Accounted bytes of the batch (to detect a key reused for another
+    /// batch).
     pub bytes: u64,
 }
 
@@ -75,27 +76,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Atomically stores a batch of commands, the idempotency receipt, and
     /// `txn` (whose participant counters already include the batch).
-    fn append(
-        &self,
-        txn: &TxnRecord,
-        batch: AppendBatch<'_>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> impl Future<Output = Result<()>> + Send;
 
     /// Reads a transaction record.
     fn get_txn(&self, id: TxnId) -> impl Future<Output = Result<Option<TxnRecord>>> + Send;
 
     /// Finds the transaction a partial id belongs to.
-    fn find_partial(
-        &self,
-        partial: PartialId,
-    ) -> impl Future<Output = Result<Option<TxnId>>> + Send;
+    fn find_partial(&self, partial: PartialId) -> impl Future<Output = Result<Option<TxnId>>> + Send;
 
     /// Looks up the receipt of an earlier append with this idempotency key.
-    fn find_receipt(
-        &self,
-        partial: PartialId,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<AppendReceipt>>> + Send;
+    fn find_receipt(&self, partial: PartialId, key: &str)
+    -> impl Future<Output = Result<Option<AppendReceipt>>> + Send;
 
     /// Reads up to `limit` commands of a topic from sequence `from` on, in
     /// order.
@@ -108,11 +99,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads up to `limit` transaction records with ids greater than
     /// `after` (from the first when `None`), in id order.
-    fn scan(
-        &self,
-        after: Option<TxnId>,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<TxnRecord>>> + Send;
+    fn scan(&self, after: Option<TxnId>, limit: usize) -> impl Future<Output = Result<Vec<TxnRecord>>> + Send;
 
     /// Deletes a transaction with its partial index entries, topics and
     /// idempotency receipts. Deleting a missing transaction is not an error.

@@ -22,7 +22,9 @@
 //! fsync, not N. (A thread rather than `flush_async`: sled 0.34's
 //! `flush_async` hangs when eight or more tasks await it at once, sled issue
 //! #1308.) If a flush fails, the store is poisoned: every later write fails,
-//! because nothing written after a failed flush can be promised durable.
+//! because nothing written after a failed flush can be promised durable;
+//! reads fail too (UNAVAILABLE), since sled's memory may then hold writes
+//! that are not on disk. Restarting recovers what was flushed.
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -56,12 +58,10 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            Error::Storage(format!(
-                "cannot open sled database in {}: {e}",
-                dir.display()
-            ))
-        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| Error::Storage(format!("cannot open sled database in {}: {e}", dir.display())))?;
         let tree = db.open_tree("tcc")?;
         let commit = GroupCommit::start(db.clone())?;
         Ok(SledStore { db, tree, commit })
@@ -72,6 +72,17 @@ impl SledStore {
         Ok(self.db.size_on_disk()?)
     }
 
+    /// Fail-stop: after a failed flush nothing is served, not even reads,
+    /// because sled's memory may hold writes that never reached the disk.
+    fn check(&self) -> Result<()> {
+        match &self.commit.durable.borrow().failed {
+            Some(e) => Err(Error::Unavailable(format!(
+                "the store failed to flush ({e}) and takes no more requests; restart the coordinator"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn decode_txn(key: &[u8], value: &[u8]) -> Result<TxnRecord> {
         decode(value).map_err(|cause| corrupt("transaction", key, cause))
     }
@@ -79,6 +90,7 @@ impl SledStore {
 
 impl Store for SledStore {
     async fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
+        self.check()?;
         let mut batch = sled::Batch::default();
         txn_into_batch(&mut batch, txn)?;
         self.tree.apply_batch(batch)?;
@@ -86,12 +98,10 @@ impl Store for SledStore {
     }
 
     async fn append(&self, txn: &TxnRecord, append: AppendBatch<'_>) -> Result<()> {
+        self.check()?;
         let mut batch = sled::Batch::default();
         for cmd in append.commands {
-            batch.insert(
-                command_key(append.partial_id, cmd.sequence).as_slice(),
-                encode(cmd)?,
-            );
+            batch.insert(command_key(append.partial_id, cmd.sequence).as_slice(), encode(cmd)?);
         }
         if let Some((key, receipt)) = append.idempotency {
             batch.insert(receipt_key(append.partial_id, key), encode(&receipt)?);
@@ -102,6 +112,7 @@ impl Store for SledStore {
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
+        self.check()?;
         let key = txn_key(id);
         match self.tree.get(key)? {
             Some(v) => Self::decode_txn(&key, &v).map(Some),
@@ -110,11 +121,11 @@ impl Store for SledStore {
     }
 
     async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
+        self.check()?;
         let key = partial_key(partial);
         match self.tree.get(key)? {
             Some(v) => {
-                let id = Uuid::from_slice(&v)
-                    .map_err(|e| corrupt("partial index", &key, e.to_string()))?;
+                let id = Uuid::from_slice(&v).map_err(|e| corrupt("partial index", &key, e.to_string()))?;
                 Ok(Some(TxnId(id)))
             }
             None => Ok(None),
@@ -122,21 +133,16 @@ impl Store for SledStore {
     }
 
     async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
+        self.check()?;
         let k = receipt_key(partial, key);
         match self.tree.get(&k)? {
-            Some(v) => decode(&v)
-                .map(Some)
-                .map_err(|cause| corrupt("append receipt", &k, cause)),
+            Some(v) => decode(&v).map(Some).map_err(|cause| corrupt("append receipt", &k, cause)),
             None => Ok(None),
         }
     }
 
-    async fn read_topic(
-        &self,
-        partial: PartialId,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<CommandRecord>> {
+    async fn read_topic(&self, partial: PartialId, from: u64, limit: usize) -> Result<Vec<CommandRecord>> {
+        self.check()?;
         let start = command_key(partial, from);
         let end = command_key(partial, u64::MAX);
         let mut out = Vec::new();
@@ -148,6 +154,7 @@ impl Store for SledStore {
     }
 
     async fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>> {
+        self.check()?;
         let mut out = Vec::new();
         let iter = match after {
             Some(id) => self.tree.range(successor(&txn_key(id))..),
@@ -167,6 +174,7 @@ impl Store for SledStore {
     }
 
     async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
+        self.check()?;
         let mut batch = sled::Batch::default();
         for p in &txn.participants {
             batch.remove(partial_key(p.partial_id).as_slice());
@@ -236,10 +244,7 @@ fn successor(key: &[u8]) -> Vec<u8> {
 fn txn_into_batch(batch: &mut sled::Batch, txn: &TxnRecord) -> Result<()> {
     batch.insert(txn_key(txn.id).as_slice(), encode(txn)?);
     for p in &txn.participants {
-        batch.insert(
-            partial_key(p.partial_id).as_slice(),
-            txn.id.0.as_bytes().as_slice(),
-        );
+        batch.insert(partial_key(p.partial_id).as_slice(), txn.id.0.as_bytes().as_slice());
     }
     Ok(())
 }
@@ -248,8 +253,7 @@ fn txn_into_batch(batch: &mut sled::Batch, txn: &TxnRecord) -> Result<()> {
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     let mut out = vec![FORMAT];
-    postcard::to_io(value, &mut out)
-        .map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?;
+    postcard::to_io(value, &mut out).map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?;
     Ok(out)
 }
 
@@ -273,10 +277,7 @@ fn corrupt(kind: &str, key: &[u8], cause: String) -> Error {
         .and_then(|b| Uuid::from_slice(b).ok())
         .map(|u| u.to_string())
         .unwrap_or_else(|| format!("{key:02x?}"));
-    Error::Corrupt {
-        key: format!("{kind} {id}"),
-        cause,
-    }
+    Error::Corrupt { key: format!("{kind} {id}"), cause }
 }
 
 // --- group commit --------------------------------------------------------
@@ -312,21 +313,14 @@ struct Progress {
 
 impl GroupCommit {
     fn start(db: sled::Db) -> Result<Self> {
-        let shared = Arc::new(Shared {
-            state: Mutex::new(FlushState::default()),
-            wake: Condvar::new(),
-        });
+        let shared = Arc::new(Shared { state: Mutex::new(FlushState::default()), wake: Condvar::new() });
         let (tx, rx) = watch::channel(Progress::default());
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tcc-flusher".into())
             .spawn(move || flusher(db, thread_shared, tx))
             .map_err(|e| Error::Storage(format!("cannot start flusher thread: {e}")))?;
-        Ok(GroupCommit {
-            shared,
-            durable: rx,
-            thread: Some(thread),
-        })
+        Ok(GroupCommit { shared, durable: rx, thread: Some(thread) })
     }
 
     /// Returns once every write made before this call is durable.
@@ -343,8 +337,8 @@ impl GroupCommit {
             .await
             .map_err(|_| Error::Unavailable("store is closed".into()))?;
         match &progress.failed {
-            Some(e) => Err(Error::Storage(format!(
-                "flush failed, store no longer takes writes: {e}"
+            Some(e) => Err(Error::Unavailable(format!(
+                "flush failed ({e}); the store takes no more requests; restart the coordinator"
             ))),
             None => Ok(()),
         }
