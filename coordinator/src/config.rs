@@ -50,6 +50,44 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Checks that the settings make sense together; the message names the
+    /// flag to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        let d = &self.delivery;
+        let positive = [
+            ("--max-participants", l.max_participants as u64),
+            ("--max-commands-per-append", l.max_commands_per_append as u64),
+            ("--max-command-bytes", l.max_command_bytes as u64),
+            ("--max-topic-bytes", l.max_topic_bytes),
+            ("--min-timeout-ms", l.min_timeout_ms),
+            ("--call-timeout-ms", d.call_timeout_ms),
+            ("--retry-initial-ms", d.retry_initial_ms),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be greater than 0"));
+        }
+        if !(l.min_timeout_ms <= l.default_timeout_ms && l.default_timeout_ms <= l.max_timeout_ms) {
+            return Err(format!(
+                "timeouts must satisfy --min-timeout-ms ({}) <= --default-timeout-ms ({}) <= --max-timeout-ms ({})",
+                l.min_timeout_ms, l.default_timeout_ms, l.max_timeout_ms
+            ));
+        }
+        if d.retry_max_ms < d.retry_initial_ms {
+            return Err(format!(
+                "--retry-max-ms ({}) must be at least --retry-initial-ms ({})",
+                d.retry_max_ms, d.retry_initial_ms
+            ));
+        }
+        if (l.max_command_bytes as u64) > l.max_topic_bytes {
+            return Err(format!(
+                "--max-command-bytes ({}) must not exceed --max-topic-bytes ({})",
+                l.max_command_bytes, l.max_topic_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// The GC retention as a duration.
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
@@ -163,6 +201,24 @@ mod tests {
         let c = Config::try_parse_from(["tcc-coordinator"]);
         let c = c.map_err(|e| e.to_string());
         assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn contradictory_settings_are_refused_naming_the_flag() {
+        let bad = |args: &[&str]| {
+            let mut all = vec!["tcc-coordinator"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).map_err(|e| e.to_string()).and_then(|c| c.validate())
+        };
+        assert!(bad(&[]).is_ok());
+        assert!(bad(&["--max-participants", "0"]).is_err_and(|e| e.contains("--max-participants")));
+        assert!(
+            bad(&["--min-timeout-ms", "5000", "--default-timeout-ms", "1000"]).is_err_and(|e| e.contains("timeouts"))
+        );
+        assert!(
+            bad(&["--retry-initial-ms", "500", "--retry-max-ms", "100"]).is_err_and(|e| e.contains("--retry-max-ms"))
+        );
+        assert!(bad(&["--listen", "nonsense"]).is_err());
     }
 
     #[test]

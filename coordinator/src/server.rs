@@ -37,6 +37,7 @@ pub async fn run(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let addr = listener.local_addr().context("listener has no local address")?;
     let store = Arc::new(
         SledStore::open(&config.data_dir)

@@ -470,6 +470,10 @@ async fn startup_fails_clearly_on_bad_configuration() -> Result<()> {
     let (status, log) = Coordinator::start_failing(dir.path(), &["--participant", "no-equals-sign"]).await?;
     assert!(!status.success());
     assert!(log.contains("SERVICE=URI"), "{log}");
+    let (status, log) =
+        Coordinator::start_failing(dir.path(), &["--retry-initial-ms", "500", "--retry-max-ms", "100"]).await?;
+    assert!(!status.success());
+    assert!(log.contains("invalid configuration") && log.contains("--retry-max-ms"), "{log}");
     // A second coordinator on the same data directory is refused, not corrupting it.
     let c = Coordinator::start(&[]).await?;
     let (status, log) = Coordinator::start_failing(c.data_dir(), &[]).await?;
