@@ -1,9 +1,100 @@
 //! What a service links to take part in TCC composite transactions.
 //!
-//! For now this crate re-exports the wire contract ([`proto`]): the
-//! `Transactions` and `Topics` clients a service calls, and the
-//! `Participant` server trait the coordinator calls back. The typed
-//! publisher, partial-id propagation, exactly-once participant server and
-//! composite client are built on top of it by the SDK issue.
+//! * **Composite side** ([`composite`]): [`Coordinator::run`] begins a
+//!   composite transaction, runs your async closure, and confirms when it
+//!   returns `Ok`, cancels when it returns `Err` or panics.
+//! * **Propagation** ([`propagation`]): tonic interceptors that carry the
+//!   partial transaction in gRPC metadata, so a domain handler can ask
+//!   [`propagation::partial_of`] whether it runs inside a composite
+//!   transaction, and which partial.
+//! * **Try phase** ([`publisher`]): typed [`Command`]s collected by a
+//!   [`Publisher`] and sent in one idempotent append per request.
+//! * **Participant side** ([`participant`]): implement [`Participant`]; the
+//!   SDK's [`ParticipantService`] applies commit/rollback **exactly once**,
+//!   recording each partial's outcome in your own sled database in the same
+//!   transaction as your changes.
+//! * **Reservations** ([`reservations`]): hold in try, consume at commit,
+//!   release at rollback; a [`Reconciler`](reservations::Reconciler) settles
+//!   holds whose delivery never came.
+//! * **Registration** ([`registration`]): keep your endpoint registered with
+//!   the coordinator while you run.
+//!
+//! # Example
+//!
+//! A "customers" service that reserves credit in its try and debits it at
+//! commit, and a composite service that uses it:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use serde::{Deserialize, Serialize};
+//! use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+//! use tcc_domain_sdk::reservations::{Reservations, TREES};
+//! use tcc_domain_sdk::{Command, Coordinator, Publisher, propagation::PartialContext};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Debit { customer: String, amount: i64 }
+//! impl Command for Debit { const TYPE: &'static str = "customers.Debit"; }
+//!
+//! struct Customers;
+//! impl Participant for Customers {
+//!     fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+//!         for c in &call.commands {
+//!             let d: Debit = c.decode()?;
+//!             Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
+//!         }
+//!         Ok(())
+//!     }
+//!     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+//!         Reservations::release(tx, &call.partial_id).map(|_| ())
+//!     }
+//! }
+//!
+//! /// The try, inside the customers service's request handler.
+//! async fn reserve(store: &LocalStore, coordinator: &Coordinator, ctx: PartialContext,
+//!                  customer: &str, amount: i64) -> Result<(), Box<dyn std::error::Error>> {
+//!     Reservations::hold(store, &ctx, &[(customer.to_string(), amount)]).await?;
+//!     let mut publisher = Publisher::new(coordinator, ctx.clone());
+//!     publisher.publish(customer, &Debit { customer: customer.into(), amount })?;
+//!     if let Err(e) = publisher.send().await {
+//!         Reservations::release_now(store, &ctx.partial_id).await?; // decided meanwhile
+//!         return Err(e.into());
+//!     }
+//!     Ok(())
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = LocalStore::open(std::path::Path::new("customers-db"), &TREES)?;
+//! let service = tcc_domain_sdk::ParticipantService::new(store.clone(), Arc::new(Customers));
+//! // serve `service.into_server()` with tonic, next to your own API ...
+//!
+//! // The composite side: confirm if every try succeeded, cancel otherwise.
+//! let coordinator = Coordinator::connect("http://127.0.0.1:50051").await?;
+//! let (_, outcome) = coordinator
+//!     .run(&["customers"], Duration::from_secs(10), Some(Duration::from_secs(5)), |txn| {
+//!         let (store, coordinator) = (store.clone(), coordinator.clone());
+//!         async move {
+//!             let ctx = txn.partial("customers").map_err(|e| e.to_string())?;
+//!             // normally: call the customers service with ctx in metadata
+//!             reserve(&store, &coordinator, ctx, "alice", 30).await.map_err(|e| e.to_string())
+//!         }
+//!     })
+//!     .await
+//!     .map_err(|e| e.to_string())?;
+//! println!("{:?}", outcome.state);
+//! # Ok(()) }
+//! ```
 
+pub mod composite;
+pub mod error;
+pub mod participant;
+pub mod propagation;
+pub mod publisher;
+pub mod registration;
+pub mod reservations;
+
+pub use composite::{CompositeTransaction, Coordinator, Outcome};
+pub use error::{Error, Result};
+pub use participant::{Participant, ParticipantService};
+pub use publisher::{Command, Publisher};
 pub use tcc_proto::v1 as proto;
