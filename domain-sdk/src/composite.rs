@@ -92,7 +92,8 @@ impl Coordinator {
 
     /// Begins a transaction, runs `f` with it, then confirms (waiting up to
     /// `wait` for every participant to acknowledge) if `f` returned `Ok`, or
-    /// cancels if it returned `Err` or panicked.
+    /// cancels (waiting the same way for the rollbacks) if it returned `Err`,
+    /// or cancels and resumes the panic if it panicked.
     pub async fn run<T, E, F, Fut>(
         &self,
         services: &[&str],
@@ -113,7 +114,7 @@ impl Coordinator {
             }
             Ok(Err(e)) => {
                 let reason = e.to_string();
-                if let Err(cancel) = txn.cancel(&reason, None).await {
+                if let Err(cancel) = txn.cancel(&reason, wait).await {
                     tracing::warn!(txn = %txn.id, cause = %cancel, "cancel failed; the deadline will cancel it");
                 }
                 Err(RunError::Cancelled(e))

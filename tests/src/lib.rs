@@ -51,62 +51,139 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A running `tcc-coordinator` process.
-pub struct Coordinator {
+/// Spawns `binary` with `args`, logs to `log`, and waits (up to 30 s) for
+/// the readiness line `"<ready> listening on ADDR"` on its stdout.
+async fn spawn_ready(binary: &str, args: &[String], log: &Path, ready: &str) -> Result<(Child, SocketAddr)> {
+    let log_file = std::fs::File::create(log)?;
+    let mut child = Command::new(crate::binary(binary))
+        .args(args)
+        .env("RUST_LOG", "info,tcc_coordinator=debug,tcc_domain_sdk=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log_file))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {binary}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let prefix = format!("{ready} listening on ");
+    let waited = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                return Ok::<_, anyhow::Error>(Some(addr.parse::<SocketAddr>()?));
+            }
+        }
+        Ok(None)
+    })
+    .await;
+    match waited {
+        Ok(Ok(Some(addr))) => {
+            // Keep draining stdout so the child never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            Ok((child, addr))
+        }
+        other => {
+            let logs = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("{binary} did not become ready ({other:?}); its log:\n{logs}");
+        }
+    }
+}
+
+/// A running workspace binary that prints a readiness line: a demo service
+/// (or the coordinator, through [`Coordinator`]).
+pub struct Process {
     child: Option<Child>,
     addr: SocketAddr,
-    data_dir: PathBuf,
-    log: PathBuf,
+    binary: String,
+    ready: String,
     args: Vec<String>,
-    /// Holds the data directory and logs; deleted with the last handle.
+    log: PathBuf,
     tmp: Arc<tempfile::TempDir>,
+}
+
+impl Process {
+    /// Starts `binary` with `args`, waiting for `"<ready> listening on"`.
+    /// Logs go to a file in `tmp`, shown if the test fails.
+    pub async fn start(binary: &str, ready: &str, args: Vec<String>, tmp: Arc<tempfile::TempDir>) -> Result<Self> {
+        static RUN: AtomicU64 = AtomicU64::new(0);
+        let log = tmp.path().join(format!("{ready}-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
+        let (child, addr) = spawn_ready(binary, &args, &log, ready).await?;
+        Ok(Process { child: Some(child), addr, binary: binary.into(), ready: ready.into(), args, log, tmp })
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A channel to it.
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(self.url())?.connect().await?)
+    }
+
+    /// kill -9: no chance to flush or clean up.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let pid = child.id().context("no pid")?;
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(tokio::time::timeout(Duration::from_secs(20), child.wait()).await??)
+    }
+
+    /// Starts it again with the same arguments (same data directory) after
+    /// [`kill9`](Self::kill9) or [`terminate`](Self::terminate). The address
+    /// may change unless the arguments fix it.
+    pub async fn restart(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "still running");
+        *self = Process::start(&self.binary.clone(), &self.ready.clone(), self.args.clone(), self.tmp.clone()).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- {} log ({}) ---\n{}", self.ready, self.log.display(), self.logs());
+        }
+    }
+}
+
+/// A running `tcc-coordinator` process with its own data directory.
+pub struct Coordinator {
+    process: Process,
+    data_dir: PathBuf,
 }
 
 impl Coordinator {
     /// Starts a coordinator with a fresh data directory and extra flags.
     pub async fn start(args: &[&str]) -> Result<Self> {
         let tmp = Arc::new(tempfile::tempdir()?);
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(tmp.path().join("data"), args, tmp).await
-    }
-
-    async fn spawn(data_dir: PathBuf, args: Vec<String>, tmp: Arc<tempfile::TempDir>) -> Result<Self> {
-        static RUN: AtomicU64 = AtomicU64::new(0);
-        let log = tmp.path().join(format!("coordinator-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
-        let log_file = std::fs::File::create(&log)?;
-        let mut child = Command::new(binary("tcc-coordinator"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(&args)
-            .env("RUST_LOG", "info,tcc_coordinator=debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning tcc-coordinator")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix("tcc-coordinator listening on ") {
-                    return Ok::<_, anyhow::Error>(Some(addr.parse::<SocketAddr>()?));
-                }
-            }
-            Ok(None)
-        })
-        .await;
-        let addr = match ready {
-            Ok(Ok(Some(addr))) => addr,
-            other => {
-                let logs = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("coordinator did not become ready ({other:?}); its log:\n{logs}");
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Coordinator { child: Some(child), addr, data_dir, log, args, tmp })
+        let data_dir = tmp.path().join("data");
+        let mut all: Vec<String> = ["--listen", "127.0.0.1:0", "--data-dir"].iter().map(|s| s.to_string()).collect();
+        all.push(data_dir.to_string_lossy().into_owned());
+        all.extend(args.iter().map(|s| s.to_string()));
+        let process = Process::start("tcc-coordinator", "tcc-coordinator", all, tmp).await?;
+        Ok(Coordinator { process, data_dir })
     }
 
     /// Starts a coordinator expected to fail; returns its exit status and
@@ -129,7 +206,12 @@ impl Coordinator {
 
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.process.addr()
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        self.process.url()
     }
 
     /// The data directory.
@@ -137,14 +219,20 @@ impl Coordinator {
         &self.data_dir
     }
 
+    /// The temporary directory holding data and logs (for sibling
+    /// processes of the same test).
+    pub fn tmp(&self) -> Arc<tempfile::TempDir> {
+        self.process.tmp.clone()
+    }
+
     /// Its log so far.
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.logs()
     }
 
     /// A channel to it.
     pub async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?.connect().await?)
+        self.process.channel().await
     }
 
     /// A Transactions client.
@@ -178,39 +266,17 @@ impl Coordinator {
 
     /// kill -9: no chance to flush or clean up.
     pub async fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
+        self.process.kill9().await
     }
 
     /// SIGTERM, then waits for the exit status.
     pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("not running")?;
-        let pid = child.id().context("no pid")?;
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed");
-        Ok(tokio::time::timeout(Duration::from_secs(20), child.wait()).await??)
+        self.process.terminate().await
     }
 
-    /// Starts the coordinator again on the same data directory and flags
-    /// (after [`kill9`](Self::kill9) or [`terminate`](Self::terminate)).
+    /// Starts the coordinator again on the same data directory and flags.
     pub async fn restart(&mut self) -> Result<()> {
-        anyhow::ensure!(self.child.is_none(), "still running");
-        let next = Self::spawn(self.data_dir.clone(), self.args.clone(), self.tmp.clone()).await?;
-        *self = next;
-        Ok(())
-    }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- coordinator log ({}) ---\n{}", self.log.display(), self.logs());
-        }
+        self.process.restart().await
     }
 }
 

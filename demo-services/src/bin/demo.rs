@@ -1,0 +1,125 @@
+//! `shop-demo`: the whole demo in one command. Runs the coordinator and the
+//! four shop services on consecutive ports (each service with its own
+//! data directory under `--data-dir`), seeds customers and items on first
+//! start, prints what to try, and stops everything on Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tcc_demo_services::pb::{self, customers_client::CustomersClient, inventory_client::InventoryClient};
+use tcc_demo_services::runtime::{Common, init_tracing, shutdown_on_signal};
+use tcc_demo_services::{customers, inventory, orders, shop};
+
+#[derive(Parser)]
+#[command(about = "Runs the coordinator and the demo shop (customers, inventory, orders, shop)")]
+struct Args {
+    /// Where the five databases live.
+    #[arg(long, default_value = "demo-data")]
+    data_dir: PathBuf,
+    /// Coordinator port; customers, inventory, orders and shop take the next four.
+    #[arg(long, default_value_t = 50051)]
+    port: u16,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shop-demo: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let addr = |offset: u16| format!("127.0.0.1:{}", args.port + offset);
+    let url = |offset: u16| format!("http://{}", addr(offset));
+    let shutdown = shutdown_on_signal();
+
+    let config = {
+        use clap::Parser as _;
+        let dir = args.data_dir.join("coordinator");
+        tcc_coordinator::Config::try_parse_from([
+            "tcc-coordinator",
+            "--listen",
+            &addr(0),
+            "--data-dir",
+            &dir.to_string_lossy(),
+        ])?
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let coordinator = tokio::spawn(tcc_coordinator::server::run(config, listener, shutdown.clone(), |a| {
+        println!("coordinator listening on {a}")
+    }));
+
+    let common = |offset: u16, name: &str| Common {
+        listen: addr(offset).parse().unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+        data_dir: args.data_dir.join(name),
+        coordinator: url(0),
+        lease_ms: 3_000,
+        no_register: false,
+        reconcile_period_ms: 2_000,
+        reconcile_grace_ms: 5_000,
+    };
+    let services = vec![
+        tokio::spawn(customers::run(common(1, "customers"))),
+        tokio::spawn(inventory::run(common(2, "inventory"))),
+        tokio::spawn(orders::run(common(3, "orders"))),
+        tokio::spawn(shop::run(shop::ShopArgs {
+            listen: addr(4).parse()?,
+            coordinator: url(0),
+            customers: url(1),
+            inventory: url(2),
+            orders: url(3),
+            timeout_ms: 10_000,
+            wait_ms: 10_000,
+        })),
+    ];
+
+    seed(&url(1), &url(2)).await?;
+    println!(
+        "\nThe shop is open. Try:\n  grpcurl -plaintext -d '{{\"customer\": \"alice\", \"items\": [{{\"sku\": \"book\", \"quantity\": 2}}]}}' {} shop.v1.Shop/PlaceOrder\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Customers/ListAccounts\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Inventory/ListItems\nCtrl-C stops everything.\n",
+        addr(4),
+        addr(1),
+        addr(2)
+    );
+
+    for s in services {
+        s.await??;
+    }
+    coordinator.await??;
+    Ok(())
+}
+
+/// Seeds sample customers and items unless they exist.
+async fn seed(customers_url: &str, inventory_url: &str) -> anyhow::Result<()> {
+    let mut customers = connect(customers_url, CustomersClient::new).await?;
+    let mut inventory = connect(inventory_url, InventoryClient::new).await?;
+    if customers.list_accounts(pb::ListRequest {}).await?.into_inner().accounts.is_empty() {
+        for (customer, credit) in [("alice", 100), ("bob", 30)] {
+            customers.seed(pb::SeedCustomerRequest { customer: customer.into(), credit }).await?;
+        }
+        for (sku, quantity, price) in [("book", 10, 15), ("pen", 100, 2)] {
+            inventory.seed(pb::SeedItemRequest { sku: sku.into(), quantity, price }).await?;
+        }
+        println!("seeded customers alice (credit 100), bob (30); items book (10 at 15), pen (100 at 2)");
+    }
+    Ok(())
+}
+
+async fn connect<C>(url: &str, make: impl Fn(tonic::transport::Channel) -> C) -> anyhow::Result<C> {
+    for _ in 0..100 {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_string())?.connect().await {
+            return Ok(make(ch));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{url} did not come up within 10 s")
+}

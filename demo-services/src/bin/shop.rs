@@ -1,0 +1,25 @@
+//! The `shop` binary: the composite service, see [`tcc_demo_services::shop`].
+
+use clap::Parser;
+use tcc_demo_services::runtime::init_tracing;
+use tcc_demo_services::shop::ShopArgs;
+
+#[derive(Parser)]
+#[command(about = "The demo shop's composite service")]
+struct Args {
+    #[command(flatten)]
+    shop: ShopArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    match tcc_demo_services::shop::run(args.shop).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shop: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

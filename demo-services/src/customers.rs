@@ -1,0 +1,182 @@
+//! `shop-customers`: customer credit. ReserveCredit (try) holds credit under
+//! the partial id and publishes a `customers.Debit`; commit turns the hold
+//! into a debit (recorded per order for auditing); rollback releases it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+use tcc_domain_sdk::propagation::ExtractInterceptor;
+use tcc_domain_sdk::reservations::{Account, Reconciler, Reservations, TREES};
+use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
+use tonic::{Request, Response, Status};
+
+use crate::pb::{self, customers_server::CustomersServer};
+use crate::runtime::{Common, serve};
+use crate::{check_id, require_partial, to_json};
+
+/// Service name at the coordinator.
+pub const SERVICE: &str = "customers";
+const DEBITS: &str = "debits";
+
+/// The command a try publishes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Debit {
+    /// The order paid for.
+    pub order_id: String,
+    /// Who pays.
+    pub customer: String,
+    /// How much.
+    pub amount: i64,
+}
+
+impl Command for Debit {
+    const TYPE: &'static str = "customers.Debit";
+}
+
+/// Phase 2 of the customers service.
+pub struct CustomersParticipant;
+
+impl Participant for CustomersParticipant {
+    fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+        for c in &call.commands {
+            let d: Debit = c.decode()?;
+            Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
+            let movement = pb::Movement {
+                order_id: d.order_id.clone(),
+                partial_id: call.partial_id.clone(),
+                key: d.customer.clone(),
+                amount: d.amount,
+            };
+            let key = format!("{}/{}", d.order_id, call.partial_id);
+            tx.tree(DEBITS)?.insert(key.as_bytes(), to_json(&MovementRecord::from(movement))?)?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+        Reservations::release(tx, &call.partial_id).map(|_| ())
+    }
+}
+
+/// A movement as stored (pb types are not serde).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MovementRecord {
+    order_id: String,
+    partial_id: String,
+    key: String,
+    amount: i64,
+}
+
+impl From<pb::Movement> for MovementRecord {
+    fn from(m: pb::Movement) -> Self {
+        MovementRecord { order_id: m.order_id, partial_id: m.partial_id, key: m.key, amount: m.amount }
+    }
+}
+
+impl From<MovementRecord> for pb::Movement {
+    fn from(m: MovementRecord) -> Self {
+        pb::Movement { order_id: m.order_id, partial_id: m.partial_id, key: m.key, amount: m.amount }
+    }
+}
+
+/// Reads every movement of a tree.
+pub fn movements(store: &LocalStore, tree: &str) -> Result<Vec<pb::Movement>, Status> {
+    let mut out = Vec::new();
+    for item in store.tree(tree)?.iter() {
+        let (_, v) = item.map_err(|e| Status::unavailable(e.to_string()))?;
+        let m: MovementRecord = serde_json::from_slice(&v).map_err(|e| Status::data_loss(e.to_string()))?;
+        out.push(m.into());
+    }
+    Ok(out)
+}
+
+fn account(customer: &str, a: Account) -> pb::Account {
+    pb::Account { customer: customer.to_string(), available: a.available, held: a.held, debited: a.used }
+}
+
+/// The Customers API.
+pub struct CustomersApi {
+    store: LocalStore,
+    coordinator: Coordinator,
+}
+
+#[tonic::async_trait]
+impl pb::customers_server::Customers for CustomersApi {
+    async fn reserve_credit(
+        &self,
+        request: Request<pb::ReserveCreditRequest>,
+    ) -> Result<Response<pb::ReserveCreditResponse>, Status> {
+        let ctx = require_partial(&request)?;
+        let r = request.into_inner();
+        check_id("customer", &r.customer)?;
+        if r.amount <= 0 {
+            return Err(Status::invalid_argument("amount must be positive"));
+        }
+        Reservations::hold(&self.store, &ctx, &[(r.customer.clone(), r.amount)]).await?;
+        let mut publisher = Publisher::new(&self.coordinator, ctx.clone());
+        publisher
+            .publish(&r.customer, &Debit { order_id: r.order_id, customer: r.customer.clone(), amount: r.amount })?;
+        match publisher.send().await {
+            Ok(_) => Ok(Response::new(pb::ReserveCreditResponse {})),
+            Err(e @ tcc_domain_sdk::Error::Decided(_)) => {
+                // Nothing was published: the hold must not stay.
+                Reservations::release_now(&self.store, &ctx.partial_id).await?;
+                Err(e.into())
+            }
+            // Unknown whether the append landed: keep the hold; the
+            // transaction's rollback (or the reconciler) releases it.
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn seed(&self, request: Request<pb::SeedCustomerRequest>) -> Result<Response<pb::Account>, Status> {
+        let r = request.into_inner();
+        check_id("customer", &r.customer)?;
+        if r.credit <= 0 {
+            return Err(Status::invalid_argument("credit must be positive"));
+        }
+        let a = Reservations::seed(&self.store, &r.customer, r.credit).await?;
+        Ok(Response::new(account(&r.customer, a)))
+    }
+
+    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+        let c = request.into_inner().customer;
+        match Reservations::account(&self.store, &c)? {
+            Some(a) => Ok(Response::new(account(&c, a))),
+            None => Err(Status::not_found(format!("unknown customer {c:?}"))),
+        }
+    }
+
+    async fn list_accounts(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListAccountsResponse>, Status> {
+        let accounts = Reservations::accounts(&self.store)?.into_iter().map(|(c, a)| account(&c, a)).collect();
+        Ok(Response::new(pb::ListAccountsResponse { accounts }))
+    }
+
+    async fn list_debits(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListMovementsResponse>, Status> {
+        Ok(Response::new(pb::ListMovementsResponse { movements: movements(&self.store, DEBITS)? }))
+    }
+}
+
+/// Runs the customers service until a signal.
+pub async fn run(common: Common) -> anyhow::Result<()> {
+    let mut trees = TREES.to_vec();
+    trees.push(DEBITS);
+    let store = LocalStore::open(&common.data_dir, &trees)?;
+    let coordinator =
+        Coordinator::from_channel(tonic::transport::Endpoint::from_shared(common.coordinator.clone())?.connect_lazy());
+    let participant = Arc::new(CustomersParticipant);
+    let shutdown = crate::runtime::shutdown_on_signal();
+    let reconciler = Reconciler::new(
+        store.clone(),
+        participant.clone(),
+        coordinator.clone(),
+        Duration::from_millis(common.reconcile_grace_ms),
+    );
+    tokio::spawn(reconciler.run(Duration::from_millis(common.reconcile_period_ms), shutdown.clone()));
+    let api = CustomersApi { store: store.clone(), coordinator };
+    let routes = tonic::service::Routes::new(CustomersServer::with_interceptor(api, ExtractInterceptor))
+        .add_service(ParticipantService::new(store, participant).into_server());
+    serve(SERVICE, &common, routes, shutdown).await
+}

@@ -1,0 +1,112 @@
+//! What every demo service binary shares: flags, logging, the server with
+//! health and reflection, registration with the coordinator, the
+//! readiness line, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tcc_domain_sdk::registration::Registration;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+/// Flags of a domain service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Common {
+    /// Address to listen on (API and tcc.v1.Participant).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Directory of this service's sled database.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The coordinator.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Registration lease, in ms.
+    #[arg(long, default_value_t = 3_000)]
+    pub lease_ms: u64,
+    /// Do not register with the coordinator (it must then know the endpoint
+    /// statically, or phase 2 only happens through the reconciler).
+    #[arg(long)]
+    pub no_register: bool,
+    /// How often the reconciler looks for overdue holds, in ms.
+    #[arg(long, default_value_t = 2_000)]
+    pub reconcile_period_ms: u64,
+    /// How long after its deadline a hold counts as overdue, in ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub reconcile_grace_ms: u64,
+}
+
+/// Sets up `tracing` to stderr (`RUST_LOG`, default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        tracing::info!("signal received; shutting down gracefully");
+        t.cancel();
+    });
+    token
+}
+
+/// Serves `routes` (plus health and reflection) as service `name`:
+/// registers with the coordinator (unless `--no-register`), prints
+/// `NAME listening on ADDR` on stdout once ready, and stops on `shutdown`,
+/// deregistering first.
+pub async fn serve(name: &str, common: &Common, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(common.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", common.listen))?;
+    let addr = listener.local_addr()?;
+    let registration = if common.no_register {
+        None
+    } else {
+        let channel = tonic::transport::Endpoint::from_shared(common.coordinator.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let endpoint = format!("http://{addr}");
+        let reg = Registration::start(channel, name, &endpoint, Duration::from_millis(common.lease_ms))
+            .await
+            .with_context(|| format!("cannot register with the coordinator at {}", common.coordinator))?;
+        Some(reg)
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tcc_domain_sdk::PROTO_DESCRIPTOR_SET)
+        .build_v1()?;
+    println!("{name} listening on {addr}");
+    tracing::info!(%addr, service = name, "serving");
+    let result = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    if let Some(r) = registration {
+        r.stop().await;
+    }
+    result.context("server failed")?;
+    tracing::info!(service = name, "stopped");
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! End-to-end tests of the demo shop: the coordinator and the four service
+//! binaries, each with its own database. Orders that succeed, orders that
+//! are refused, orders that compete for the last items, a participant that
+//! is down when confirm happens, duplicate deliveries, late tries, and the
+//! reconciler settling a hold whose delivery never comes. The shop's
+//! invariants are checked after each.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tcc_demo_services::pb::{
+    self, customers_client::CustomersClient, inventory_client::InventoryClient, orders_client::OrdersClient,
+    shop_client::ShopClient,
+};
+use tcc_domain_sdk::propagation::attach;
+use tcc_domain_sdk::proto::{self as v1, participant_client::ParticipantClient};
+use tcc_tests::{Coordinator, Process, eventually};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const FAST: &[&str] = &["--retry-initial-ms", "20", "--retry-max-ms", "200", "--call-timeout-ms", "2000"];
+
+struct Shop {
+    coordinator: Coordinator,
+    customers: Process,
+    inventory: Process,
+    orders: Process,
+    shop: Process,
+    /// What was seeded: credit per customer, (stock, price) per sku.
+    credit: BTreeMap<String, i64>,
+    stock: BTreeMap<String, i64>,
+}
+
+fn service_args(c: &Coordinator, name: &str, extra: &[&str]) -> Vec<String> {
+    let dir = c.tmp().path().join(name);
+    let mut args: Vec<String> = vec![
+        "--data-dir".into(),
+        dir.to_string_lossy().into_owned(),
+        "--coordinator".into(),
+        c.url(),
+        "--lease-ms".into(),
+        "2000".into(),
+        "--reconcile-period-ms".into(),
+        "200".into(),
+        "--reconcile-grace-ms".into(),
+        "300".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+impl Shop {
+    async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(customers_extra: &[&str]) -> Result<Self> {
+        let coordinator = Coordinator::start(FAST).await?;
+        let tmp = coordinator.tmp();
+        let customers = Process::start(
+            "shop-customers",
+            "customers",
+            service_args(&coordinator, "customers", customers_extra),
+            tmp.clone(),
+        )
+        .await?;
+        let inventory =
+            Process::start("shop-inventory", "inventory", service_args(&coordinator, "inventory", &[]), tmp.clone())
+                .await?;
+        let orders =
+            Process::start("shop-orders", "orders", service_args(&coordinator, "orders", &[]), tmp.clone()).await?;
+        let shop_args = vec![
+            "--coordinator".into(),
+            coordinator.url(),
+            "--customers".into(),
+            customers.url(),
+            "--inventory".into(),
+            inventory.url(),
+            "--orders".into(),
+            orders.url(),
+        ];
+        let shop = Process::start("shop", "shop", shop_args, tmp).await?;
+        Ok(Shop { coordinator, customers, inventory, orders, shop, credit: BTreeMap::new(), stock: BTreeMap::new() })
+    }
+
+    async fn customers(&self) -> Result<CustomersClient<Channel>> {
+        Ok(CustomersClient::new(self.customers.channel().await?))
+    }
+    async fn inventory(&self) -> Result<InventoryClient<Channel>> {
+        Ok(InventoryClient::new(self.inventory.channel().await?))
+    }
+    async fn orders(&self) -> Result<OrdersClient<Channel>> {
+        Ok(OrdersClient::new(self.orders.channel().await?))
+    }
+    async fn shop(&self) -> Result<ShopClient<Channel>> {
+        Ok(ShopClient::new(self.shop.channel().await?))
+    }
+
+    async fn seed(&mut self, customers: &[(&str, i64)], items: &[(&str, i64, i64)]) -> Result<()> {
+        let mut c = self.customers().await?;
+        for (customer, credit) in customers {
+            c.seed(pb::SeedCustomerRequest { customer: customer.to_string(), credit: *credit }).await?;
+            *self.credit.entry(customer.to_string()).or_default() += credit;
+        }
+        let mut i = self.inventory().await?;
+        for (sku, quantity, price) in items {
+            i.seed(pb::SeedItemRequest { sku: sku.to_string(), quantity: *quantity, price: *price }).await?;
+            *self.stock.entry(sku.to_string()).or_default() += quantity;
+        }
+        Ok(())
+    }
+
+    async fn place(&self, customer: &str, items: &[(&str, i64)]) -> Result<pb::PlaceOrderResponse, tonic::Status> {
+        let mut shop = self.shop().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
+        let items =
+            items.iter().map(|(sku, quantity)| pb::Line { sku: sku.to_string(), quantity: *quantity }).collect();
+        Ok(shop.place_order(pb::PlaceOrderRequest { customer: customer.into(), items }).await?.into_inner())
+    }
+
+    async fn accounts(&self) -> Result<BTreeMap<String, pb::Account>> {
+        let list = self.customers().await?.list_accounts(pb::ListRequest {}).await?.into_inner().accounts;
+        Ok(list.into_iter().map(|a| (a.customer.clone(), a)).collect())
+    }
+
+    async fn items(&self) -> Result<BTreeMap<String, pb::Item>> {
+        let list = self.inventory().await?.list_items(pb::ListRequest {}).await?.into_inner().items;
+        Ok(list.into_iter().map(|i| (i.sku.clone(), i)).collect())
+    }
+
+    /// Conservation, true at any time: credit and stock only move between
+    /// available, held and used.
+    async fn check_conservation(&self) -> Result<()> {
+        for (c, a) in self.accounts().await? {
+            assert_eq!(a.available + a.held + a.debited, self.credit[&c], "credit of {c} not conserved: {a:?}");
+            assert!(a.available >= 0 && a.held >= 0 && a.debited >= 0, "{a:?}");
+        }
+        for (s, i) in self.items().await? {
+            assert_eq!(i.available + i.held + i.sold, self.stock[&s], "stock of {s} not conserved: {i:?}");
+            assert!(i.available >= 0 && i.held >= 0 && i.sold >= 0, "{i:?}");
+        }
+        Ok(())
+    }
+
+    /// Once settled: no holds; every order has exactly one debit (of its
+    /// total) and one stock movement (its lines, from one partial); no debit
+    /// or movement without an order. Returns the number of orders.
+    async fn check_settled(&self) -> Result<usize> {
+        self.check_conservation().await?;
+        for a in self.accounts().await?.values() {
+            assert_eq!(a.held, 0, "credit still held: {a:?}");
+        }
+        for i in self.items().await?.values() {
+            assert_eq!(i.held, 0, "stock still held: {i:?}");
+        }
+        let orders = self.orders().await?.list_orders(pb::ListRequest {}).await?.into_inner().orders;
+        let debits = self.customers().await?.list_debits(pb::ListRequest {}).await?.into_inner().movements;
+        let moves = self.inventory().await?.list_movements(pb::ListRequest {}).await?.into_inner().movements;
+        let ids: HashSet<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+        for o in &orders {
+            let d: Vec<_> = debits.iter().filter(|d| d.order_id == o.order_id).collect();
+            assert_eq!(d.len(), 1, "order {} has {} debits", o.order_id, d.len());
+            assert_eq!((d[0].key.as_str(), d[0].amount), (o.customer.as_str(), o.total));
+            let m: Vec<_> = moves.iter().filter(|m| m.order_id == o.order_id).collect();
+            let partials: HashSet<&str> = m.iter().map(|m| m.partial_id.as_str()).collect();
+            assert_eq!(partials.len(), 1, "order {} has {} stock movements", o.order_id, partials.len());
+            let mut got: Vec<(String, i64)> = m.iter().map(|m| (m.key.clone(), m.amount)).collect();
+            let mut want: Vec<(String, i64)> = o.lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "stock movement of order {}", o.order_id);
+        }
+        assert!(debits.iter().all(|d| ids.contains(d.order_id.as_str())), "a debit without an order: {debits:?}");
+        assert!(
+            moves.iter().all(|m| ids.contains(m.order_id.as_str())),
+            "a stock movement without an order: {moves:?}"
+        );
+        Ok(orders.len())
+    }
+}
+
+#[tokio::test]
+async fn a_successful_order_moves_credit_and_stock_once() -> Result<()> {
+    let mut s = Shop::start().await?;
+    s.seed(&[("alice", 100)], &[("book", 10, 15), ("pen", 50, 2)]).await?;
+    let r = s.place("alice", &[("book", 2), ("pen", 5)]).await?;
+    assert_eq!((r.total, r.state.as_str()), (40, "TRANSACTION_STATE_CONFIRMED"));
+    let a = &s.accounts().await?["alice"];
+    assert_eq!((a.available, a.held, a.debited), (60, 0, 40));
+    let items = s.items().await?;
+    assert_eq!((items["book"].available, items["book"].sold), (8, 2));
+    assert_eq!((items["pen"].available, items["pen"].sold), (45, 5));
+    assert_eq!(s.check_settled().await?, 1);
+    let orders = s.orders().await?.list_orders(pb::ListRequest {}).await?.into_inner().orders;
+    assert_eq!(
+        (orders[0].order_id.as_str(), orders[0].transaction_id.as_str()),
+        (r.order_id.as_str(), r.transaction_id.as_str())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_orders_leave_every_balance_unchanged() -> Result<()> {
+    let mut s = Shop::start().await?;
+    s.seed(&[("bob", 30)], &[("book", 2, 15)]).await?;
+    let before = (s.accounts().await?, s.items().await?);
+    /// (customer, items, expected code, expected message part)
+    type Case<'a> = (&'a str, Vec<(&'a str, i64)>, Code, &'a str);
+    let cases: Vec<Case> = vec![
+        ("nobody", vec![("book", 1)], Code::NotFound, "unknown \"nobody\""),
+        ("bob", vec![("book", 3)], Code::FailedPrecondition, "not enough \"book\""),
+        ("bob", vec![("ghost", 1)], Code::NotFound, "unknown \"ghost\""),
+        ("bob", vec![], Code::InvalidArgument, "at least one line"),
+        ("bob", vec![("book", 0)], Code::InvalidArgument, "quantity"),
+    ];
+    for (customer, items, code, msg) in cases {
+        let err = s.place(customer, &items).await.expect_err("order must be refused");
+        assert_eq!(err.code(), code, "{customer} {items:?}: {err:?}");
+        assert!(err.message().contains(msg), "{}", err.message());
+        s.check_conservation().await?;
+    }
+    // Not enough credit: stock was reserved first, then released by the rollback.
+    s.seed(&[], &[("book", 2, 15)]).await?;
+    let err = s.place("bob", &[("book", 3)]).await.expect_err("45 > 30");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("not enough \"bob\""), "{}", err.message());
+    assert_eq!(s.accounts().await?, before.0);
+    let items = s.items().await?;
+    assert_eq!((items["book"].available, items["book"].held, items["book"].sold), (4, 0, 0));
+    assert_eq!(s.check_settled().await?, 0, "no order recorded");
+    // Every refused order's transaction ended CANCELLED.
+    let listed = s
+        .coordinator
+        .admin()
+        .await?
+        .list_transactions(v1::ListTransactionsRequest::default())
+        .await?
+        .into_inner()
+        .transactions;
+    assert!(!listed.is_empty());
+    assert!(listed.iter().all(|t| t.state == v1::TransactionState::Cancelled as i32), "{listed:#?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_orders_for_the_last_items_never_oversell() -> Result<()> {
+    let mut s = Shop::start().await?;
+    let buyers: Vec<String> = (0..12).map(|i| format!("buyer-{i}")).collect();
+    let seeded: Vec<(&str, i64)> = buyers.iter().map(|b| (b.as_str(), 10)).collect();
+    s.seed(&seeded, &[("gem", 5, 3)]).await?;
+    let s = Arc::new(s);
+    let tasks: Vec<_> = buyers
+        .iter()
+        .map(|b| {
+            let (s, b) = (s.clone(), b.clone());
+            tokio::spawn(async move { s.place(&b, &[("gem", 1)]).await })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await? {
+            Ok(r) => {
+                assert_eq!(r.state, "TRANSACTION_STATE_CONFIRMED");
+                ok += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                assert!(e.message().contains("not enough \"gem\""), "{}", e.message());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (5, 7), "exactly the stock was sold");
+    let gem = &s.items().await?["gem"];
+    assert_eq!((gem.available, gem.held, gem.sold), (0, 0, 5));
+    assert_eq!(s.check_settled().await?, 5);
+    Ok(())
+}
+
+/// The test acts as the composite service: begins with the SDK, calls a try
+/// with the partial in metadata.
+async fn reserve_credit(
+    s: &Shop,
+    ctx: &tcc_domain_sdk::propagation::PartialContext,
+    customer: &str,
+    amount: i64,
+) -> Result<(), tonic::Status> {
+    let mut c = s.customers().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    let mut req =
+        tonic::Request::new(pb::ReserveCreditRequest { customer: customer.into(), amount, order_id: "order-x".into() });
+    attach(&mut req, ctx);
+    c.reserve_credit(req).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_participant_down_at_confirm_gets_its_commit_after_restart_exactly_once() -> Result<()> {
+    let mut s = Shop::start().await?;
+    s.seed(&[("carol", 50)], &[]).await?;
+    let sdk = tcc_domain_sdk::Coordinator::connect(&s.coordinator.url()).await?;
+    let txn = sdk.begin(&["customers"], Duration::from_secs(30)).await?;
+    let ctx = txn.partial("customers")?;
+    reserve_credit(&s, &ctx, "carol", 20).await?;
+    s.customers.kill9().await?;
+    let o = txn.confirm(None).await?;
+    assert_eq!(o.state, v1::TransactionState::Confirming);
+    s.customers.restart().await?; // new port; registers itself again
+    let o = txn.confirm(Some(Duration::from_secs(20))).await?;
+    assert_eq!(o.state, v1::TransactionState::Confirmed, "{}", s.coordinator.logs());
+    let a = &s.accounts().await?["carol"];
+    assert_eq!((a.available, a.held, a.debited), (30, 0, 20));
+    // Durable and applied once, across another crash.
+    s.customers.kill9().await?;
+    s.customers.restart().await?;
+    let a = &s.accounts().await?["carol"];
+    assert_eq!((a.available, a.held, a.debited), (30, 0, 20));
+    let debits = s.customers().await?.list_debits(pb::ListRequest {}).await?.into_inner().movements;
+    assert_eq!(debits.len(), 1, "{debits:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_apply_once() -> Result<()> {
+    let mut s = Shop::start().await?;
+    s.seed(&[("dave", 100)], &[("book", 5, 10)]).await?;
+    let r = s.place("dave", &[("book", 1)]).await?;
+    let txn = s
+        .coordinator
+        .transactions()
+        .await?
+        .get(v1::GetRequest { transaction_id: r.transaction_id.clone() })
+        .await?
+        .into_inner();
+    let p = txn.participants.iter().find(|p| p.service == "customers").expect("customers participant");
+    let commands = s
+        .coordinator
+        .topics()
+        .await?
+        .read(v1::ReadRequest { partial_id: p.partial_id.clone(), ..Default::default() })
+        .await?
+        .into_inner()
+        .commands;
+    let call = v1::PhaseTwoRequest {
+        transaction_id: r.transaction_id.clone(),
+        partial_id: p.partial_id.clone(),
+        service: "customers".into(),
+        commands,
+    };
+    // Redeliver the commit twice, as a coordinator retrying after a lost ack would.
+    let mut participant = ParticipantClient::new(s.customers.channel().await?);
+    participant.commit(call.clone()).await?;
+    participant.commit(call.clone()).await?;
+    let a = &s.accounts().await?["dave"];
+    assert_eq!((a.available, a.held, a.debited), (90, 0, 10));
+    // The opposite outcome for a committed partial is refused.
+    let err = participant.rollback(call).await.expect_err("rollback after commit");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(s.check_settled().await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_try_after_the_decision_is_refused_and_holds_nothing() -> Result<()> {
+    let mut s = Shop::start().await?;
+    s.seed(&[("erin", 40)], &[]).await?;
+    let sdk = tcc_domain_sdk::Coordinator::connect(&s.coordinator.url()).await?;
+    let txn = sdk.begin(&["customers"], Duration::from_secs(30)).await?;
+    txn.cancel("changed our mind", Some(Duration::from_secs(10))).await?;
+    let err = reserve_credit(&s, &txn.partial("customers")?, "erin", 10).await.expect_err("late try");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let a = &s.accounts().await?["erin"];
+    assert_eq!((a.available, a.held), (40, 0));
+    // A try outside any transaction is refused too.
+    let err = s
+        .customers()
+        .await?
+        .reserve_credit(pb::ReserveCreditRequest { customer: "erin".into(), amount: 1, order_id: "o".into() })
+        .await
+        .expect_err("no transaction");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_reconciler_settles_a_hold_whose_delivery_never_comes() -> Result<()> {
+    // Not registered: the coordinator cannot deliver the rollback.
+    let mut s = Shop::start_with(&["--no-register"]).await?;
+    s.seed(&[("frank", 25)], &[]).await?;
+    let sdk = tcc_domain_sdk::Coordinator::connect(&s.coordinator.url()).await?;
+    let txn = sdk.begin(&["customers"], Duration::from_millis(500)).await?;
+    reserve_credit(&s, &txn.partial("customers")?, "frank", 10).await?;
+    assert_eq!(s.accounts().await?["frank"].held, 10);
+    // Deadline 500 ms + grace 300 ms + reconciler period 200 ms: settled in
+    // about a second; allow 15 s on a loaded machine.
+    eventually("the reconciler to release the hold", Duration::from_secs(15), || async {
+        let a = s.accounts().await?.remove("frank").expect("frank");
+        Ok((a.held == 0).then_some(a))
+    })
+    .await?;
+    let a = &s.accounts().await?["frank"];
+    assert_eq!((a.available, a.debited), (25, 0));
+    let t =
+        s.coordinator.transactions().await?.get(v1::GetRequest { transaction_id: txn.id.clone() }).await?.into_inner();
+    assert_eq!(
+        t.state,
+        v1::TransactionState::Cancelling as i32,
+        "the coordinator never delivered: the reconciler did it"
+    );
+    s.check_settled().await?;
+    Ok(())
+}
