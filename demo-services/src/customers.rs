@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
 use tcc_domain_sdk::propagation::ExtractInterceptor;
-use tcc_domain_sdk::reservations::{Account, Reconciler, Reservations, TREES};
+use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler, Reservations, TREES};
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
@@ -114,7 +114,13 @@ impl pb::customers_server::Customers for CustomersApi {
         if r.amount <= 0 {
             return Err(Status::invalid_argument("amount must be positive"));
         }
-        Reservations::hold(&self.store, &ctx, &[(r.customer.clone(), r.amount)]).await?;
+        Reservations::hold(&self.store, &ctx, &[(r.customer.clone(), r.amount)]).await.map_err(|e| match e {
+            HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
+                "not enough credit: customer {resource:?} has {available} available, {requested} needed"
+            )),
+            HoldError::Unknown(c) => Status::not_found(format!("unknown customer {c:?}")),
+            other => other.into(),
+        })?;
         let mut publisher = Publisher::new(&self.coordinator, ctx.clone());
         publisher
             .publish(&r.customer, &Debit { order_id: r.order_id, customer: r.customer.clone(), amount: r.amount })?;

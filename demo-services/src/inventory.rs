@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
 use tcc_domain_sdk::propagation::ExtractInterceptor;
-use tcc_domain_sdk::reservations::{Account, Reconciler, Reservations, TREES};
+use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler, Reservations, TREES};
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
@@ -108,11 +108,16 @@ impl pb::inventory_server::Inventory for InventoryApi {
             if !seen.insert(l.sku.as_str()) {
                 return Err(Status::invalid_argument(format!("sku {:?} is listed twice", l.sku)));
             }
-            let price = self.price(&l.sku)?.ok_or_else(|| Status::not_found(format!("unknown {:?}", l.sku)))?;
+            let price = self.price(&l.sku)?.ok_or_else(|| Status::not_found(format!("unknown item {:?}", l.sku)))?;
             total = total.saturating_add(price.saturating_mul(l.quantity));
         }
         let lines: Vec<(String, i64)> = r.lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
-        Reservations::hold(&self.store, &ctx, &lines).await?;
+        Reservations::hold(&self.store, &ctx, &lines).await.map_err(|e| match e {
+            HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
+                "not enough stock of {resource:?}: {available} available, {requested} requested"
+            )),
+            other => other.into(),
+        })?;
         let mut publisher = Publisher::new(&self.coordinator, ctx.clone());
         for l in &r.lines {
             publisher

@@ -210,9 +210,9 @@ async fn refused_orders_leave_every_balance_unchanged() -> Result<()> {
     /// (customer, items, expected code, expected message part)
     type Case<'a> = (&'a str, Vec<(&'a str, i64)>, Code, &'a str);
     let cases: Vec<Case> = vec![
-        ("nobody", vec![("book", 1)], Code::NotFound, "unknown \"nobody\""),
-        ("bob", vec![("book", 3)], Code::FailedPrecondition, "not enough \"book\""),
-        ("bob", vec![("ghost", 1)], Code::NotFound, "unknown \"ghost\""),
+        ("nobody", vec![("book", 1)], Code::NotFound, "unknown customer \"nobody\""),
+        ("bob", vec![("book", 3)], Code::FailedPrecondition, "not enough stock of \"book\": 2 available, 3 requested"),
+        ("bob", vec![("ghost", 1)], Code::NotFound, "unknown item \"ghost\""),
         ("bob", vec![], Code::InvalidArgument, "at least one line"),
         ("bob", vec![("book", 0)], Code::InvalidArgument, "quantity"),
     ];
@@ -226,7 +226,11 @@ async fn refused_orders_leave_every_balance_unchanged() -> Result<()> {
     s.seed(&[], &[("book", 2, 15)]).await?;
     let err = s.place("bob", &[("book", 3)]).await.expect_err("45 > 30");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("not enough \"bob\""), "{}", err.message());
+    assert!(
+        err.message().contains("not enough credit: customer \"bob\" has 30 available, 45 needed"),
+        "{}",
+        err.message()
+    );
     assert_eq!(s.accounts().await?, before.0);
     let items = s.items().await?;
     assert_eq!((items["book"].available, items["book"].held, items["book"].sold), (4, 0, 0));
@@ -268,7 +272,7 @@ async fn concurrent_orders_for_the_last_items_never_oversell() -> Result<()> {
             }
             Err(e) => {
                 assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-                assert!(e.message().contains("not enough \"gem\""), "{}", e.message());
+                assert!(e.message().contains("not enough stock of \"gem\""), "{}", e.message());
                 refused += 1;
             }
         }
@@ -409,5 +413,26 @@ async fn the_reconciler_settles_a_hold_whose_delivery_never_comes() -> Result<()
         "the coordinator never delivered: the reconciler did it"
     );
     s.check_settled().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn services_register_while_running_and_deregister_when_stopped() -> Result<()> {
+    let mut s = Shop::start().await?;
+    let endpoints = |svc: &'static str| {
+        let c = &s.coordinator;
+        async move {
+            let req = v1::ListEndpointsRequest { service: svc.into() };
+            Ok::<_, anyhow::Error>(c.registry().await?.list_endpoints(req).await?.into_inner().endpoints)
+        }
+    };
+    let listed = endpoints("orders").await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].endpoint, s.orders.url());
+    assert!(!listed[0].from_config);
+    let status = s.orders.terminate().await?;
+    assert!(status.success(), "{status:?}");
+    assert!(endpoints("orders").await?.is_empty(), "deregistered on graceful stop");
+    assert_eq!(endpoints("customers").await?.len(), 1, "others stay");
     Ok(())
 }
