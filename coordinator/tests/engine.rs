@@ -104,7 +104,7 @@ async fn confirm_or_append_racing_the_deadline_loses() -> R {
     let t = f.engine.begin(svc(&["a"]), 500).await?;
     let p = t.participants[0].partial_id;
     f.clock.advance(500); // the sweeper has not run yet
-    match f.engine.append(p, vec![cmd("x", b"1")], "").await {
+    match f.engine.append(p, None, vec![cmd("x", b"1")], "").await {
         Err(Error::IllegalTransition { state: TxnState::Cancelling, .. }) => {}
         other => panic!("late append: {other:?}"),
     }
@@ -155,15 +155,15 @@ async fn idempotent_append_stores_once() -> R {
     let t = f.engine.begin(svc(&["a"]), 0).await?;
     let p = t.participants[0].partial_id;
     let batch = vec![cmd("x", b"1"), cmd("y", b"22")];
-    let (r1, dup1) = f.engine.append(p, batch.clone(), "req-1").await?;
-    let (r2, dup2) = f.engine.append(p, batch.clone(), "req-1").await?;
+    let (r1, dup1) = f.engine.append(p, None, batch.clone(), "req-1").await?;
+    let (r2, dup2) = f.engine.append(p, None, batch.clone(), "req-1").await?;
     assert_eq!((r1, dup1, dup2), (r2, false, true));
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
     // Same key, different batch: refused, nothing stored.
-    assert!(matches!(f.engine.append(p, vec![cmd("z", b"1")], "req-1").await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(f.engine.append(p, None, vec![cmd("z", b"1")], "req-1").await, Err(Error::InvalidArgument(_))));
     // A retry that arrives after the decision still gets its receipt.
     f.engine.confirm(t.id).await?;
-    assert_eq!(f.engine.append(p, batch, "req-1").await?, (r1, true));
+    assert_eq!(f.engine.append(p, None, batch, "req-1").await?, (r1, true));
     assert_eq!(f.engine.get(t.id).await?.participants[0].command_count, 2);
     Ok(())
 }
@@ -177,7 +177,7 @@ async fn concurrent_retries_of_one_append_store_it_once() -> R {
     let tries: Vec<_> = (0..8)
         .map(|_| {
             let (e, b) = (f.engine.clone(), batch.clone());
-            tokio::spawn(async move { e.append(p, b, "same-key").await })
+            tokio::spawn(async move { e.append(p, None, b, "same-key").await })
         })
         .collect();
     let mut fresh = 0;
@@ -188,6 +188,20 @@ async fn concurrent_retries_of_one_append_store_it_once() -> R {
     }
     assert_eq!(fresh, 1, "exactly one try stored the batch");
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_append_naming_another_service_is_refused() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    let pa = t.participants[0].partial_id;
+    match f.engine.append(pa, Some("b"), vec![cmd("x", b"1")], "").await {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("belongs to service \"a\", not \"b\""), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.store.read_topic(pa, 1, 10).await?.is_empty());
+    f.engine.append(pa, Some("a"), vec![cmd("x", b"1")], "").await?;
     Ok(())
 }
 
@@ -205,20 +219,20 @@ async fn append_limits() -> R {
         (vec![cmd(&"t".repeat(257), b"")], "", "type is 257"),
     ];
     for (batch, key, msg) in cases {
-        match f.engine.append(p, batch, key).await {
+        match f.engine.append(p, None, batch, key).await {
             Err(Error::InvalidArgument(m)) => assert!(m.contains(msg), "{m}"),
             other => panic!("{msg}: {other:?}"),
         }
     }
     let long_key = "k".repeat(129);
-    assert!(matches!(f.engine.append(p, vec![cmd("x", b"")], &long_key).await, Err(Error::InvalidArgument(_))));
-    f.engine.append(p, vec![cmd("x", &[0; 90])], "").await?;
-    match f.engine.append(p, vec![cmd("x", &[0; 90])], "").await {
+    assert!(matches!(f.engine.append(p, None, vec![cmd("x", b"")], &long_key).await, Err(Error::InvalidArgument(_))));
+    f.engine.append(p, None, vec![cmd("x", &[0; 90])], "").await?;
+    match f.engine.append(p, None, vec![cmd("x", &[0; 90])], "").await {
         Err(Error::LimitExceeded(m)) => assert!(m.contains("limit is 150"), "{m}"),
         other => panic!("topic limit: {other:?}"),
     }
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 1, "the refused batch left nothing");
-    assert!(matches!(f.engine.append(PartialId::new(), vec![cmd("x", b"")], "").await, Err(Error::NotFound(_))));
+    assert!(matches!(f.engine.append(PartialId::new(), None, vec![cmd("x", b"")], "").await, Err(Error::NotFound(_))));
     Ok(())
 }
 
@@ -232,7 +246,7 @@ async fn enlist_rules() -> R {
         b.partial_id,
         "enlisting twice returns the same partial"
     );
-    f.engine.append(b.partial_id, vec![cmd("x", b"1")], "").await?;
+    f.engine.append(b.partial_id, None, vec![cmd("x", b"1")], "").await?;
     f.engine.enlist(t.id, "c".into()).await?;
     assert!(matches!(f.engine.enlist(t.id, "d".into()).await, Err(Error::LimitExceeded(_))));
     f.engine.confirm(t.id).await?;
@@ -258,7 +272,7 @@ async fn finished_transactions_are_collected_after_retention() -> R {
     let f = fixture();
     let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
     let p = t.participants[0].partial_id;
-    f.engine.append(p, vec![cmd("x", b"1")], "k").await?;
+    f.engine.append(p, None, vec![cmd("x", b"1")], "k").await?;
     f.engine.confirm(t.id).await?;
     finish(&f, t.id).await?;
     let done = f.engine.get(t.id).await?;
@@ -331,7 +345,7 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
         let (engine, _rx) = Engine::new(store, clock.clone(), limits(), RETENTION);
         let a = engine.begin(svc(&["a"]), 5_000).await?;
         let c = engine.begin(svc(&["a", "b"]), 5_000).await?;
-        engine.append(c.participants[1].partial_id, vec![cmd("x", b"1")], "k").await?;
+        engine.append(c.participants[1].partial_id, None, vec![cmd("x", b"1")], "k").await?;
         engine.confirm(c.id).await?;
         (a.id, c.id, c.participants[1].partial_id)
     };
@@ -345,6 +359,6 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     assert_eq!(engine.expire_due().await, 1);
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
-    assert!(engine.append(p, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
+    assert!(engine.append(p, None, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
     Ok(())
 }

@@ -52,7 +52,8 @@ impl Participant for CustomersParticipant {
             let key = format!("{}/{}", d.order_id, call.partial_id);
             tx.tree(DEBITS)?.insert(key.as_bytes(), to_json(&MovementRecord::from(movement))?)?;
         }
-        Ok(())
+        // Anything the try held beyond its commands goes back.
+        Reservations::release(tx, &call.partial_id).map(|_| ())
     }
 
     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
@@ -114,27 +115,18 @@ impl pb::customers_server::Customers for CustomersApi {
         if r.amount <= 0 {
             return Err(Status::invalid_argument("amount must be positive"));
         }
-        Reservations::hold(&self.store, &ctx, &[(r.customer.clone(), r.amount)]).await.map_err(|e| match e {
+        let mut publisher = Publisher::new(&self.coordinator, SERVICE, ctx.clone());
+        publisher
+            .publish(&r.customer, &Debit { order_id: r.order_id, customer: r.customer.clone(), amount: r.amount })?;
+        let lines = [(r.customer.clone(), r.amount)];
+        Reservations::reserve_and_publish(&self.store, &ctx, &lines, publisher).await.map_err(|e| match e {
             HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
                 "not enough credit: customer {resource:?} has {available} available, {requested} needed"
             )),
             HoldError::Unknown(c) => Status::not_found(format!("unknown customer {c:?}")),
             other => other.into(),
         })?;
-        let mut publisher = Publisher::new(&self.coordinator, ctx.clone());
-        publisher
-            .publish(&r.customer, &Debit { order_id: r.order_id, customer: r.customer.clone(), amount: r.amount })?;
-        match publisher.send().await {
-            Ok(_) => Ok(Response::new(pb::ReserveCreditResponse {})),
-            Err(e @ tcc_domain_sdk::Error::Decided(_)) => {
-                // Nothing was published: the hold must not stay.
-                Reservations::release_now(&self.store, &ctx.partial_id).await?;
-                Err(e.into())
-            }
-            // Unknown whether the append landed: keep the hold; the
-            // transaction's rollback (or the reconciler) releases it.
-            Err(e) => Err(e.into()),
-        }
+        Ok(Response::new(pb::ReserveCreditResponse {}))
     }
 
     async fn seed(&self, request: Request<pb::SeedCustomerRequest>) -> Result<Response<pb::Account>, Status> {

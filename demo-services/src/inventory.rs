@@ -56,7 +56,8 @@ impl Participant for InventoryParticipant {
             let key = format!("{}/{}/{}", t.order_id, call.partial_id, t.sku);
             tx.tree(MOVEMENTS)?.insert(key.as_bytes(), to_json(&MovementRecord::from(m))?)?;
         }
-        Ok(())
+        // Anything the try held beyond its commands goes back.
+        Reservations::release(tx, &call.partial_id).map(|_| ())
     }
 
     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
@@ -112,32 +113,26 @@ impl pb::inventory_server::Inventory for InventoryApi {
             total = total.saturating_add(price.saturating_mul(l.quantity));
         }
         let lines: Vec<(String, i64)> = r.lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
-        Reservations::hold(&self.store, &ctx, &lines).await.map_err(|e| match e {
+        let mut publisher = Publisher::new(&self.coordinator, SERVICE, ctx.clone());
+        for l in &r.lines {
+            publisher
+                .publish(&l.sku, &Take { order_id: r.order_id.clone(), sku: l.sku.clone(), quantity: l.quantity })?;
+        }
+        Reservations::reserve_and_publish(&self.store, &ctx, &lines, publisher).await.map_err(|e| match e {
             HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
                 "not enough stock of {resource:?}: {available} available, {requested} requested"
             )),
             other => other.into(),
         })?;
-        let mut publisher = Publisher::new(&self.coordinator, ctx.clone());
-        for l in &r.lines {
-            publisher
-                .publish(&l.sku, &Take { order_id: r.order_id.clone(), sku: l.sku.clone(), quantity: l.quantity })?;
-        }
-        match publisher.send().await {
-            Ok(_) => Ok(Response::new(pb::ReserveStockResponse { total })),
-            Err(e @ tcc_domain_sdk::Error::Decided(_)) => {
-                Reservations::release_now(&self.store, &ctx.partial_id).await?;
-                Err(e.into())
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(Response::new(pb::ReserveStockResponse { total }))
     }
 
     async fn seed(&self, request: Request<pb::SeedItemRequest>) -> Result<Response<pb::Item>, Status> {
         let r = request.into_inner();
         check_id("sku", &r.sku)?;
-        if r.quantity <= 0 || r.price < 0 {
-            return Err(Status::invalid_argument("quantity must be positive and price not negative"));
+        // Every order costs something, so every order has exactly one debit.
+        if r.quantity <= 0 || r.price <= 0 {
+            return Err(Status::invalid_argument("quantity and price must be positive"));
         }
         self.store
             .tree(PRICES)?

@@ -88,7 +88,7 @@ impl pb::orders_server::Orders for OrdersApi {
             total: o.total,
             transaction_id: ctx.transaction_id.clone(),
         };
-        let mut publisher = Publisher::new(&self.coordinator, ctx);
+        let mut publisher = Publisher::new(&self.coordinator, SERVICE, ctx);
         publisher.publish(&record.order_id, &record)?;
         publisher.send().await?;
         Ok(Response::new(pb::CreateOrderResponse {}))

@@ -127,6 +127,12 @@ impl pb::shop_server::Shop for ShopApi {
                 tracing::info!(%order_id, cause = %status.message(), "order refused; transaction cancelled");
                 Err(Status::new(status.code(), format!("order refused: {}", status.message())))
             }
+            Err(RunError::OutcomeUnknown { transaction_id, cause }) => {
+                tracing::error!(%order_id, txn = %transaction_id, %cause, "order outcome unknown");
+                Err(Status::unavailable(format!(
+                    "the outcome of order {order_id} is unknown (transaction {transaction_id}): {cause}; check the order before retrying"
+                )))
+            }
             Err(RunError::Coordinator(e)) => {
                 tracing::warn!(%order_id, cause = %e, "order failed at the coordinator");
                 Err(e.into())

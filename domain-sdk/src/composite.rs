@@ -40,9 +40,18 @@ pub enum RunError<E> {
     /// The closure failed; the transaction was cancelled.
     #[error("cancelled: {0}")]
     Cancelled(E),
-    /// The coordinator failed (begin, confirm or cancel).
+    /// The coordinator failed (begin, or a refused confirm).
     #[error(transparent)]
     Coordinator(#[from] Error),
+    /// Confirm could not be confirmed: the decision may or may not have
+    /// been taken. Ask the coordinator (`Get`) before retrying anything.
+    #[error("outcome of transaction {transaction_id} unknown: {cause}")]
+    OutcomeUnknown {
+        /// The transaction to look up.
+        transaction_id: String,
+        /// The last error.
+        cause: Error,
+    },
 }
 
 impl Coordinator {
@@ -109,8 +118,22 @@ impl Coordinator {
         let txn = self.begin(services, timeout).await?;
         match AssertUnwindSafe(f(txn.clone())).catch_unwind().await {
             Ok(Ok(value)) => {
-                let outcome = txn.confirm(wait).await?;
-                Ok((value, outcome))
+                // Confirm is idempotent: retry it while the outcome is unknown.
+                let mut attempt = 0;
+                loop {
+                    match txn.confirm(wait).await {
+                        Ok(outcome) => return Ok((value, outcome)),
+                        Err(e) if e.is_definitive() => return Err(RunError::Coordinator(e)),
+                        Err(e) if attempt >= 3 => {
+                            return Err(RunError::OutcomeUnknown { transaction_id: txn.id.clone(), cause: e });
+                        }
+                        Err(e) => {
+                            attempt += 1;
+                            tracing::warn!(txn = %txn.id, cause = %e, attempt, "confirm failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        }
+                    }
+                }
             }
             Ok(Err(e)) => {
                 let reason = e.to_string();

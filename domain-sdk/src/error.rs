@@ -28,6 +28,32 @@ pub enum Error {
     Invalid(String),
 }
 
+impl Error {
+    /// True when the coordinator refused for good (the request will never
+    /// succeed, and nothing was stored), as opposed to an error after which
+    /// the outcome is unknown (timeouts, unavailability), where the caller
+    /// must assume it may have succeeded.
+    pub fn is_definitive(&self) -> bool {
+        use tonic::Code::*;
+        match self {
+            Error::Decided(_) | Error::Invalid(_) | Error::Codec(_) => true,
+            Error::Coordinator(s) => matches!(
+                s.code(),
+                InvalidArgument
+                    | NotFound
+                    | AlreadyExists
+                    | PermissionDenied
+                    | FailedPrecondition
+                    | OutOfRange
+                    | Unimplemented
+                    | Unauthenticated
+                    | ResourceExhausted
+            ),
+            _ => false,
+        }
+    }
+}
+
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
         Error::Store(e.to_string())

@@ -43,23 +43,20 @@
 //!             let d: Debit = c.decode()?;
 //!             Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
 //!         }
-//!         Ok(())
+//!         Reservations::release(tx, &call.partial_id).map(|_| ()) // leftovers, if any
 //!     }
 //!     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
 //!         Reservations::release(tx, &call.partial_id).map(|_| ())
 //!     }
 //! }
 //!
-//! /// The try, inside the customers service's request handler.
+//! /// The try, inside the customers service's request handler: reserve,
+//! /// then publish; a definitive refusal releases the reservation.
 //! async fn reserve(store: &LocalStore, coordinator: &Coordinator, ctx: PartialContext,
 //!                  customer: &str, amount: i64) -> Result<(), Box<dyn std::error::Error>> {
-//!     Reservations::hold(store, &ctx, &[(customer.to_string(), amount)]).await?;
-//!     let mut publisher = Publisher::new(coordinator, ctx.clone());
+//!     let mut publisher = Publisher::new(coordinator, "customers", ctx.clone());
 //!     publisher.publish(customer, &Debit { customer: customer.into(), amount })?;
-//!     if let Err(e) = publisher.send().await {
-//!         Reservations::release_now(store, &ctx.partial_id).await?; // decided meanwhile
-//!         return Err(e.into());
-//!     }
+//!     Reservations::reserve_and_publish(store, &ctx, &[(customer.to_string(), amount)], publisher).await?;
 //!     Ok(())
 //! }
 //!

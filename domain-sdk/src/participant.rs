@@ -249,7 +249,9 @@ pub enum Applied {
 }
 
 /// Commits or rolls back `call` exactly once, durably: the transaction runs
-/// on a blocking thread, then the database is flushed before returning.
+/// on a blocking thread, then the database is flushed before returning,
+/// also for a redelivery (`Applied::Already`), because the first delivery
+/// may still be waiting for its own flush.
 /// Used by [`ParticipantService`] and by the reconciler.
 pub async fn apply<P: Participant>(
     store: &LocalStore,
@@ -261,9 +263,7 @@ pub async fn apply<P: Participant>(
     let applied = tokio::task::spawn_blocking(move || apply_in_transaction(&local, participant.as_ref(), phase, &call))
         .await
         .map_err(|e| Error::Store(format!("participant task failed: {e}")))??;
-    if applied == Applied::Now {
-        store.flush().await?;
-    }
+    store.flush().await?;
     Ok(applied)
 }
 

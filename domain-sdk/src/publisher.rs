@@ -42,15 +42,24 @@ pub struct Published {
 #[derive(Debug)]
 pub struct Publisher {
     coordinator: Coordinator,
+    service: String,
     ctx: PartialContext,
     commands: Vec<v1::Command>,
     key: Option<String>,
 }
 
 impl Publisher {
-    /// A publisher for the partial `ctx`.
-    pub fn new(coordinator: &Coordinator, ctx: PartialContext) -> Self {
-        Publisher { coordinator: coordinator.clone(), ctx, commands: Vec::new(), key: None }
+    /// A publisher for the partial `ctx` of `service` (this service's
+    /// participant name): the coordinator refuses the append if the partial
+    /// belongs to another service.
+    pub fn new(coordinator: &Coordinator, service: &str, ctx: PartialContext) -> Self {
+        Publisher {
+            coordinator: coordinator.clone(),
+            service: service.to_string(),
+            ctx,
+            commands: Vec::new(),
+            key: None,
+        }
     }
 
     /// Uses `key` as the idempotency key instead of the content hash.
@@ -90,6 +99,7 @@ impl Publisher {
             partial_id: self.ctx.partial_id.clone(),
             commands: self.commands,
             idempotency_key: key,
+            service: self.service,
         };
         match self.coordinator.topics.clone().append(req).await {
             Ok(r) => {

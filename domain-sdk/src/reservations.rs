@@ -31,6 +31,7 @@ use crate::composite::Coordinator;
 use crate::error::{Error, Result};
 use crate::participant::{LocalStore, Participant, Phase, PhaseTwo, ReceivedCommand, Tx, TxResult, abort, apply};
 use crate::propagation::PartialContext;
+use crate::publisher::{Published, Publisher};
 
 /// Tree of accounts: resource → [`Account`].
 pub const ACCOUNTS: &str = "tcc.accounts";
@@ -68,7 +69,15 @@ pub struct Hold {
     pub deadline_ms: i64,
     /// (resource, amount still held).
     pub lines: Vec<(String, i64)>,
+    /// (resource, amount) as the try asked, sorted: a retried try must ask
+    /// the same.
+    pub requested: Vec<(String, i64)>,
 }
+
+/// Longest a hold waits for its transaction before the reconciler looks at
+/// it, whatever deadline the caller's metadata claims: the coordinator's
+/// largest timeout (1 h) plus a margin.
+pub const MAX_HOLD_MS: i64 = 3_600_000 + 60_000;
 
 /// Why a try could not reserve.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +104,10 @@ pub enum HoldError {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] Error),
+    /// Reserved, but publishing the commands failed (see
+    /// [`Reservations::reserve_and_publish`]).
+    #[error("publishing the try's commands failed: {0}")]
+    Publish(Error),
 }
 
 impl From<HoldError> for tonic::Status {
@@ -104,7 +117,7 @@ impl From<HoldError> for tonic::Status {
             HoldError::Unknown(_) => tonic::Status::not_found(e.to_string()),
             HoldError::Insufficient { .. } => tonic::Status::failed_precondition(e.to_string()),
             HoldError::Invalid(_) => tonic::Status::invalid_argument(e.to_string()),
-            HoldError::Store(s) => s.into(),
+            HoldError::Store(s) | HoldError::Publish(s) => s.into(),
         }
     }
 }
@@ -141,9 +154,20 @@ impl Reservations {
         let account = store.transaction(|tx| {
             let accounts = tx.tree(ACCOUNTS)?;
             let mut a: Account = get_json(accounts, resource.as_bytes())?.unwrap_or_default();
-            a.available += amount;
+            match (a.available.checked_add(amount), a.total().checked_add(amount)) {
+                (Some(v), Some(_)) if amount > 0 => a.available = v,
+                _ => {
+                    return abort(format!(
+                        "cannot add {amount} to {resource:?}: must be positive and keep the total in range"
+                    ));
+                }
+            }
             put_json(accounts, resource.as_bytes(), &a)?;
             Ok(a)
+        });
+        let account = account.map_err(|e| match e {
+            Error::Refused(m) => Error::Invalid(m),
+            other => other,
         })?;
         store.flush().await?;
         Ok(account)
@@ -178,8 +202,9 @@ impl Reservations {
     }
 
     /// The try: reserves every `(resource, amount)` line for the partial
-    /// `ctx`, all or none, durably. A retried try for the same partial is a
-    /// no-op (returns `false`); a fresh reservation returns `true`.
+    /// `ctx`, all or none, durably. A retried try for the same partial with
+    /// the same lines is a no-op (returns `false`); with other lines it is
+    /// refused. A fresh reservation returns `true`.
     pub async fn hold(store: &LocalStore, ctx: &PartialContext, lines: &[(String, i64)]) -> Result<bool, HoldError> {
         if lines.is_empty() {
             return Err(HoldError::Invalid("nothing to reserve".into()));
@@ -187,53 +212,101 @@ impl Reservations {
         if let Some((r, a)) = lines.iter().find(|(_, a)| *a <= 0) {
             return Err(HoldError::Invalid(format!("amount for {r:?} must be positive, got {a}")));
         }
-        // Business refusals are found inside the transaction, reported after.
+        let mut requested = lines.to_vec();
+        requested.sort();
+        let hold = Hold {
+            partial_id: ctx.partial_id.clone(),
+            transaction_id: ctx.transaction_id.clone(),
+            // Never trust a far-future deadline from metadata: the
+            // reconciler must get to every hold.
+            deadline_ms: ctx.deadline_ms.min(now_ms().saturating_add(MAX_HOLD_MS)),
+            lines: lines.to_vec(),
+            requested,
+        };
+        let local = store.clone();
+        let result = tokio::task::spawn_blocking(move || Self::hold_in_transaction(&local, hold))
+            .await
+            .map_err(|e| HoldError::Store(Error::Store(format!("hold task failed: {e}"))))?;
+        let fresh = result?;
+        if fresh {
+            store.flush().await?;
+        }
+        Ok(fresh)
+    }
+
+    fn hold_in_transaction(store: &LocalStore, hold: Hold) -> Result<bool, HoldError> {
+        // Business refusals are found inside the transaction and reported
+        // after it; reset on every run, since sled may run the closure again.
         let refusal = std::sync::Mutex::new(None);
+        let refuse = |e: HoldError| -> TxResult<bool> {
+            *lock(&refusal) = Some(e);
+            abort("refused")
+        };
         let result = store.transaction(|tx| {
-            if tx.phase_of(&ctx.partial_id)?.is_some() {
-                *lock(&refusal) = Some(HoldError::Decided(ctx.partial_id.clone()));
-                return abort("decided");
+            *lock(&refusal) = None;
+            if tx.phase_of(&hold.partial_id)?.is_some() {
+                return refuse(HoldError::Decided(hold.partial_id.clone()));
             }
             let holds = tx.tree(HOLDS)?;
-            if holds.get(ctx.partial_id.as_bytes())?.is_some() {
-                return Ok(false);
+            if let Some(existing) = get_json::<Hold>(holds, hold.partial_id.as_bytes())? {
+                if existing.requested == hold.requested {
+                    return Ok(false);
+                }
+                return refuse(HoldError::Invalid(format!(
+                    "partial {} already reserved {:?}; a retried try must ask the same",
+                    hold.partial_id, existing.requested
+                )));
             }
             let accounts = tx.tree(ACCOUNTS)?;
-            for (resource, amount) in lines {
+            for (resource, amount) in &hold.lines {
                 let Some(mut a) = get_json::<Account>(accounts, resource.as_bytes())? else {
-                    *lock(&refusal) = Some(HoldError::Unknown(resource.clone()));
-                    return abort("unknown");
+                    return refuse(HoldError::Unknown(resource.clone()));
                 };
                 if a.available < *amount {
-                    *lock(&refusal) = Some(HoldError::Insufficient {
+                    return refuse(HoldError::Insufficient {
                         resource: resource.clone(),
                         available: a.available,
                         requested: *amount,
                     });
-                    return abort("insufficient");
                 }
                 a.available -= amount;
                 a.held += amount;
                 put_json(accounts, resource.as_bytes(), &a)?;
             }
-            let hold = Hold {
-                partial_id: ctx.partial_id.clone(),
-                transaction_id: ctx.transaction_id.clone(),
-                deadline_ms: ctx.deadline_ms,
-                lines: lines.to_vec(),
-            };
-            put_json(holds, ctx.partial_id.as_bytes(), &hold)?;
+            put_json(holds, hold.partial_id.as_bytes(), &hold)?;
             Ok(true)
         });
         match result {
-            Ok(fresh) => {
-                store.flush().await?;
-                Ok(fresh)
-            }
+            Ok(fresh) => Ok(fresh),
             Err(Error::Refused(reason)) => {
                 Err(lock(&refusal).take().unwrap_or(HoldError::Store(Error::Refused(reason))))
             }
             Err(e) => Err(HoldError::Store(e)),
+        }
+    }
+
+    /// The whole try for a reserving service: [`hold`](Self::hold) the
+    /// lines, then send `publisher`. If the coordinator refuses the append
+    /// for good (the transaction is decided, unknown, or not this
+    /// service's), a fresh hold is released at once. If the outcome of the
+    /// append is unknown (timeout, unavailable), the hold stays: the
+    /// transaction's rollback, or the reconciler, settles it.
+    pub async fn reserve_and_publish(
+        store: &LocalStore,
+        ctx: &PartialContext,
+        lines: &[(String, i64)],
+        publisher: Publisher,
+    ) -> Result<Published, HoldError> {
+        let fresh = Self::hold(store, ctx, lines).await?;
+        match publisher.send().await {
+            Ok(p) => Ok(p),
+            Err(e) if e.is_definitive() => {
+                if fresh {
+                    Self::release_now(store, &ctx.partial_id).await?;
+                }
+                Err(HoldError::Publish(e))
+            }
+            Err(e) => Err(HoldError::Publish(e)),
         }
     }
 
@@ -336,7 +409,8 @@ impl<P: Participant> Reconciler<P> {
         }
     }
 
-    /// One pass over the overdue holds.
+    /// One pass over the overdue holds. A hold that cannot be settled is
+    /// logged and left for the next pass; it does not stop the others.
     pub async fn reconcile_once(&self) -> Result<Reconciled> {
         let now = now_ms();
         let mut report = Reconciled::default();
@@ -345,18 +419,33 @@ impl<P: Participant> Reconciler<P> {
                 continue;
             }
             report.overdue += 1;
-            let (state, commands) = match self.read_topic(&hold.partial_id).await {
-                Ok(v) => v,
+            // Already decided here: what is left is a leftover; release it.
+            if let Some(phase) = self.store.phase_of(&hold.partial_id)? {
+                let partial = hold.partial_id.clone();
+                self.store.transaction(|tx| Reservations::release(tx, &partial))?;
+                self.store.flush().await?;
+                tracing::warn!(partial = %hold.partial_id, ?phase, "released a hold left over after its decision");
+                report.rolled_back += 1;
+                continue;
+            }
+            let (phase, commands) = match self.read_topic(&hold.partial_id).await {
+                Ok((state, commands)) => match state {
+                    TransactionState::Confirming | TransactionState::Confirmed | TransactionState::FailedToConfirm => {
+                        (Phase::Committed, commands)
+                    }
+                    TransactionState::Cancelling | TransactionState::Cancelled | TransactionState::FailedToCancel => {
+                        (Phase::RolledBack, commands)
+                    }
+                    _ => {
+                        report.pending += 1;
+                        continue;
+                    }
+                },
+                // Never begun (a forged or mistaken partial id), or collected
+                // long after it finished: nothing will ever be delivered.
+                Err(Error::Coordinator(s)) if s.code() == tonic::Code::NotFound => (Phase::RolledBack, Vec::new()),
                 Err(e) => {
                     tracing::warn!(partial = %hold.partial_id, cause = %e, "cannot learn the outcome of an overdue hold");
-                    report.pending += 1;
-                    continue;
-                }
-            };
-            let phase = match state {
-                TransactionState::Confirming | TransactionState::Confirmed => Phase::Committed,
-                TransactionState::Cancelling | TransactionState::Cancelled => Phase::RolledBack,
-                _ => {
                     report.pending += 1;
                     continue;
                 }
@@ -366,10 +455,13 @@ impl<P: Participant> Reconciler<P> {
                 partial_id: hold.partial_id.clone(),
                 commands,
             });
-            apply(&self.store, self.participant.clone(), phase, call).await?;
-            match phase {
-                Phase::Committed => report.committed += 1,
-                Phase::RolledBack => report.rolled_back += 1,
+            match apply(&self.store, self.participant.clone(), phase, call).await {
+                Ok(_) if phase == Phase::Committed => report.committed += 1,
+                Ok(_) => report.rolled_back += 1,
+                Err(e) => {
+                    tracing::error!(partial = %hold.partial_id, ?phase, cause = %e, "reconciler cannot settle a hold");
+                    report.pending += 1;
+                }
             }
         }
         Ok(report)
@@ -465,6 +557,20 @@ mod tests {
             Reservations::hold(&store, &ctx("q"), &[("bob".to_string(), 0)]).await,
             Err(HoldError::Invalid(_))
         ));
+        // A retried try must ask the same; a different ask is refused.
+        Reservations::hold(&store, &ctx("r"), &[("bob".to_string(), 2)])
+            .await
+            .map_err(|e| Error::Store(e.to_string()))?;
+        let other = Reservations::hold(&store, &ctx("r"), &[("bob".to_string(), 3)]).await;
+        assert!(matches!(other, Err(HoldError::Invalid(_))), "{other:?}");
+        assert_eq!(Reservations::account(&store, "bob")?.map(|a| a.held), Some(2));
+        // Seeding past i64 is refused, not wrapped.
+        assert!(matches!(Reservations::seed(&store, "bob", i64::MAX).await, Err(Error::Invalid(_))));
+        // A far-future deadline from metadata is capped.
+        let far = PartialContext { partial_id: "far".into(), transaction_id: "t".into(), deadline_ms: i64::MAX };
+        Reservations::hold(&store, &far, &[("amy".to_string(), 1)]).await.map_err(|e| Error::Store(e.to_string()))?;
+        let h = Reservations::holds(&store)?.into_iter().find(|h| h.partial_id == "far").map(|h| h.deadline_ms);
+        assert!(h.is_some_and(|d| d <= now_ms() + MAX_HOLD_MS), "{h:?}");
         Ok(())
     }
 }

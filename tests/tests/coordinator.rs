@@ -35,7 +35,12 @@ async fn append(
     key: &str,
 ) -> Result<v1::AppendResponse, tonic::Status> {
     let mut client = c.topics().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let req = v1::AppendRequest { partial_id: partial.into(), commands: cmds, idempotency_key: key.into() };
+    let req = v1::AppendRequest {
+        partial_id: partial.into(),
+        commands: cmds,
+        idempotency_key: key.into(),
+        service: String::new(),
+    };
     Ok(client.append(req).await?.into_inner())
 }
 
@@ -509,6 +514,7 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
         partial_id: p.into(),
         commands: cmds,
         idempotency_key: key.into(),
+        service: String::new(),
     };
 
     let mut cases: Vec<(&str, Result<(), tonic::Status>, Code, &str)> = Vec::new();

@@ -222,6 +222,9 @@ async fn refused_orders_leave_every_balance_unchanged() -> Result<()> {
         assert!(err.message().contains(msg), "{}", err.message());
         s.check_conservation().await?;
     }
+    let overflow = pb::SeedCustomerRequest { customer: "bob".into(), credit: i64::MAX };
+    let err = s.customers().await?.seed(overflow).await.expect_err("overflow");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // Not enough credit: stock was reserved first, then released by the rollback.
     s.seed(&[], &[("book", 2, 15)]).await?;
     let err = s.place("bob", &[("book", 3)]).await.expect_err("45 > 30");
@@ -376,6 +379,21 @@ async fn a_try_after_the_decision_is_refused_and_holds_nothing() -> Result<()> {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let a = &s.accounts().await?["erin"];
     assert_eq!((a.available, a.held), (40, 0));
+    // A forged partial id, or another service's: the coordinator refuses the
+    // append for good, and the hold taken for it is released at once.
+    let forged = tcc_domain_sdk::propagation::PartialContext {
+        partial_id: "0190a1b2-c3d4-4e5f-8a9b-0c1d2e3f4a5b".into(),
+        transaction_id: "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b".into(),
+        deadline_ms: i64::MAX,
+    };
+    let err = reserve_credit(&s, &forged, "erin", 10).await.expect_err("forged partial");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let txn2 = sdk.begin(&["customers", "inventory"], Duration::from_secs(30)).await?;
+    let err = reserve_credit(&s, &txn2.partial("inventory")?, "erin", 10).await.expect_err("foreign partial");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("belongs to service \"inventory\""), "{}", err.message());
+    let a = &s.accounts().await?["erin"];
+    assert_eq!((a.available, a.held), (40, 0), "nothing held for refused tries");
     // A try outside any transaction is refused too.
     let err = s
         .customers()

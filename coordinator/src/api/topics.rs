@@ -30,7 +30,8 @@ impl<S: Store> Topics for TopicsApi<S> {
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
         let commands =
             req.commands.into_iter().map(|c| NewCommand { kind: c.r#type, key: c.key, payload: c.payload }).collect();
-        let (receipt, duplicate) = self.engine.append(partial, commands, &req.idempotency_key).await?;
+        let service = (!req.service.is_empty()).then_some(req.service.as_str());
+        let (receipt, duplicate) = self.engine.append(partial, service, commands, &req.idempotency_key).await?;
         Ok(Response::new(v1::AppendResponse {
             first_sequence: receipt.first_sequence,
             last_sequence: receipt.last_sequence,

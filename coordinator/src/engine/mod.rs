@@ -337,9 +337,11 @@ impl<S: Store> Engine<S> {
     /// looked up under the transaction's lock, which the first try holds
     /// until its write is durable, so a retry is never told "stored" about a
     /// write that is still in flight.
+    /// With `service`, the partial must belong to that participant service.
     pub async fn append(
         &self,
         partial: PartialId,
+        service: Option<&str>,
         commands: Vec<NewCommand>,
         idempotency_key: &str,
     ) -> Result<(AppendReceipt, bool)> {
@@ -360,15 +362,23 @@ impl<S: Store> Engine<S> {
             }
         };
         let mut guard = live.record.lock().await;
+        let idx = guard
+            .participant_index(partial)
+            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
+        if let Some(service) = service {
+            let owner = &guard.participants[idx].service;
+            if owner != service {
+                return Err(Error::invalid(format!(
+                    "partial transaction {partial} belongs to service {owner:?}, not {service:?}"
+                )));
+            }
+        }
         if let Some(key) = key {
             if let Some(r) = self.store.find_receipt(partial, key).await? {
                 return check_receipt(r, n, bytes, key).map(|r| (r, true));
             }
         }
         self.expire_if_due(&live, &mut guard).await?;
-        let idx = guard
-            .participant_index(partial)
-            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
         let mut next = guard.clone();
         apply(&mut next, Event::Append { participant: idx, commands: n, bytes }, self.clock.now_ms())?;
         let p = &next.participants[idx];
