@@ -101,7 +101,10 @@ pub async fn serve(name: &str, common: &Common, routes: Routes, shutdown: Cancel
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        )
         .await;
     if let Some(r) = registration {
         r.stop().await;

@@ -39,25 +39,33 @@ pub use tcc_proto::v1::{
 
 /// Path of a workspace binary built for this test run.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run the tests with `cargo test --workspace`, which builds it",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    // A test runs from target/<profile>/deps/, a binary (tcc-bench) from
+    // target/<profile>/: look next to the executable, then one level up.
+    let here = exe.parent().expect("executable directory");
+    let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
+    match candidates.iter().find(|p| p.is_file()) {
+        Some(p) => p.clone(),
+        None => panic!(
+            "{name} not found next to {}: build the workspace first (`cargo test --workspace` or `cargo build --release --workspace`)",
+            exe.display()
+        ),
+    }
 }
 
 /// Spawns `binary` with `args`, logs to `log`, and waits (up to 30 s) for
 /// the readiness line `"<ready> listening on ADDR"` on its stdout.
-async fn spawn_ready(binary: &str, args: &[String], log: &Path, ready: &str) -> Result<(Child, SocketAddr)> {
+async fn spawn_ready(
+    binary: &str,
+    args: &[String],
+    log: &Path,
+    ready: &str,
+    filter: &str,
+) -> Result<(Child, SocketAddr)> {
     let log_file = std::fs::File::create(log)?;
     let mut child = Command::new(crate::binary(binary))
         .args(args)
-        .env("RUST_LOG", "info,tcc_coordinator=debug,tcc_domain_sdk=debug")
+        .env("RUST_LOG", filter)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
         .kill_on_drop(true)
@@ -97,17 +105,34 @@ pub struct Process {
     ready: String,
     args: Vec<String>,
     log: PathBuf,
+    filter: String,
     tmp: Arc<tempfile::TempDir>,
 }
+
+/// The log filter of spawned processes: debug for our crates, so a failing
+/// test shows what happened.
+pub const DEBUG_LOGS: &str = "info,tcc_coordinator=debug,tcc_domain_sdk=debug";
 
 impl Process {
     /// Starts `binary` with `args`, waiting for `"<ready> listening on"`.
     /// Logs go to a file in `tmp`, shown if the test fails.
     pub async fn start(binary: &str, ready: &str, args: Vec<String>, tmp: Arc<tempfile::TempDir>) -> Result<Self> {
+        Self::start_logged(binary, ready, args, tmp, DEBUG_LOGS).await
+    }
+
+    /// [`start`](Self::start) with a `RUST_LOG` filter of your choice.
+    pub async fn start_logged(
+        binary: &str,
+        ready: &str,
+        args: Vec<String>,
+        tmp: Arc<tempfile::TempDir>,
+        filter: &str,
+    ) -> Result<Self> {
         static RUN: AtomicU64 = AtomicU64::new(0);
         let log = tmp.path().join(format!("{ready}-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
-        let (child, addr) = spawn_ready(binary, &args, &log, ready).await?;
-        Ok(Process { child: Some(child), addr, binary: binary.into(), ready: ready.into(), args, log, tmp })
+        let (child, addr) = spawn_ready(binary, &args, &log, ready, filter).await?;
+        let (binary, ready, filter) = (binary.into(), ready.into(), filter.into());
+        Ok(Process { child: Some(child), addr, binary, ready, args, log, filter, tmp })
     }
 
     /// Its address.
@@ -118,6 +143,11 @@ impl Process {
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Its process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
 
     /// Its log so far.
@@ -152,7 +182,8 @@ impl Process {
     /// may change unless the arguments fix it.
     pub async fn restart(&mut self) -> Result<()> {
         anyhow::ensure!(self.child.is_none(), "still running");
-        *self = Process::start(&self.binary.clone(), &self.ready.clone(), self.args.clone(), self.tmp.clone()).await?;
+        let (binary, ready, filter) = (self.binary.clone(), self.ready.clone(), self.filter.clone());
+        *self = Process::start_logged(&binary, &ready, self.args.clone(), self.tmp.clone(), &filter).await?;
         Ok(())
     }
 }
@@ -177,12 +208,17 @@ pub struct Coordinator {
 impl Coordinator {
     /// Starts a coordinator with a fresh data directory and extra flags.
     pub async fn start(args: &[&str]) -> Result<Self> {
+        Self::start_logged(args, DEBUG_LOGS).await
+    }
+
+    /// [`start`](Self::start) with a `RUST_LOG` filter of your choice.
+    pub async fn start_logged(args: &[&str], filter: &str) -> Result<Self> {
         let tmp = Arc::new(tempfile::tempdir()?);
         let data_dir = tmp.path().join("data");
         let mut all: Vec<String> = ["--listen", "127.0.0.1:0", "--data-dir"].iter().map(|s| s.to_string()).collect();
         all.push(data_dir.to_string_lossy().into_owned());
         all.extend(args.iter().map(|s| s.to_string()));
-        let process = Process::start("tcc-coordinator", "tcc-coordinator", all, tmp).await?;
+        let process = Process::start_logged("tcc-coordinator", "tcc-coordinator", all, tmp, filter).await?;
         Ok(Coordinator { process, data_dir })
     }
 
@@ -207,6 +243,11 @@ impl Coordinator {
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.process.addr()
+    }
+
+    /// Its process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 
     /// `http://ADDR`.
@@ -382,9 +423,12 @@ impl TestParticipant {
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                    let _ = stopped.await;
-                })
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
                 .await;
         });
         Ok(TestParticipant { shared, addr, stop: Some(stop), server: Some(server) })

@@ -1,0 +1,469 @@
+//! `tcc-bench`: the load generator and benchmark harness.
+//!
+//! It spawns the real `tcc-coordinator` binary (found next to itself, with a
+//! fresh data directory; durability on, as always) and `--participants`
+//! in-process no-op participant servers, then runs composite transactions
+//! from `--concurrency` workers:
+//!
+//! ```text
+//! Begin(P services) -> P x Append(C commands of B bytes), in parallel
+//!                   -> Confirm(wait = true)   (or Cancel(wait = true))
+//! ```
+//!
+//! so each transaction is one Begin, P Appends, one Confirm and P
+//! Commits/Rollbacks: `2 + 2P` RPCs. It reports transactions per second,
+//! latency percentiles of whole transactions and of the confirm call,
+//! errors, the coordinator's CPU seconds per transaction (from
+//! `/proc/PID/stat`) and its peak memory (`VmHWM`), with a progress line
+//! every second. In the same run it measures the floor: plain unary RPCs
+//! (`grpc.health.v1.Health/Check`) against the same coordinator at the
+//! same concurrency. Efficiency is then `tps x (2 + 2P) / floor RPC/s`.
+//!
+//! `--active N` measures holding N ACTIVE transactions instead: resident
+//! memory with them open, then the time to recover after `kill -9`.
+//!
+//! Every loop is bounded by `--duration-secs` or `--count`; only loopback
+//! addresses are used.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tcc_proto::v1::{self, participant_server::ParticipantServer};
+use tcc_tests::{Coordinator, RegistryClient, TopicsClient, TransactionsClient};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+/// Command-line flags.
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Benchmark the TCC coordinator with composite transactions")]
+struct Args {
+    /// A preset: headline (2 participants x 1 command x 100 B), five
+    /// (5 participants), large (64 KiB payloads), cancel (90 % cancel),
+    /// active (100k ACTIVE transactions, memory and recovery).
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Concurrent workers (transactions in flight).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Participants per transaction.
+    #[arg(long, default_value_t = 2)]
+    participants: usize,
+    /// Commands per participant.
+    #[arg(long, default_value_t = 1)]
+    commands: usize,
+    /// Payload bytes per command.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Fraction of transactions cancelled instead of confirmed.
+    #[arg(long, default_value_t = 0.0)]
+    cancel_ratio: f64,
+    /// Measured run length, in seconds (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Stop after this many transactions instead (0: use the duration).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Warm-up before measuring, in seconds.
+    #[arg(long, default_value_t = 1)]
+    warmup_secs: u64,
+    /// Length of the raw-RPC floor measurement, in seconds (0: skip).
+    #[arg(long, default_value_t = 3)]
+    floor_secs: u64,
+    /// Hold this many ACTIVE transactions, then kill -9 and time recovery.
+    #[arg(long, default_value_t = 0)]
+    active: u64,
+    /// gRPC channels (HTTP/2 connections) the workers share.
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Extra flags for the coordinator (repeatable).
+    #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+    coordinator_args: Vec<String>,
+}
+
+impl Args {
+    fn apply_scenario(&mut self) -> Result<()> {
+        match self.scenario.as_deref() {
+            None | Some("headline") => {}
+            Some("five") => self.participants = 5,
+            Some("large") => {
+                self.payload = 64 * 1024;
+                self.concurrency = self.concurrency.min(16);
+            }
+            Some("cancel") => self.cancel_ratio = 0.9,
+            Some("active") => {
+                if self.active == 0 {
+                    self.active = 100_000;
+                }
+            }
+            Some(other) => bail!("unknown scenario {other:?}; use headline, five, large, cancel or active"),
+        }
+        Ok(())
+    }
+}
+
+/// A participant that acknowledges everything at once.
+struct Noop;
+
+#[tonic::async_trait]
+impl v1::participant_server::Participant for Noop {
+    async fn commit(
+        &self,
+        _: tonic::Request<v1::PhaseTwoRequest>,
+    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
+    }
+    async fn rollback(
+        &self,
+        _: tonic::Request<v1::PhaseTwoRequest>,
+    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
+        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
+    }
+}
+
+async fn start_noop() -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ParticipantServer::new(Noop).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    Ok(format!("http://{addr}"))
+}
+
+/// CPU seconds (user + system) of a process, from /proc (USER_HZ = 100).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// A `VmHWM`/`VmRSS` style field of /proc/PID/status, in MiB.
+fn memory_mib(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+struct Clients {
+    tx: Vec<TransactionsClient<Channel>>,
+    topics: Vec<TopicsClient<Channel>>,
+}
+
+async fn clients(c: &Coordinator, n: usize) -> Result<Clients> {
+    let mut tx = Vec::new();
+    let mut topics = Vec::new();
+    for _ in 0..n.max(1) {
+        let ch = c.channel().await?;
+        tx.push(TransactionsClient::new(ch.clone()));
+        topics.push(TopicsClient::new(ch));
+    }
+    Ok(Clients { tx, topics })
+}
+
+#[derive(Default)]
+struct Stats {
+    whole: Option<Histogram<u64>>,
+    confirm: Option<Histogram<u64>>,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// One composite transaction; returns (whole, decision) latency in µs.
+async fn one_transaction(
+    tx: &mut TransactionsClient<Channel>,
+    topics: &TopicsClient<Channel>,
+    args: &Args,
+    services: &[String],
+    payload: &[u8],
+    cancel: bool,
+) -> Result<(u64, u64)> {
+    let start = Instant::now();
+    let begun = tx.begin(v1::BeginRequest { participants: services.to_vec(), timeout_ms: 60_000 }).await?.into_inner();
+    let appends = begun.partials.iter().map(|p| {
+        let mut topics = topics.clone();
+        let commands = (0..args.commands)
+            .map(|i| v1::Command { r#type: "bench.Cmd".into(), key: format!("k{i}"), payload: payload.to_vec() })
+            .collect();
+        let req = v1::AppendRequest {
+            partial_id: p.partial_id.clone(),
+            commands,
+            idempotency_key: String::new(),
+            service: p.service.clone(),
+        };
+        async move { topics.append(req).await }
+    });
+    for r in futures::future::join_all(appends).await {
+        r?;
+    }
+    let decide = Instant::now();
+    let state = if cancel {
+        let req = v1::CancelRequest {
+            transaction_id: begun.transaction_id,
+            reason: "bench".into(),
+            wait: true,
+            wait_timeout_ms: 30_000,
+        };
+        tx.cancel(req).await?.into_inner().state
+    } else {
+        let req = v1::ConfirmRequest { transaction_id: begun.transaction_id, wait: true, wait_timeout_ms: 30_000 };
+        tx.confirm(req).await?.into_inner().state
+    };
+    let want = if cancel { v1::TransactionState::Cancelled } else { v1::TransactionState::Confirmed };
+    if state != want as i32 {
+        bail!("transaction ended in state {state}, not {want:?}");
+    }
+    Ok((start.elapsed().as_micros() as u64, decide.elapsed().as_micros() as u64))
+}
+
+async fn run_load(
+    c: &Coordinator,
+    args: &Args,
+    services: &[String],
+    measure_for: Duration,
+) -> Result<(u64, u64, Stats, Duration)> {
+    let clients = clients(c, args.channels).await?;
+    let payload = vec![0x5a_u8; args.payload];
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stats = Arc::new(Mutex::new(Stats { whole: Some(hist()), confirm: Some(hist()) }));
+    let started = Instant::now();
+    let deadline = started + measure_for;
+    let mut workers = Vec::new();
+    for w in 0..args.concurrency {
+        let mut tx = clients.tx[w % clients.tx.len()].clone();
+        let topics = clients.topics[w % clients.topics.len()].clone();
+        let (args, services, payload) = (args.clone(), services.to_vec(), payload.clone());
+        let (done, errors, stats) = (done.clone(), errors.clone(), stats.clone());
+        workers.push(tokio::spawn(async move {
+            let mut whole = hist();
+            let mut confirm = hist();
+            let mut n: u64 = 0;
+            loop {
+                if Instant::now() >= deadline || (args.count > 0 && done.load(Ordering::Relaxed) >= args.count) {
+                    break;
+                }
+                let cancel =
+                    args.cancel_ratio > 0.0 && ((n as f64 * 0.618_034 + w as f64 * 0.414) % 1.0) < args.cancel_ratio;
+                n += 1;
+                match one_transaction(&mut tx, &topics, &args, &services, &payload, cancel).await {
+                    Ok((w_us, c_us)) => {
+                        let _ = whole.record(w_us.max(1));
+                        let _ = confirm.record(c_us.max(1));
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                            eprintln!("error: {e:#}");
+                        }
+                    }
+                }
+            }
+            let mut guard = stats.lock().await;
+            let s = &mut *guard;
+            if let (Some(a), Some(b)) = (s.whole.as_mut(), s.confirm.as_mut()) {
+                let _ = a.add(&whole);
+                let _ = b.add(&confirm);
+            }
+        }));
+    }
+    // Progress, once a second, bounded by the run.
+    let progress = {
+        let (done, errors) = (done.clone(), errors.clone());
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let now = done.load(Ordering::Relaxed);
+                eprintln!(
+                    "  [{:>4.0}s] {:>7} tx/s, {} done, {} errors",
+                    started.elapsed().as_secs_f64(),
+                    now - last,
+                    now,
+                    errors.load(Ordering::Relaxed)
+                );
+                last = now;
+            }
+        })
+    };
+    for w in workers {
+        w.await?;
+    }
+    progress.abort();
+    let elapsed = started.elapsed();
+    let stats = Arc::try_unwrap(stats).map_err(|_| anyhow::anyhow!("stats still shared"))?.into_inner();
+    Ok((done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), stats, elapsed))
+}
+
+/// Plain unary RPCs (health Check) at the same concurrency: the floor.
+async fn floor(c: &Coordinator, args: &Args) -> Result<f64> {
+    let mut chans = Vec::new();
+    for _ in 0..args.channels.max(1) {
+        chans.push(c.channel().await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.floor_secs);
+    let count = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.concurrency {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(chans[w % chans.len()].clone());
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
+    let pid = c.pid().context("coordinator pid")?;
+    let rss_before = memory_mib(pid, "VmRSS:").unwrap_or(0.0);
+    let clients = clients(c, args.channels).await?;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..args.concurrency {
+        let mut tx = clients.tx[w % clients.tx.len()].clone();
+        let (next, total) = (next.clone(), args.active);
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                let req = v1::BeginRequest { participants: vec!["a".into(), "b".into()], timeout_ms: 3_600_000 };
+                tx.begin(req).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let begun_in = started.elapsed();
+    let rss = memory_mib(pid, "VmRSS:").unwrap_or(0.0);
+    let hwm = memory_mib(pid, "VmHWM:").unwrap_or(0.0);
+    println!("| ACTIVE transactions held | {} |", args.active);
+    println!(
+        "| begun in | {:.1} s ({:.0} begins/s) |",
+        begun_in.as_secs_f64(),
+        args.active as f64 / begun_in.as_secs_f64()
+    );
+    println!("| coordinator RSS before / with them open (peak) | {rss_before:.0} MiB / {rss:.0} MiB ({hwm:.0} MiB) |");
+    c.kill9().await?;
+    let restart = Instant::now();
+    c.restart().await?;
+    let recovery = restart.elapsed();
+    let pid = c.pid().context("coordinator pid")?;
+    println!("| kill -9, restart until serving (recovery) | {:.2} s |", recovery.as_secs_f64());
+    println!("| RSS after recovery | {:.0} MiB |", memory_mib(pid, "VmRSS:").unwrap_or(0.0));
+    let listed = c
+        .admin()
+        .await?
+        .list_transactions(v1::ListTransactionsRequest {
+            states: vec![v1::TransactionState::Active as i32],
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(!listed.transactions.is_empty(), "no ACTIVE transaction after recovery");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.apply_scenario()?;
+    let mut coordinator_args: Vec<&str> = vec!["--retention-secs", "5"];
+    coordinator_args.extend(args.coordinator_args.iter().map(|s| s.as_str()));
+    let mut c = Coordinator::start_logged(&coordinator_args, "warn").await?;
+    let pid = c.pid().context("coordinator pid")?;
+    eprintln!("coordinator pid {pid} on {}; {:?}", c.addr(), args);
+
+    if args.active > 0 {
+        println!("| measure | value |\n|---|---|");
+        return run_active(&mut c, &args).await;
+    }
+
+    let mut registry = RegistryClient::new(c.channel().await?);
+    let mut services = Vec::new();
+    for i in 0..args.participants {
+        let name = format!("bench-{i}");
+        let url = start_noop().await?;
+        registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
+        services.push(name);
+    }
+
+    if args.warmup_secs > 0 {
+        let warm = Args { count: 0, ..args.clone() };
+        run_load(&c, &warm, &services, Duration::from_secs(args.warmup_secs)).await?;
+    }
+    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let measure = if args.count > 0 { Duration::from_secs(3600) } else { Duration::from_secs(args.duration_secs) };
+    let (done, errors, stats, elapsed) = run_load(&c, &args, &services, measure).await?;
+    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
+    let peak = memory_mib(pid, "VmHWM:").unwrap_or(0.0);
+    let floor_rps = if args.floor_secs > 0 { floor(&c, &args).await? } else { 0.0 };
+
+    let tps = done as f64 / elapsed.as_secs_f64();
+    let rpcs = 2 + 2 * args.participants as u64;
+    let whole = stats.whole.unwrap_or_else(hist);
+    let confirm = stats.confirm.unwrap_or_else(hist);
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| shape | {} participants x {} commands x {} B, concurrency {}, cancel {:.0} % |",
+        args.participants,
+        args.commands,
+        args.payload,
+        args.concurrency,
+        args.cancel_ratio * 100.0
+    );
+    println!("| transactions | {done} in {:.1} s, {errors} errors |", elapsed.as_secs_f64());
+    println!("| throughput | {tps:.0} tx/s ({:.0} coordinator RPCs/s) |", tps * rpcs as f64);
+    println!(
+        "| whole transaction p50 / p99 / p99.9 | {:.2} / {:.2} / {:.2} ms |",
+        ms(whole.value_at_quantile(0.5)),
+        ms(whole.value_at_quantile(0.99)),
+        ms(whole.value_at_quantile(0.999))
+    );
+    println!(
+        "| confirm (wait) p50 / p99 / p99.9 | {:.2} / {:.2} / {:.2} ms |",
+        ms(confirm.value_at_quantile(0.5)),
+        ms(confirm.value_at_quantile(0.99)),
+        ms(confirm.value_at_quantile(0.999))
+    );
+    if done > 0 {
+        println!("| coordinator CPU per transaction | {:.1} µs ({cpu:.2} CPU-s total) |", cpu * 1e6 / done as f64);
+    }
+    println!("| coordinator peak RSS | {peak:.0} MiB |");
+    if floor_rps > 0.0 {
+        println!("| raw unary RPC floor (health Check) | {floor_rps:.0} RPC/s |");
+        println!("| efficiency (tx/s x {rpcs} RPCs / floor) | {:.0} % |", 100.0 * tps * rpcs as f64 / floor_rps);
+    }
+    if errors > 0 {
+        bail!("{errors} transactions failed");
+    }
+    Ok(())
+}
