@@ -35,6 +35,7 @@ pub mod config;
 pub mod delivery;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod ids;
 pub mod server;
 pub mod store;

@@ -58,6 +58,7 @@ pub fn binary(name: &str) -> PathBuf {
 async fn spawn_ready(
     binary: &str,
     args: &[String],
+    env: &[(String, String)],
     log: &Path,
     ready: &str,
     filter: &str,
@@ -65,6 +66,7 @@ async fn spawn_ready(
     let log_file = std::fs::File::create(log)?;
     let mut child = Command::new(crate::binary(binary))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", filter)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
@@ -130,9 +132,30 @@ impl Process {
     ) -> Result<Self> {
         static RUN: AtomicU64 = AtomicU64::new(0);
         let log = tmp.path().join(format!("{ready}-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
-        let (child, addr) = spawn_ready(binary, &args, &log, ready, filter).await?;
+        let (child, addr) = spawn_ready(binary, &args, &[], &log, ready, filter).await?;
         let (binary, ready, filter) = (binary.into(), ready.into(), filter.into());
         Ok(Process { child: Some(child), addr, binary, ready, args, log, filter, tmp })
+    }
+
+    /// Starts it again (after it stopped) with extra environment variables,
+    /// e.g. `TCC_CRASH_AT`. Fails if it does not become ready.
+    pub async fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "still running");
+        static RUN: AtomicU64 = AtomicU64::new(1_000);
+        let log = self.tmp.path().join(format!("{}-{}.log", self.ready, RUN.fetch_add(1, Ordering::Relaxed)));
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (child, addr) = spawn_ready(&self.binary, &self.args, &env, &log, &self.ready, &self.filter).await?;
+        self.child = Some(child);
+        self.addr = addr;
+        self.log = log;
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) for the process to exit by itself (e.g. at a
+    /// crash point) and returns its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        Ok(tokio::time::timeout(limit, child.wait()).await.context("process did not exit")??)
     }
 
     /// Its address.
@@ -318,6 +341,33 @@ impl Coordinator {
     /// Starts the coordinator again on the same data directory and flags.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.restart().await
+    }
+
+    /// Restarts it with extra environment variables (e.g. `TCC_CRASH_AT`).
+    pub async fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.process.restart_with_env(env).await
+    }
+
+    /// Waits for it to exit by itself (a crash point) and returns the status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        self.process.wait_exit(limit).await
+    }
+
+    /// Starts it on the same data directory expecting it to die before it
+    /// is ready (e.g. a crash point during recovery); returns its stderr.
+    pub async fn start_crashing(&self, env: &[(&str, &str)]) -> Result<String> {
+        anyhow::ensure!(self.process.child.is_none(), "still running");
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            Command::new(binary("tcc-coordinator"))
+                .args(&self.process.args)
+                .envs(env.iter().copied())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await??;
+        anyhow::ensure!(!out.status.success(), "expected a crash, got {:?}", out.status);
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

@@ -190,9 +190,13 @@ impl<S: Store> Delivery<S> {
                 }
             };
             let done = matches!(event, Event::Delivered { .. } | Event::GaveUp { .. });
+            let acked = matches!(event, Event::Delivered { .. });
             if let Err(e) = self.engine.record_phase2(txn, event).await {
                 error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot record phase-2 progress");
                 return self.pause(Duration::from_secs(1)).await;
+            }
+            if acked {
+                crate::failpoint::crash_point("after-ack");
             }
             if done {
                 return;

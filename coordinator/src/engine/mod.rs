@@ -198,6 +198,7 @@ impl<S: Store> Engine<S> {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             for txn in page {
+                crate::failpoint::crash_point("during-recovery");
                 match txn.state {
                     TxnState::Active => counts.active += 1,
                     TxnState::Confirming | TxnState::Cancelling => counts.delivering += 1,
@@ -580,6 +581,9 @@ impl<S: Store> Engine<S> {
         let mut next = guard.clone();
         if apply(&mut next, event, self.clock.now_ms())? == Outcome::Changed {
             self.store.put_txn(&next).await?;
+            if guard.state == TxnState::Active && next.state.is_delivering() {
+                crate::failpoint::crash_point("after-decision");
+            }
             self.commit(&live, &mut guard, next);
         }
         Ok(guard.clone())

@@ -108,6 +108,7 @@ impl Store for SledStore {
         }
         txn_into_batch(&mut batch, txn)?;
         self.tree.apply_batch(batch)?;
+        crate::failpoint::crash_point("append-unflushed");
         self.commit.sync().await
     }
 
