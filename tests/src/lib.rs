@@ -32,6 +32,8 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+pub mod shop;
+
 pub use tcc_proto::v1::{
     admin_client::AdminClient, registry_client::RegistryClient, topics_client::TopicsClient,
     transactions_client::TransactionsClient,
@@ -238,8 +240,10 @@ impl Coordinator {
     pub async fn start_logged(args: &[&str], filter: &str) -> Result<Self> {
         let tmp = Arc::new(tempfile::tempdir()?);
         let data_dir = tmp.path().join("data");
-        let mut all: Vec<String> = ["--listen", "127.0.0.1:0", "--data-dir"].iter().map(|s| s.to_string()).collect();
-        all.push(data_dir.to_string_lossy().into_owned());
+        let mut all: Vec<String> = vec!["--data-dir".into(), data_dir.to_string_lossy().into_owned()];
+        if !args.contains(&"--listen") {
+            all.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
         all.extend(args.iter().map(|s| s.to_string()));
         let process = Process::start_logged("tcc-coordinator", "tcc-coordinator", all, tmp, filter).await?;
         Ok(Coordinator { process, data_dir })
@@ -569,6 +573,12 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A loopback port that was free a moment ago (for processes that must be
+/// restarted on the same address).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A command for an Append request.
