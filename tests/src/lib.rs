@@ -323,6 +323,25 @@ impl Coordinator {
         Ok(RegistryClient::new(self.channel().await?))
     }
 
+    /// Begins a transaction for `services`.
+    pub async fn begin(&self, services: &[&str], timeout_ms: u64) -> Result<v1::BeginResponse> {
+        let req = v1::BeginRequest { participants: services.iter().map(|s| s.to_string()).collect(), timeout_ms };
+        Ok(self.transactions().await?.begin(req).await?.into_inner())
+    }
+
+    /// Appends `cmds` to a partial topic with an idempotency key (may be
+    /// empty); the gRPC status on refusal.
+    pub async fn append(&self, partial: &str, cmds: Vec<v1::Command>, key: &str) -> Result<v1::AppendResponse, Status> {
+        let mut topics = self.topics().await.map_err(|e| Status::unknown(e.to_string()))?;
+        let req = v1::AppendRequest {
+            partial_id: partial.into(),
+            commands: cmds,
+            idempotency_key: key.into(),
+            service: String::new(),
+        };
+        Ok(topics.append(req).await?.into_inner())
+    }
+
     /// Registers a participant's endpoint with a long lease.
     pub async fn register(&self, service: &str, p: &TestParticipant) -> Result<()> {
         self.registry()
@@ -553,6 +572,33 @@ impl Drop for TestParticipant {
             let _ = s.send(());
         }
     }
+}
+
+/// A participant that acknowledges everything at once and keeps nothing
+/// (for load: benchmark and soak).
+struct Noop;
+
+#[tonic::async_trait]
+impl Participant for Noop {
+    async fn commit(&self, _: Request<v1::PhaseTwoRequest>) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        Ok(Response::new(v1::PhaseTwoResponse {}))
+    }
+    async fn rollback(&self, _: Request<v1::PhaseTwoRequest>) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        Ok(Response::new(v1::PhaseTwoResponse {}))
+    }
+}
+
+/// Serves a no-op participant on an ephemeral loopback port for the rest of
+/// the process; returns its endpoint URI.
+pub async fn start_noop_participant() -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ParticipantServer::new(Noop).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    Ok(format!("http://{addr}"))
 }
 
 /// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.

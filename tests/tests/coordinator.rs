@@ -23,27 +23,6 @@ fn acked(calls: &[Call], kind: &str, partial: &str) -> usize {
     calls.iter().filter(|c| c.kind == kind && c.partial_id == partial && c.acked).count()
 }
 
-async fn begin(c: &Coordinator, services: &[&str], timeout_ms: u64) -> Result<v1::BeginResponse> {
-    let req = v1::BeginRequest { participants: services.iter().map(|s| s.to_string()).collect(), timeout_ms };
-    Ok(c.transactions().await?.begin(req).await?.into_inner())
-}
-
-async fn append(
-    c: &Coordinator,
-    partial: &str,
-    cmds: Vec<v1::Command>,
-    key: &str,
-) -> Result<v1::AppendResponse, tonic::Status> {
-    let mut client = c.topics().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let req = v1::AppendRequest {
-        partial_id: partial.into(),
-        commands: cmds,
-        idempotency_key: key.into(),
-        service: String::new(),
-    };
-    Ok(client.append(req).await?.into_inner())
-}
-
 async fn confirm_wait(c: &Coordinator, id: &str) -> Result<v1::DecisionResponse> {
     let req = v1::ConfirmRequest { transaction_id: id.into(), wait: true, wait_timeout_ms: 20_000 };
     Ok(c.transactions().await?.confirm(req).await?.into_inner())
@@ -97,17 +76,17 @@ async fn begin_append_confirm_delivers_exactly_each_participants_commands_in_ord
     c.register("orders", &orders).await?;
     c.register("customers", &customers).await?;
 
-    let t = begin(&c, &["orders", "customers"], 10_000).await?;
+    let t = c.begin(&["orders", "customers"], 10_000).await?;
     assert_eq!(t.partials.len(), 2);
     let (po, pc) = (&t.partials[0].partial_id, &t.partials[1].partial_id);
     assert_eq!((t.partials[0].service.as_str(), t.partials[1].service.as_str()), ("orders", "customers"));
     assert_ne!(po, pc);
 
-    let a1 =
-        append(&c, po, vec![command("orders.Create", "o-1", b"one"), command("orders.AddLine", "o-1", b"two")], "")
-            .await?;
-    let a2 = append(&c, po, vec![command("orders.AddLine", "o-1", b"three")], "").await?;
-    let a3 = append(&c, pc, vec![command("customers.Debit", "c-9", b"42")], "").await?;
+    let a1 = c
+        .append(po, vec![command("orders.Create", "o-1", b"one"), command("orders.AddLine", "o-1", b"two")], "")
+        .await?;
+    let a2 = c.append(po, vec![command("orders.AddLine", "o-1", b"three")], "").await?;
+    let a3 = c.append(pc, vec![command("customers.Debit", "c-9", b"42")], "").await?;
     assert_eq!((a1.first_sequence, a1.last_sequence, a2.first_sequence, a3.first_sequence), (1, 2, 3, 1));
 
     let d = confirm_wait(&c, &t.transaction_id).await?;
@@ -154,8 +133,8 @@ async fn cancel_rolls_back_every_participant_including_ones_that_never_tried() -
     let (a, b) = (TestParticipant::start().await?, TestParticipant::start().await?);
     c.register("a", &a).await?;
     c.register("b", &b).await?;
-    let t = begin(&c, &["a", "b"], 10_000).await?;
-    append(&c, &t.partials[0].partial_id, vec![command("a.Reserve", "", b"x")], "").await?;
+    let t = c.begin(&["a", "b"], 10_000).await?;
+    c.append(&t.partials[0].partial_id, vec![command("a.Reserve", "", b"x")], "").await?;
     let req = v1::CancelRequest {
         transaction_id: t.transaction_id.clone(),
         reason: "out of stock".into(),
@@ -185,7 +164,7 @@ async fn the_deadline_cancels_and_a_late_try_is_refused() -> Result<()> {
     let c = Coordinator::start(FAST).await?;
     let p = TestParticipant::start().await?;
     c.register("svc", &p).await?;
-    let t = begin(&c, &["svc"], 300).await?;
+    let t = c.begin(&["svc"], 300).await?;
     let partial = t.partials[0].partial_id.clone();
     // The rollback arriving is the event that the deadline fired.
     p.wait_for("rollback after the deadline", |calls| acked(calls, "rollback", &partial) == 1).await?;
@@ -193,7 +172,7 @@ async fn the_deadline_cancels_and_a_late_try_is_refused() -> Result<()> {
     let d = c.transactions().await?.cancel(req).await?.into_inner();
     let txn = d.transaction.expect("transaction");
     assert_eq!((d.state, txn.reason.as_str()), (S::Cancelled as i32, "deadline exceeded"));
-    let late = append(&c, &partial, vec![command("svc.Reserve", "", b"")], "").await.unwrap_err();
+    let late = c.append(&partial, vec![command("svc.Reserve", "", b"")], "").await.unwrap_err();
     assert_eq!(late.code(), Code::FailedPrecondition);
     assert!(late.message().contains("CANCELLED"), "{}", late.message());
     let read =
@@ -207,9 +186,9 @@ async fn the_deadline_cancels_and_a_late_try_is_refused() -> Result<()> {
 async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Result<()> {
     let mut c = Coordinator::start(FAST).await?;
     // No endpoint for "svc" yet: the commit cannot be delivered before the crash.
-    let t = begin(&c, &["svc"], 60_000).await?;
+    let t = c.begin(&["svc"], 60_000).await?;
     let partial = t.partials[0].partial_id.clone();
-    append(&c, &partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
+    c.append(&partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
     let d = c
         .transactions()
         .await?
@@ -218,7 +197,7 @@ async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Resul
         .into_inner();
     assert_eq!(d.state, S::Confirming as i32);
     // A second transaction stays ACTIVE across the crash with its deadline.
-    let active = begin(&c, &["svc"], 60_000).await?;
+    let active = c.begin(&["svc"], 60_000).await?;
 
     c.kill9().await?;
     c.restart().await?;
@@ -227,7 +206,7 @@ async fn after_kill_9_acknowledged_work_survives_and_delivery_resumes() -> Resul
     assert_eq!((a.state, a.deadline_unix_ms), (S::Active as i32, active.deadline_unix_ms), "deadline kept");
     assert_eq!(get(&c, &t.transaction_id).await?.state, S::Confirming as i32, "decision kept");
     // The retried append is recognised after the restart.
-    let again = append(&c, &partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
+    let again = c.append(&partial, vec![command("svc.A", "", b"1"), command("svc.B", "", b"2")], "k1").await?;
     assert!(again.duplicate);
 
     let p = TestParticipant::start().await?;
@@ -247,8 +226,8 @@ async fn kill_9_while_delivering_to_a_down_participant_then_it_returns() -> Resu
     let mut first = TestParticipant::start().await?;
     c.register("svc", &first).await?;
     first.stop().await; // registered, but down: calls fail at the transport
-    let t = begin(&c, &["svc"], 60_000).await?;
-    append(&c, &t.partials[0].partial_id, vec![command("svc.A", "", b"1")], "").await?;
+    let t = c.begin(&["svc"], 60_000).await?;
+    c.append(&t.partials[0].partial_id, vec![command("svc.A", "", b"1")], "").await?;
     c.transactions()
         .await?
         .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
@@ -278,7 +257,7 @@ async fn transient_failures_are_retried_and_a_refusal_needs_an_operator() -> Res
     c.register("stubborn", &stubborn).await?;
     flaky.fail_transiently(2);
     stubborn.refuse(true);
-    let t = begin(&c, &["flaky", "stubborn"], 10_000).await?;
+    let t = c.begin(&["flaky", "stubborn"], 10_000).await?;
     let d = confirm_wait(&c, &t.transaction_id).await?;
     assert_eq!(d.state, S::FailedToConfirm as i32);
     let txn = d.transaction.expect("transaction");
@@ -329,7 +308,7 @@ async fn an_exhausted_retry_budget_ends_in_failed_to_cancel() -> Result<()> {
     let mut args = FAST.to_vec();
     args.extend(["--retry-max-attempts", "3"]);
     let c = Coordinator::start(&args).await?;
-    let t = begin(&c, &["nobody"], 10_000).await?; // no endpoint ever
+    let t = c.begin(&["nobody"], 10_000).await?; // no endpoint ever
     let req = v1::CancelRequest {
         transaction_id: t.transaction_id.clone(),
         reason: "test".into(),
@@ -356,7 +335,7 @@ async fn a_participant_slower_than_the_call_deadline_is_retried() -> Result<()> 
     let p = TestParticipant::start().await?;
     c.register("slow", &p).await?;
     p.delay(Duration::from_millis(600));
-    let t = begin(&c, &["slow"], 10_000).await?;
+    let t = c.begin(&["slow"], 10_000).await?;
     c.transactions()
         .await?
         .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
@@ -372,14 +351,14 @@ async fn a_participant_slower_than_the_call_deadline_is_retried() -> Result<()> 
 #[tokio::test]
 async fn idempotent_append_and_topic_read_back() -> Result<()> {
     let c = Coordinator::start(&[]).await?;
-    let t = begin(&c, &["svc"], 10_000).await?;
+    let t = c.begin(&["svc"], 10_000).await?;
     let partial = t.partials[0].partial_id.clone();
     let batch: Vec<v1::Command> = (0..5).map(|i| command("svc.Cmd", &format!("k{i}"), &[i])).collect();
-    let first = append(&c, &partial, batch.clone(), "req-42").await?;
-    let retry = append(&c, &partial, batch.clone(), "req-42").await?;
+    let first = c.append(&partial, batch.clone(), "req-42").await?;
+    let retry = c.append(&partial, batch.clone(), "req-42").await?;
     assert!(!first.duplicate && retry.duplicate);
     assert_eq!((retry.first_sequence, retry.last_sequence), (1, 5));
-    let other = append(&c, &partial, vec![command("svc.Cmd", "", b"z")], "").await?;
+    let other = c.append(&partial, vec![command("svc.Cmd", "", b"z")], "").await?;
     assert_eq!(other.first_sequence, 6);
     let mut topics = c.topics().await?;
     let page1 =
@@ -402,11 +381,11 @@ async fn finished_transactions_are_garbage_collected() -> Result<()> {
     let c = Coordinator::start(&args).await?;
     let p = TestParticipant::start().await?;
     c.register("svc", &p).await?;
-    let t = begin(&c, &["svc"], 10_000).await?;
+    let t = c.begin(&["svc"], 10_000).await?;
     let partial = t.partials[0].partial_id.clone();
-    append(&c, &partial, vec![command("svc.A", "", b"1")], "").await?;
+    c.append(&partial, vec![command("svc.A", "", b"1")], "").await?;
     assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
-    let kept = begin(&c, &["svc"], 60_000).await?; // ACTIVE: never collected
+    let kept = c.begin(&["svc"], 60_000).await?; // ACTIVE: never collected
     eventually("the finished transaction to be collected", Duration::from_secs(15), || async {
         match get(&c, &t.transaction_id).await {
             Err(s) if s.code() == Code::NotFound => Ok(Some(())),
@@ -460,7 +439,7 @@ async fn registration_lifecycle() -> Result<()> {
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully_and_the_data_directory_reopens() -> Result<()> {
     let mut c = Coordinator::start(&[]).await?;
-    let t = begin(&c, &["svc"], 60_000).await?;
+    let t = c.begin(&["svc"], 60_000).await?;
     let status = c.terminate().await?;
     assert!(status.success(), "exit status {status:?}");
     assert!(c.logs().contains("coordinator stopped"));
@@ -493,10 +472,10 @@ async fn startup_fails_clearly_on_bad_configuration() -> Result<()> {
 #[tokio::test]
 async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     let c = Coordinator::start(&[]).await?;
-    let good = begin(&c, &["svc"], 60_000).await?;
+    let good = c.begin(&["svc"], 60_000).await?;
     let gp = good.partials[0].partial_id.clone();
-    append(&c, &gp, vec![command("svc.Keep", "", b"safe")], "").await?;
-    let confirmed = begin(&c, &["other"], 60_000).await?;
+    c.append(&gp, vec![command("svc.Keep", "", b"safe")], "").await?;
+    let confirmed = c.begin(&["other"], 60_000).await?;
     c.transactions()
         .await?
         .confirm(v1::ConfirmRequest { transaction_id: confirmed.transaction_id.clone(), ..Default::default() })
@@ -706,17 +685,13 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     // The default topic limit is 3 MiB, accounted as type + key + payload +
     // 16 per command: two commands of just under 1 MiB fit, a third does not.
     for _ in 0..2 {
-        append(&c, &gp, cmds(1, (1 << 20) - 1), "").await?;
+        c.append(&gp, cmds(1, (1 << 20) - 1), "").await?;
     }
-    let err = append(&c, &gp, cmds(1, (1 << 20) - 1), "").await.unwrap_err();
+    let err = c.append(&gp, cmds(1, (1 << 20) - 1), "").await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("limit is 3145728"), "{}", err.message());
-    let wide = begin(
-        &c,
-        &(0..32).map(|i| format!("s{i}")).collect::<Vec<_>>().iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        0,
-    )
-    .await?;
+    let names: Vec<String> = (0..32).map(|i| format!("s{i}")).collect();
+    let wide = c.begin(&names.iter().map(|s| s.as_str()).collect::<Vec<_>>(), 0).await?;
     let err = tx
         .enlist(v1::EnlistRequest { transaction_id: wide.transaction_id, service: "one-more".into() })
         .await

@@ -29,35 +29,14 @@ fn acked(calls: &[Call], kind: &str) -> usize {
     calls.iter().filter(|c| c.kind == kind && c.acked).count()
 }
 
-async fn begin(c: &Coordinator, services: &[&str]) -> Result<v1::BeginResponse> {
-    let req = v1::BeginRequest { participants: services.iter().map(|s| s.to_string()).collect(), timeout_ms: 60_000 };
-    Ok(c.transactions().await?.begin(req).await?.into_inner())
-}
-
-async fn append(
-    c: &Coordinator,
-    partial: &str,
-    cmds: Vec<v1::Command>,
-    key: &str,
-) -> Result<v1::AppendResponse, tonic::Status> {
-    let mut topics = c.topics().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    let req = v1::AppendRequest {
-        partial_id: partial.into(),
-        commands: cmds,
-        idempotency_key: key.into(),
-        service: String::new(),
-    };
-    Ok(topics.append(req).await?.into_inner())
-}
-
 async fn crash_after_decision(confirm: bool) -> Result<()> {
     let (a, b) = (TestParticipant::start().await?, TestParticipant::start().await?);
     let mut c = coordinator_with(&[("a", &a), ("b", &b)]).await?;
     c.kill9().await?;
     c.restart_with_env(&[("TCC_CRASH_AT", "after-decision")]).await?;
-    let t = begin(&c, &["a", "b"]).await?;
-    append(&c, &t.partials[0].partial_id, vec![command("a.X", "", b"1"), command("a.Y", "", b"2")], "").await?;
-    append(&c, &t.partials[1].partial_id, vec![command("b.X", "", b"3")], "").await?;
+    let t = c.begin(&["a", "b"], 60_000).await?;
+    c.append(&t.partials[0].partial_id, vec![command("a.X", "", b"1"), command("a.Y", "", b"2")], "").await?;
+    c.append(&t.partials[1].partial_id, vec![command("b.X", "", b"3")], "").await?;
     let id = t.transaction_id.clone();
     let decided = if confirm {
         c.transactions()
@@ -122,7 +101,7 @@ async fn crash_after_some_participants_acknowledged() -> Result<()> {
     let mut c = coordinator_with(&[("fast", &fast), ("slow", &slow)]).await?;
     c.kill9().await?;
     c.restart_with_env(&[("TCC_CRASH_AT", "after-ack")]).await?;
-    let t = begin(&c, &["fast", "slow"]).await?;
+    let t = c.begin(&["fast", "slow"], 60_000).await?;
     let _ = c
         .transactions()
         .await?
@@ -149,13 +128,13 @@ async fn crash_after_some_participants_acknowledged() -> Result<()> {
 async fn crash_in_the_middle_of_an_append_loses_or_keeps_the_whole_batch() -> Result<()> {
     let p = TestParticipant::start().await?;
     let mut c = coordinator_with(&[("svc", &p)]).await?;
-    let t = begin(&c, &["svc"]).await?;
+    let t = c.begin(&["svc"], 60_000).await?;
     let partial = t.partials[0].partial_id.clone();
-    append(&c, &partial, vec![command("svc.First", "", b"0")], "k0").await?;
+    c.append(&partial, vec![command("svc.First", "", b"0")], "k0").await?;
     c.kill9().await?;
     c.restart_with_env(&[("TCC_CRASH_AT", "append-unflushed")]).await?;
     let batch: Vec<v1::Command> = (1..=5).map(|i| command("svc.Cmd", &format!("k{i}"), &[i])).collect();
-    assert!(append(&c, &partial, batch.clone(), "k1").await.is_err(), "died before acknowledging");
+    assert!(c.append(&partial, batch.clone(), "k1").await.is_err(), "died before acknowledging");
     assert!(!c.wait_exit(Duration::from_secs(10)).await?.success());
     c.restart().await?;
     let read = c
@@ -166,7 +145,7 @@ async fn crash_in_the_middle_of_an_append_loses_or_keeps_the_whole_batch() -> Re
         .into_inner();
     assert!(matches!(read.commands.len(), 1 | 6), "all of the batch or none of it: {}", read.commands.len());
     // The client retries its unacknowledged append with the same key.
-    let retried = append(&c, &partial, batch, "k1").await?;
+    let retried = c.append(&partial, batch, "k1").await?;
     assert_eq!((retried.first_sequence, retried.last_sequence), (2, 6));
     let req = v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), wait: true, wait_timeout_ms: 20_000 };
     assert_eq!(c.transactions().await?.confirm(req).await?.into_inner().state, S::Confirmed as i32);
@@ -181,15 +160,15 @@ async fn crash_in_the_middle_of_an_append_loses_or_keeps_the_whole_batch() -> Re
 async fn crash_during_recovery_then_recover() -> Result<()> {
     // A participant that never answers keeps one transaction CONFIRMING.
     let mut c = Coordinator::start(&["--participant", "gone=http://127.0.0.1:9", "--retry-initial-ms", "50"]).await?;
-    let stuck = begin(&c, &["gone"]).await?;
-    append(&c, &stuck.partials[0].partial_id, vec![command("g.X", "", b"1")], "").await?;
+    let stuck = c.begin(&["gone"], 60_000).await?;
+    c.append(&stuck.partials[0].partial_id, vec![command("g.X", "", b"1")], "").await?;
     c.transactions()
         .await?
         .confirm(v1::ConfirmRequest { transaction_id: stuck.transaction_id.clone(), ..Default::default() })
         .await?;
     let mut active = Vec::new();
     for _ in 0..4 {
-        active.push(begin(&c, &["gone"]).await?);
+        active.push(c.begin(&["gone"], 60_000).await?);
     }
     c.kill9().await?;
     let log = c.start_crashing(&[("TCC_CRASH_AT", "during-recovery:3")]).await?;
@@ -208,7 +187,7 @@ async fn crash_during_recovery_then_recover() -> Result<()> {
 #[tokio::test]
 async fn a_damaged_record_fails_start_up_naming_it() -> Result<()> {
     let mut c = Coordinator::start(&[]).await?;
-    let t = begin(&c, &["svc"]).await?;
+    let t = c.begin(&["svc"], 60_000).await?;
     assert!(c.terminate().await?.success());
     let id = uuid::Uuid::parse_str(&t.transaction_id)?;
     {

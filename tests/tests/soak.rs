@@ -42,35 +42,10 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A participant that acknowledges at once and keeps nothing.
-struct Noop;
-
-#[tonic::async_trait]
-impl v1::participant_server::Participant for Noop {
-    async fn commit(
-        &self,
-        _: tonic::Request<v1::PhaseTwoRequest>,
-    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
-        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
-    }
-    async fn rollback(
-        &self,
-        _: tonic::Request<v1::PhaseTwoRequest>,
-    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
-        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_and_memory_level_off_under_steady_load_with_gc() -> Result<()> {
     let secs: u64 = std::env::var("TCC_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(v1::participant_server::ParticipantServer::new(Noop))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
-    );
+    let url = tcc_tests::start_noop_participant().await?;
     let a = format!("a={url}");
     let b = format!("b={url}");
     let c =

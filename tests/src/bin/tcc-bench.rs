@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use tcc_proto::v1::{self, participant_server::ParticipantServer};
+use tcc_proto::v1;
 use tcc_tests::{Coordinator, RegistryClient, TopicsClient, TransactionsClient};
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -105,36 +105,6 @@ impl Args {
         }
         Ok(())
     }
-}
-
-/// A participant that acknowledges everything at once.
-struct Noop;
-
-#[tonic::async_trait]
-impl v1::participant_server::Participant for Noop {
-    async fn commit(
-        &self,
-        _: tonic::Request<v1::PhaseTwoRequest>,
-    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
-        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
-    }
-    async fn rollback(
-        &self,
-        _: tonic::Request<v1::PhaseTwoRequest>,
-    ) -> Result<tonic::Response<v1::PhaseTwoResponse>, tonic::Status> {
-        Ok(tonic::Response::new(v1::PhaseTwoResponse {}))
-    }
-}
-
-async fn start_noop() -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ParticipantServer::new(Noop).max_decoding_message_size(64 << 20))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
-    );
-    Ok(format!("http://{addr}"))
 }
 
 /// CPU seconds (user + system) of a process, from /proc (USER_HZ = 100).
@@ -411,7 +381,7 @@ async fn main() -> Result<()> {
     let mut services = Vec::new();
     for i in 0..args.participants {
         let name = format!("bench-{i}");
-        let url = start_noop().await?;
+        let url = tcc_tests::start_noop_participant().await?;
         registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
         services.push(name);
     }
