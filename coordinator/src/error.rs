@@ -10,7 +10,7 @@
 //! | `NotFound`           | NOT_FOUND           |
 //! | `IllegalTransition`  | FAILED_PRECONDITION |
 //! | `LimitExceeded`      | RESOURCE_EXHAUSTED  |
-//! | `Unavailable`        | UNAVAILABLE         |  (shutting down, store failed)
+//! | `Unavailable`        | UNAVAILABLE         |  (the store failed a flush)
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 

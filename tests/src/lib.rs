@@ -323,6 +323,27 @@ impl Coordinator {
         Ok(RegistryClient::new(self.channel().await?))
     }
 
+    /// Every transaction in `states` (all if empty), following the pages.
+    pub async fn list_all(&self, states: &[v1::TransactionState]) -> Result<Vec<v1::Transaction>> {
+        let mut admin = self.admin().await?;
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = v1::ListTransactionsRequest {
+                states: states.iter().map(|s| *s as i32).collect(),
+                page_size: 1000,
+                page_token,
+                ..Default::default()
+            };
+            let page = admin.list_transactions(req).await?.into_inner();
+            out.extend(page.transactions);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
     /// Begins a transaction for `services`.
     pub async fn begin(&self, services: &[&str], timeout_ms: u64) -> Result<v1::BeginResponse> {
         let req = v1::BeginRequest { participants: services.iter().map(|s| s.to_string()).collect(), timeout_ms };

@@ -135,15 +135,9 @@ async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()
         },
     )
     .await?;
-    let all = shop
-        .coordinator
-        .admin()
-        .await?
-        .list_transactions(v1::ListTransactionsRequest { page_size: 1000, ..Default::default() })
-        .await?
-        .into_inner();
+    let all = shop.coordinator.list_all(&[]).await?;
     let mut states = BTreeMap::<String, u64>::new();
-    for t in &all.transactions {
+    for t in &all {
         *states.entry(format!("{:?}", S::try_from(t.state).unwrap_or(S::Unspecified))).or_default() += 1;
     }
     assert!(!states.keys().any(|k| k.starts_with("Failed")), "no transaction failed for good: {states:?}");

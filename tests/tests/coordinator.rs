@@ -232,15 +232,23 @@ async fn kill_9_while_delivering_to_a_down_participant_then_it_returns() -> Resu
         .await?
         .confirm(v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), ..Default::default() })
         .await?;
-    eventually("a failed attempt recorded", Duration::from_secs(10), || async {
+    // Several failed attempts (FAST: 20 ms doubling, capped at 200 ms).
+    let before = eventually("failed attempts recorded", Duration::from_secs(10), || async {
         let g = get(&c, &t.transaction_id).await?;
-        Ok((g.participants[0].attempts >= 1 && !g.participants[0].last_error.is_empty()).then_some(()))
+        let p = &g.participants[0];
+        Ok((p.attempts >= 6 && !p.last_error.is_empty()).then_some(p.attempts))
     })
     .await?;
     c.kill9().await?;
     c.restart().await?;
     let g = get(&c, &t.transaction_id).await?;
-    assert!(g.participants[0].attempts >= 1, "attempts persisted across the crash");
+    // Not persisted, the count would restart from 0: a fresh coordinator
+    // cannot make 6 attempts (20+40+80+160+200 ms of backoff) before this read.
+    assert!(
+        g.participants[0].attempts >= before.min(6),
+        "attempts persisted across the crash: {} < {before}",
+        g.participants[0].attempts
+    );
     let second = TestParticipant::start().await?;
     c.register("svc", &second).await?;
     assert_eq!(confirm_wait(&c, &t.transaction_id).await?.state, S::Confirmed as i32);
@@ -438,9 +446,22 @@ async fn registration_lifecycle() -> Result<()> {
 
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully_and_the_data_directory_reopens() -> Result<()> {
-    let mut c = Coordinator::start(&[]).await?;
+    let p = TestParticipant::start().await?;
+    p.delay(Duration::from_millis(300));
+    let mut c = Coordinator::start(FAST).await?;
+    c.register("svc", &p).await?;
     let t = c.begin(&["svc"], 60_000).await?;
+    // A Confirm that waits for a slow participant is in flight at SIGTERM:
+    // it finishes before the process exits.
+    let mut tx = c.transactions().await?;
+    let waiting = c.begin(&["svc"], 60_000).await?;
+    let req =
+        v1::ConfirmRequest { transaction_id: waiting.transaction_id.clone(), wait: true, wait_timeout_ms: 20_000 };
+    let in_flight = tokio::spawn(async move { tx.confirm(req).await });
+    p.wait_for("the commit to reach the participant", |calls| !calls.is_empty()).await?;
     let status = c.terminate().await?;
+    let answered = in_flight.await?.map(|r| r.into_inner().state);
+    assert_eq!(answered.map_err(|s| s.code()), Ok(S::Confirmed as i32), "the in-flight request finished");
     assert!(status.success(), "exit status {status:?}");
     assert!(c.logs().contains("coordinator stopped"));
     c.restart().await?;

@@ -55,6 +55,10 @@ async fn crash_after_decision(confirm: bool) -> Result<()> {
 
     c.restart().await?;
     let (kind, done) = if confirm { ("commit", S::Confirmed) } else { ("rollback", S::Cancelled) };
+    // Before anyone asks again: the decision is there (delivering or done).
+    let kept = c.transactions().await?.get(v1::GetRequest { transaction_id: id.clone() }).await?.into_inner().state;
+    let delivering = if confirm { S::Confirming } else { S::Cancelling };
+    assert!(kept == delivering as i32 || kept == done as i32, "decision lost across the crash: state {kept}");
     let state = if confirm {
         let req = v1::ConfirmRequest { transaction_id: id.clone(), wait: true, wait_timeout_ms: 20_000 };
         c.transactions().await?.confirm(req).await?.into_inner().state

@@ -1,7 +1,9 @@
 //! Durable storage of transactions and their topics.
 //!
 //! The [`Store`] trait is everything the engine needs from a database. Its
-//! contract, which [`conformance`] checks for every implementation:
+//! contract (the [`conformance`] suite checks what an in-process test can:
+//! atomicity, ordering, reopen, concurrency; crash durability is checked end
+//! to end by the kill -9 tests of the workspace):
 //!
 //! * **Durable on return.** A write method returns `Ok` only after its
 //!   change is on disk. Implementations batch concurrent writers into one

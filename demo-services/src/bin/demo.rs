@@ -15,7 +15,7 @@ use tcc_demo_services::{customers, inventory, orders, shop};
 #[derive(Parser)]
 #[command(about = "Runs the coordinator and the demo shop (customers, inventory, orders, shop)")]
 struct Args {
-    /// Where the five databases live.
+    /// Where the databases live (coordinator, customers, inventory, orders).
     #[arg(long, default_value = "demo-data")]
     data_dir: PathBuf,
     /// Coordinator port; customers, inventory, orders and shop take the next four.
