@@ -159,8 +159,11 @@ async fn idempotent_append_stores_once() -> R {
     let (r2, dup2) = f.engine.append(p, None, batch.clone(), "req-1").await?;
     assert_eq!((r1, dup1, dup2), (r2, false, true));
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
-    // Same key, different batch: refused, nothing stored.
+    // Same key, different batch: refused, nothing stored; also when only the
+    // content differs (same count and size).
     assert!(matches!(f.engine.append(p, None, vec![cmd("z", b"1")], "req-1").await, Err(Error::InvalidArgument(_))));
+    let same_shape = vec![cmd("x", b"9"), cmd("y", b"99")];
+    assert!(matches!(f.engine.append(p, None, same_shape, "req-1").await, Err(Error::InvalidArgument(_))));
     // A retry that arrives after the decision still gets its receipt.
     f.engine.confirm(t.id).await?;
     assert_eq!(f.engine.append(p, None, batch, "req-1").await?, (r1, true));

@@ -348,6 +348,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<(AppendReceipt, bool)> {
         let key = validate::idempotency_key(idempotency_key)?;
         let bytes = validate::commands(&self.limits, &commands)?;
+        let digest = validate::digest(&commands);
         let n = commands.len() as u64;
         let id = self.txn_of(partial).await?;
         let live = match self.find(id).await? {
@@ -355,7 +356,7 @@ impl<S: Store> Engine<S> {
             Found::Finished(txn) => {
                 if let Some(key) = key {
                     if let Some(r) = self.store.find_receipt(partial, key).await? {
-                        return check_receipt(r, n, bytes, key).map(|r| (r, true));
+                        return check_receipt(r, n, digest, key).map(|r| (r, true));
                     }
                 }
                 let event = Event::Append { participant: 0, commands: n, bytes };
@@ -376,7 +377,7 @@ impl<S: Store> Engine<S> {
         }
         if let Some(key) = key {
             if let Some(r) = self.store.find_receipt(partial, key).await? {
-                return check_receipt(r, n, bytes, key).map(|r| (r, true));
+                return check_receipt(r, n, digest, key).map(|r| (r, true));
             }
         }
         self.expire_if_due(&live, &mut guard).await?;
@@ -395,7 +396,7 @@ impl<S: Store> Engine<S> {
             .zip(first..)
             .map(|(c, sequence)| CommandRecord { sequence, kind: c.kind, key: c.key, payload: c.payload })
             .collect();
-        let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes };
+        let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes, digest };
         let batch = AppendBatch { partial_id: partial, commands: &records, idempotency: key.map(|k| (k, receipt)) };
         self.store.append(&next, batch).await?;
         tracing::debug!(txn = %id, %partial, first, count = n, "commands appended");
@@ -703,8 +704,9 @@ fn not_found(id: TxnId) -> Error {
     Error::NotFound(format!("transaction {id} not found (never begun, or garbage-collected)"))
 }
 
-fn check_receipt(r: AppendReceipt, count: u64, bytes: u64, key: &str) -> Result<AppendReceipt> {
-    if r.last_sequence - r.first_sequence + 1 != count || r.bytes != bytes {
+/// A receipt answers a retry only if the retry carries the same batch.
+fn check_receipt(r: AppendReceipt, count: u64, digest: u64, key: &str) -> Result<AppendReceipt> {
+    if r.last_sequence - r.first_sequence + 1 != count || r.digest != digest {
         return Err(Error::invalid(format!(
             "idempotency_key {key:?} was already used for a different batch ({} commands, {} bytes)",
             r.last_sequence - r.first_sequence + 1,

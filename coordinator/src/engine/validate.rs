@@ -127,6 +127,21 @@ pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
     Ok(bytes)
 }
 
+/// A digest of a batch's content: the first 8 bytes of a SHA-256 over the
+/// length-prefixed type, key and payload of every command.
+pub fn digest(commands: &[NewCommand]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in commands.iter().flat_map(|c| [c.kind.as_bytes(), c.key.as_bytes(), c.payload.as_slice()]) {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let out = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(first)
+}
+
 /// Checks an idempotency key; empty means none.
 pub fn idempotency_key(key: &str) -> Result<Option<&str>> {
     if key.len() > fixed::MAX_IDEMPOTENCY_KEY {

@@ -71,7 +71,7 @@ async fn append_n<S: Store>(s: &S, t: &mut TxnRecord, idx: usize, n: u64, key: O
     let cmds = commands(first, n);
     let bytes = cmds.iter().map(|c| c.payload.len() as u64).sum();
     apply(t, Event::Append { participant: idx, commands: n, bytes }, 2_000)?;
-    let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes };
+    let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes, digest: first };
     let batch = AppendBatch {
         partial_id: t.participants[idx].partial_id,
         commands: &cmds,

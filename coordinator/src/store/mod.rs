@@ -54,9 +54,11 @@ pub struct AppendReceipt {
     pub first_sequence: u64,
     /// Sequence of the batch's last command.
     pub last_sequence: u64,
-    /// Accounted bytes of the batch (to detect a key reused for another
-    /// batch).
+    /// Accounted bytes of the batch.
     pub bytes: u64,
+    /// Digest of the batch's content (the first 8 bytes of a SHA-256 over
+    /// every command), so a key reused for another batch is detected.
+    pub digest: u64,
 }
 
 /// One append: the commands (already numbered) and the optional key.
