@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::pb::{self, customers_server::CustomersServer};
 use crate::runtime::{Common, serve};
-use crate::{check_id, require_partial, to_json};
+use crate::{check_id, movements, record_movement, require_partial};
 
 /// Service name at the coordinator.
 pub const SERVICE: &str = "customers";
@@ -43,14 +43,7 @@ impl Participant for CustomersParticipant {
         for c in &call.commands {
             let d: Debit = c.decode()?;
             Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
-            let movement = pb::Movement {
-                order_id: d.order_id.clone(),
-                partial_id: call.partial_id.clone(),
-                key: d.customer.clone(),
-                amount: d.amount,
-            };
-            let key = format!("{}/{}", d.order_id, call.partial_id);
-            tx.tree(DEBITS)?.insert(key.as_bytes(), to_json(&MovementRecord::from(movement))?)?;
+            record_movement(tx, DEBITS, &d.order_id, &call.partial_id, &d.customer, d.amount)?;
         }
         // Anything the try held beyond its commands goes back.
         Reservations::release(tx, &call.partial_id).map(|_| ())
@@ -59,38 +52,6 @@ impl Participant for CustomersParticipant {
     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
         Reservations::release(tx, &call.partial_id).map(|_| ())
     }
-}
-
-/// A movement as stored (pb types are not serde).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct MovementRecord {
-    order_id: String,
-    partial_id: String,
-    key: String,
-    amount: i64,
-}
-
-impl From<pb::Movement> for MovementRecord {
-    fn from(m: pb::Movement) -> Self {
-        MovementRecord { order_id: m.order_id, partial_id: m.partial_id, key: m.key, amount: m.amount }
-    }
-}
-
-impl From<MovementRecord> for pb::Movement {
-    fn from(m: MovementRecord) -> Self {
-        pb::Movement { order_id: m.order_id, partial_id: m.partial_id, key: m.key, amount: m.amount }
-    }
-}
-
-/// Reads every movement of a tree.
-pub fn movements(store: &LocalStore, tree: &str) -> Result<Vec<pb::Movement>, Status> {
-    let mut out = Vec::new();
-    for item in store.tree(tree)?.iter() {
-        let (_, v) = item.map_err(|e| Status::unavailable(e.to_string()))?;
-        let m: MovementRecord = serde_json::from_slice(&v).map_err(|e| Status::data_loss(e.to_string()))?;
-        out.push(m.into());
-    }
-    Ok(out)
 }
 
 fn account(customer: &str, a: Account) -> pb::Account {

@@ -14,10 +14,9 @@ use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler, Reservations,
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
-use crate::customers::{MovementRecord, movements};
 use crate::pb::{self, inventory_server::InventoryServer};
 use crate::runtime::{Common, serve};
-use crate::{check_id, require_partial, to_json};
+use crate::{check_id, movements, record_movement, require_partial};
 
 /// Service name at the coordinator.
 pub const SERVICE: &str = "inventory";
@@ -47,14 +46,7 @@ impl Participant for InventoryParticipant {
         for c in &call.commands {
             let t: Take = c.decode()?;
             Reservations::consume(tx, &call.partial_id, &t.sku, t.quantity)?;
-            let m = pb::Movement {
-                order_id: t.order_id.clone(),
-                partial_id: call.partial_id.clone(),
-                key: t.sku.clone(),
-                amount: t.quantity,
-            };
-            let key = format!("{}/{}/{}", t.order_id, call.partial_id, t.sku);
-            tx.tree(MOVEMENTS)?.insert(key.as_bytes(), to_json(&MovementRecord::from(m))?)?;
+            record_movement(tx, MOVEMENTS, &t.order_id, &call.partial_id, &t.sku, t.quantity)?;
         }
         // Anything the try held beyond its commands goes back.
         Reservations::release(tx, &call.partial_id).map(|_| ())
