@@ -50,7 +50,6 @@ const KIND_RECEIPT: u8 = 0x04;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
-    db: sled::Db,
     tree: sled::Tree,
     commit: GroupCommit,
 }
@@ -63,13 +62,8 @@ impl SledStore {
             .open()
             .map_err(|e| Error::Storage(format!("cannot open sled database in {}: {e}", dir.display())))?;
         let tree = db.open_tree("tcc")?;
-        let commit = GroupCommit::start(db.clone())?;
-        Ok(SledStore { db, tree, commit })
-    }
-
-    /// Bytes the database occupies on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
+        let commit = GroupCommit::start(db)?;
+        Ok(SledStore { tree, commit })
     }
 
     /// Fail-stop: after a failed flush nothing is served, not even reads,
