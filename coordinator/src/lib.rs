@@ -41,4 +41,11 @@ pub mod server;
 pub mod store;
 
 pub use config::Config;
+
+/// Locks a std mutex, recovering from poisoning. Every std mutex in this
+/// crate guards maps, sets or counters that are never left half-updated,
+/// so the data is still consistent after a holder panicked.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 pub use error::{Error, Result};

@@ -38,6 +38,17 @@ pub struct Common {
     pub reconcile_grace_ms: u64,
 }
 
+/// Turns a binary's result into its exit code, printing the error chain.
+pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Sets up `tracing` to stderr (`RUST_LOG`, default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -19,9 +19,10 @@
 
 pub mod registry;
 
+use crate::lock;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -59,10 +60,6 @@ pub struct Delivery<S> {
     running: Mutex<HashMap<TxnId, bool>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<S: Store> Delivery<S> {

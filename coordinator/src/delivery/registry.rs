@@ -11,9 +11,10 @@
 //! marked down for a backoff period (1 s doubling to 30 s) and skipped while
 //! others are up. Channels are created lazily and reused per endpoint.
 
+use crate::lock;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tonic::transport::{Channel, Endpoint};
@@ -53,10 +54,6 @@ pub struct Registry {
     channels: Mutex<HashMap<String, Channel>>,
     next: AtomicUsize,
     connect_timeout: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Checks an endpoint URI: http(s)://host:port, bounded length.

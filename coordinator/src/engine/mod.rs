@@ -32,8 +32,9 @@ pub mod state;
 pub mod sweeper;
 pub mod validate;
 
+use crate::lock;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
@@ -146,11 +147,6 @@ pub struct Engine<S> {
     /// Wakes the sweeper when an earlier deadline or collection appears.
     pub(crate) schedule_changed: Notify,
     to_deliver: mpsc::UnboundedSender<TxnId>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Maps and sets only, never left half-updated: usable after a panic.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<S: Store> Engine<S> {

@@ -26,8 +26,9 @@
 //! reads fail too (UNAVAILABLE), since sled's memory may then hold writes
 //! that are not on disk. Restarting recovers what was flushed.
 
+use crate::lock;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use serde::Serialize;
@@ -367,11 +368,6 @@ fn flusher(db: sled::Db, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
             return;
         }
     }
-}
-
-fn lock(m: &Mutex<FlushState>) -> MutexGuard<'_, FlushState> {
-    // The state is two integers: still consistent if a holder panicked.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for GroupCommit {

@@ -1,7 +1,7 @@
 //! The `shop-customers` binary: see [`tcc_demo_services::customers`].
 
 use clap::Parser;
-use tcc_demo_services::runtime::{Common, init_tracing};
+use tcc_demo_services::runtime::{Common, exit_code, init_tracing};
 
 #[derive(Parser)]
 #[command(about = "The demo shop's customers service")]
@@ -14,11 +14,5 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_tracing();
-    match tcc_demo_services::customers::run(args.common).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shop-customers: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code("shop-customers", tcc_demo_services::customers::run(args.common).await)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tcc_demo_services::pb::{self, customers_client::CustomersClient, inventory_client::InventoryClient};
-use tcc_demo_services::runtime::{Common, init_tracing, shutdown_on_signal};
+use tcc_demo_services::runtime::{Common, exit_code, init_tracing, shutdown_on_signal};
 use tcc_demo_services::{customers, inventory, orders, shop};
 
 #[derive(Parser)]
@@ -27,13 +27,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_tracing();
-    match run(args).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shop-demo: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code("shop-demo", run(args).await)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

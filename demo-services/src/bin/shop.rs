@@ -1,7 +1,7 @@
 //! The `shop` binary: the composite service, see [`tcc_demo_services::shop`].
 
 use clap::Parser;
-use tcc_demo_services::runtime::init_tracing;
+use tcc_demo_services::runtime::{exit_code, init_tracing};
 use tcc_demo_services::shop::ShopArgs;
 
 #[derive(Parser)]
@@ -15,11 +15,5 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_tracing();
-    match tcc_demo_services::shop::run(args.shop).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shop: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code("shop", tcc_demo_services::shop::run(args.shop).await)
 }
