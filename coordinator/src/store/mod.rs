@@ -20,10 +20,12 @@
 //!   [`Error::Corrupt`](crate::error::Error::Corrupt) naming the key, never
 //!   skipped.
 //!
-//! The sled store ([`sled::SledStore`]) is the embedded default; a
+//! The sled store ([`sled::SledStore`]) is the embedded default, made
+//! durable by a write-ahead [`journal`] with group commit; a
 //! PostgreSQL store fits the same trait (one SQL transaction per method).
 
 pub mod conformance;
+pub mod journal;
 pub mod sled;
 
 use std::future::Future;

@@ -1,8 +1,7 @@
 //! The embedded store, on sled 0.34.
 //!
-//! Everything lives in one sled tree so that [`sled::Tree::apply_batch`]
-//! makes any write atomic across record kinds. Keys start with a fixed kind
-//! byte that never changes once assigned:
+//! Everything lives in one sled tree. Keys start with a fixed kind byte that
+//! never changes once assigned:
 //!
 //! | kind | key                                  | value                 |
 //! |------|--------------------------------------|-----------------------|
@@ -14,28 +13,21 @@
 //! Values are one format byte ([`FORMAT`]) followed by postcard. Anything
 //! else is reported as corrupt, with the key, rather than skipped.
 //!
-//! ## Group commit
-//! Writes are applied to sled's in-memory state at once and made durable by
-//! [`GroupCommit`]: one dedicated thread runs `Db::flush`, and every writer
-//! waits for a flush that *started after its write*. Writers that arrive
-//! while a flush runs share the next one, so N concurrent requests cost one
-//! fsync, not N. (A thread rather than `flush_async`: sled 0.34's
-//! `flush_async` hangs when eight or more tasks await it at once, sled issue
-//! #1308.) If a flush fails, the store is poisoned: every later write fails,
-//! because nothing written after a failed flush can be promised durable;
-//! reads fail too (UNAVAILABLE), since sled's memory may then hold writes
-//! that are not on disk. Restarting recovers what was flushed.
+//! ## Durability and atomicity
+//! Each write method builds one journal [`Write`] (all its keys) and hands
+//! it to the [`Journal`](super::journal): it is acknowledged once its frame
+//! is synced to the journal (one sync per group of concurrent writers) and
+//! applied to sled; sled itself is flushed at checkpoints. A frame is
+//! replayed whole or not at all, which makes every write atomic across
+//! record kinds. See the journal's docs for recovery and the fail-stop rule.
 
-use crate::lock;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::journal::{Journal, Write};
 use super::{AppendBatch, AppendReceipt, CommandRecord, Store};
 use crate::engine::state::TxnRecord;
 use crate::error::{Error, Result};
@@ -52,30 +44,26 @@ const KIND_RECEIPT: u8 = 0x04;
 /// The sled-backed [`Store`].
 pub struct SledStore {
     tree: sled::Tree,
-    commit: GroupCommit,
+    journal: Journal,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
+        // sled's own periodic flush is off: the journal's checkpoints flush.
         let db = sled::Config::new()
             .path(dir)
+            .flush_every_ms(None)
             .open()
             .map_err(|e| Error::Storage(format!("cannot open sled database in {}: {e}", dir.display())))?;
         let tree = db.open_tree("tcc")?;
-        let commit = GroupCommit::start(db)?;
-        Ok(SledStore { tree, commit })
+        let journal = Journal::open(dir, db, tree.clone())?;
+        Ok(SledStore { tree, journal })
     }
 
-    /// Fail-stop: after a failed flush nothing is served, not even reads,
-    /// because sled's memory may hold writes that never reached the disk.
+    /// Fail-stop: after a failed write nothing is served, not even reads.
     fn check(&self) -> Result<()> {
-        match &self.commit.durable.borrow().failed {
-            Some(e) => Err(Error::Unavailable(format!(
-                "the store failed to flush ({e}) and takes no more requests; restart the coordinator"
-            ))),
-            None => Ok(()),
-        }
+        self.journal.check()
     }
 
     fn decode_txn(key: &[u8], value: &[u8]) -> Result<TxnRecord> {
@@ -86,25 +74,24 @@ impl SledStore {
 impl Store for SledStore {
     async fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.check()?;
-        let mut batch = sled::Batch::default();
-        txn_into_batch(&mut batch, txn)?;
-        self.tree.apply_batch(batch)?;
-        self.commit.sync().await
+        let mut write = Write::default();
+        txn_into_write(&mut write, txn)?;
+        self.journal.submit(write)?.durable().await
     }
 
     async fn append(&self, txn: &TxnRecord, append: AppendBatch<'_>) -> Result<()> {
         self.check()?;
-        let mut batch = sled::Batch::default();
+        let mut write = Write::default();
         for cmd in append.commands {
-            batch.insert(command_key(append.partial_id, cmd.sequence).as_slice(), encode(cmd)?);
+            write.insert(&command_key(append.partial_id, cmd.sequence), &encode(cmd)?);
         }
         if let Some((key, receipt)) = append.idempotency {
-            batch.insert(receipt_key(append.partial_id, key), encode(&receipt)?);
+            write.insert(&receipt_key(append.partial_id, key), &encode(&receipt)?);
         }
-        txn_into_batch(&mut batch, txn)?;
-        self.tree.apply_batch(batch)?;
+        txn_into_write(&mut write, txn)?;
+        let pending = self.journal.submit(write)?;
         crate::failpoint::crash_point("append-unflushed");
-        self.commit.sync().await
+        pending.durable().await
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
@@ -171,19 +158,18 @@ impl Store for SledStore {
 
     async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.check()?;
-        let mut batch = sled::Batch::default();
+        let mut write = Write::default();
         for p in &txn.participants {
-            batch.remove(partial_key(p.partial_id).as_slice());
+            write.remove(&partial_key(p.partial_id));
             for prefix in [command_prefix(p.partial_id), receipt_prefix(p.partial_id)] {
                 for item in self.tree.scan_prefix(prefix) {
                     let (k, _) = item?;
-                    batch.remove(k);
+                    write.remove(&k);
                 }
             }
         }
-        batch.remove(txn_key(txn.id).as_slice());
-        self.tree.apply_batch(batch)?;
-        self.commit.sync().await
+        write.remove(&txn_key(txn.id));
+        self.journal.submit(write)?.durable().await
     }
 }
 
@@ -237,10 +223,10 @@ fn successor(key: &[u8]) -> Vec<u8> {
     k
 }
 
-fn txn_into_batch(batch: &mut sled::Batch, txn: &TxnRecord) -> Result<()> {
-    batch.insert(txn_key(txn.id).as_slice(), encode(txn)?);
+fn txn_into_write(write: &mut Write, txn: &TxnRecord) -> Result<()> {
+    write.insert(&txn_key(txn.id), &encode(txn)?);
     for p in &txn.participants {
-        batch.insert(partial_key(p.partial_id).as_slice(), txn.id.0.as_bytes().as_slice());
+        write.insert(&partial_key(p.partial_id), txn.id.0.as_bytes());
     }
     Ok(())
 }
@@ -274,108 +260,4 @@ fn corrupt(kind: &str, key: &[u8], cause: String) -> Error {
         .map(|u| u.to_string())
         .unwrap_or_else(|| format!("{key:02x?}"));
     Error::Corrupt { key: format!("{kind} {id}"), cause }
-}
-
-// --- group commit --------------------------------------------------------
-
-/// Shares one `Db::flush` among all writers waiting at the same time.
-struct GroupCommit {
-    shared: Arc<Shared>,
-    durable: watch::Receiver<Progress>,
-    thread: Option<JoinHandle<()>>,
-}
-
-struct Shared {
-    state: Mutex<FlushState>,
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct FlushState {
-    /// Ticket of the latest sync request.
-    requested: u64,
-    /// Set by `Drop`: flush what is requested and exit.
-    stop: bool,
-}
-
-/// What the flusher has made durable.
-#[derive(Clone, Default)]
-struct Progress {
-    /// Every ticket up to this one is durable.
-    durable: u64,
-    /// Set when a flush failed; the store takes no more writes.
-    failed: Option<String>,
-}
-
-impl GroupCommit {
-    fn start(db: sled::Db) -> Result<Self> {
-        let shared = Arc::new(Shared { state: Mutex::new(FlushState::default()), wake: Condvar::new() });
-        let (tx, rx) = watch::channel(Progress::default());
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("tcc-flusher".into())
-            .spawn(move || flusher(db, thread_shared, tx))
-            .map_err(|e| Error::Storage(format!("cannot start flusher thread: {e}")))?;
-        Ok(GroupCommit { shared, durable: rx, thread: Some(thread) })
-    }
-
-    /// Returns once every write made before this call is durable.
-    async fn sync(&self) -> Result<()> {
-        let ticket = {
-            let mut st = lock(&self.shared.state);
-            st.requested += 1;
-            st.requested
-        };
-        self.shared.wake.notify_one();
-        let mut rx = self.durable.clone();
-        let progress = rx
-            .wait_for(|p| p.durable >= ticket || p.failed.is_some())
-            .await
-            .map_err(|_| Error::Unavailable("store is closed".into()))?;
-        match &progress.failed {
-            Some(e) => Err(Error::Unavailable(format!(
-                "flush failed ({e}); the store takes no more requests; restart the coordinator"
-            ))),
-            None => Ok(()),
-        }
-    }
-}
-
-fn flusher(db: sled::Db, shared: Arc<Shared>, tx: watch::Sender<Progress>) {
-    let mut done = 0u64;
-    loop {
-        let (target, stop) = {
-            let mut st = lock(&shared.state);
-            while st.requested == done && !st.stop {
-                st = shared.wake.wait(st).unwrap_or_else(|p| p.into_inner());
-            }
-            (st.requested, st.stop)
-        };
-        if target > done {
-            match db.flush() {
-                Ok(_) => {
-                    done = target;
-                    tx.send_modify(|p| p.durable = target);
-                }
-                Err(e) => {
-                    tracing::error!(cause = %e, "sled flush failed; refusing further writes");
-                    tx.send_modify(|p| p.failed = Some(e.to_string()));
-                    return;
-                }
-            }
-        }
-        if stop {
-            return;
-        }
-    }
-}
-
-impl Drop for GroupCommit {
-    fn drop(&mut self) {
-        lock(&self.shared.state).stop = true;
-        self.shared.wake.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
