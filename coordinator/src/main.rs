@@ -10,6 +10,12 @@ use tcc_coordinator::{Config, server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the RPC path allocates on every
+/// worker thread, and glibc's arena locks and consolidation cost about a
+/// tenth of the coordinator's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();

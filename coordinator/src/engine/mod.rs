@@ -577,7 +577,7 @@ impl<S: Store> Engine<S> {
         }
         let mut next = guard.clone();
         if apply(&mut next, event, self.clock.now_ms())? == Outcome::Changed {
-            self.store.put_txn(&next).await?;
+            self.store.update_txn(&next).await?;
             if guard.state == TxnState::Active && next.state.is_delivering() {
                 crate::failpoint::crash_point("after-decision");
             }
@@ -595,7 +595,7 @@ impl<S: Store> Engine<S> {
         }
         let mut next = guard.clone();
         apply(&mut next, Event::Expire, now)?;
-        self.store.put_txn(&next).await?;
+        self.store.update_txn(&next).await?;
         self.commit(live, guard, next);
         Ok(())
     }

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use super::{AppendBatch, AppendReceipt, CommandRecord, Store};
-use crate::engine::state::{Event, ParticipantRecord, TxnRecord, TxnState, apply};
+use crate::engine::state::{Event, ParticipantRecord, TxnRecord, apply};
 use crate::error::{Error, Result};
 use crate::ids::{PartialId, TxnId};
 
@@ -88,9 +88,12 @@ pub async fn put_get_round_trip<H: Harness>(h: &H) -> Result<()> {
     s.put_txn(&t).await?;
     check(s.get_txn(t.id).await? == Some(t.clone()), "record reads back")?;
     apply(&mut t, Event::Confirm, 3_000)?;
+    s.update_txn(&t).await?;
+    check(s.get_txn(t.id).await? == Some(t.clone()), "update reads back")?;
+    apply(&mut t, Event::Delivered { participant: 0 }, 3_500)?;
     s.put_txn(&t).await?;
     let back = s.get_txn(t.id).await?;
-    check(back.map(|b| b.state) == Some(TxnState::Confirming), "overwrite reads back")?;
+    check(back.as_ref() == Some(&t), "overwrite reads back")?;
     check(s.get_txn(TxnId::new()).await?.is_none(), "missing txn is None")
 }
 
@@ -102,6 +105,9 @@ pub async fn partial_index_follows_participants<H: Harness>(h: &H) -> Result<()>
     let p = PartialId::new();
     apply(&mut t, Event::Enlist { service: "b".into(), partial_id: p }, 1_500)?;
     s.put_txn(&t).await?;
+    // Record-only updates keep the index.
+    apply(&mut t, Event::Cancel { reason: "r".into() }, 1_600)?;
+    s.update_txn(&t).await?;
     for part in &t.participants {
         check(s.find_partial(part.partial_id).await? == Some(t.id), "partial index entry")?;
     }

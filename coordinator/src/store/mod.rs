@@ -77,11 +77,18 @@ pub struct AppendBatch<'a> {
 /// Durable storage for the coordinator. See the module docs for the contract.
 pub trait Store: Send + Sync + 'static {
     /// Writes (creates or replaces) a transaction record, and the partial-id
-    /// index entries of all its participants.
+    /// index entries of all its participants: for a new transaction and
+    /// after a participant was added.
     fn put_txn(&self, txn: &TxnRecord) -> impl Future<Output = Result<()>> + Send;
 
+    /// Replaces a transaction record whose participants are the same as
+    /// when it was last written with [`Store::put_txn`] (their statuses and
+    /// counters may differ): the partial-id index is left as it is.
+    fn update_txn(&self, txn: &TxnRecord) -> impl Future<Output = Result<()>> + Send;
+
     /// Atomically stores a batch of commands, the idempotency receipt, and
-    /// `txn` (whose participant counters already include the batch).
+    /// `txn` (whose participant counters already include the batch; its
+    /// participants are unchanged, as for [`Store::update_txn`]).
     fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> impl Future<Output = Result<()>> + Send;
 
     /// Reads a transaction record.

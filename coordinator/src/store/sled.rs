@@ -75,7 +75,17 @@ impl Store for SledStore {
     async fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.check()?;
         let mut write = Write::default();
-        txn_into_write(&mut write, txn)?;
+        write.insert(&txn_key(txn.id), &encode(txn)?);
+        for p in &txn.participants {
+            write.insert(&partial_key(p.partial_id), txn.id.0.as_bytes());
+        }
+        self.journal.submit(write)?.durable().await
+    }
+
+    async fn update_txn(&self, txn: &TxnRecord) -> Result<()> {
+        self.check()?;
+        let mut write = Write::default();
+        write.insert(&txn_key(txn.id), &encode(txn)?);
         self.journal.submit(write)?.durable().await
     }
 
@@ -88,7 +98,7 @@ impl Store for SledStore {
         if let Some((key, receipt)) = append.idempotency {
             write.insert(&receipt_key(append.partial_id, key), &encode(&receipt)?);
         }
-        txn_into_write(&mut write, txn)?;
+        write.insert(&txn_key(txn.id), &encode(txn)?);
         let pending = self.journal.submit(write)?;
         crate::failpoint::crash_point("append-unflushed");
         pending.durable().await
@@ -221,14 +231,6 @@ fn successor(key: &[u8]) -> Vec<u8> {
     let mut k = key.to_vec();
     k.push(0);
     k
-}
-
-fn txn_into_write(write: &mut Write, txn: &TxnRecord) -> Result<()> {
-    write.insert(&txn_key(txn.id), &encode(txn)?);
-    for p in &txn.participants {
-        write.insert(&partial_key(p.partial_id), txn.id.0.as_bytes());
-    }
-    Ok(())
 }
 
 // --- values --------------------------------------------------------------
