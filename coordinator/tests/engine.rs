@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tcc_coordinator::config::Limits;
-use tcc_coordinator::engine::state::{Event, TxnState};
+use tcc_coordinator::engine::state::{Event, Phase2Status, TxnState};
 use tcc_coordinator::engine::validate::NewCommand;
 use tcc_coordinator::engine::{Engine, ManualClock};
 use tcc_coordinator::error::Error;
@@ -265,7 +265,7 @@ async fn enlist_rules() -> R {
 async fn finish(f: &Fixture, id: TxnId) -> R {
     let n = f.engine.get(id).await?.participants.len();
     for i in 0..n {
-        f.engine.record_phase2(id, Event::Delivered { participant: i }).await?;
+        f.engine.record_phase2(id, vec![Event::Delivered { participant: i }]).await?;
     }
     Ok(())
 }
@@ -297,7 +297,7 @@ async fn failed_transactions_are_listed_and_never_collected() -> R {
     let f = fixture();
     let t = f.engine.begin(svc(&["a"]), 0).await?;
     f.engine.confirm(t.id).await?;
-    f.engine.record_phase2(t.id, Event::GaveUp { participant: 0, error: "refused".into() }).await?;
+    f.engine.record_phase2(t.id, vec![Event::GaveUp { participant: 0, error: "refused".into() }]).await?;
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
     f.clock.advance(10 * RETENTION.as_millis() as i64);
     assert_eq!(f.engine.collect_garbage().await, 0);
@@ -363,5 +363,43 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
     assert!(engine.append(p, None, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
+    Ok(())
+}
+
+#[tokio::test]
+async fn phase_two_progress_is_recorded_together_or_not_at_all() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a", "b", "c"]), 0).await?;
+    f.engine.confirm(t.id).await?;
+    let retry_at = f.engine.now_ms() + 500;
+    let recorded = f
+        .engine
+        .record_phase2(
+            t.id,
+            vec![
+                Event::Delivered { participant: 0 },
+                Event::AttemptFailed { participant: 1, error: "down".into(), next_attempt_ms: retry_at },
+            ],
+        )
+        .await?;
+    let statuses: Vec<_> = recorded.participants.iter().map(|p| (p.status, p.attempts)).collect();
+    assert_eq!(statuses, vec![(Phase2Status::Acknowledged, 1), (Phase2Status::Pending, 1), (Phase2Status::Pending, 0)]);
+    assert_eq!(recorded.participants[1].next_attempt_ms, retry_at);
+    assert_eq!(f.store.get_txn(t.id).await?.as_ref(), Some(&recorded), "both events are durable");
+    // An illegal event in the batch (a participant that does not exist)
+    // refuses the whole batch: the legal one beside it is not recorded.
+    let refused = f
+        .engine
+        .record_phase2(t.id, vec![Event::Delivered { participant: 2 }, Event::Delivered { participant: 9 }])
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(f.engine.get(t.id).await?.participants[2].status, Phase2Status::Pending);
+    assert_eq!(f.store.get_txn(t.id).await?.as_ref(), Some(&recorded));
+    // The last acknowledgements finish the transaction.
+    let done = f
+        .engine
+        .record_phase2(t.id, vec![Event::Delivered { participant: 1 }, Event::Delivered { participant: 2 }])
+        .await?;
+    assert_eq!(done.state, TxnState::Confirmed);
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! * One driver task per transaction ([`Delivery::start`] is idempotent: a
 //!   second start while one runs makes it look again when it finishes, which
 //!   is how an admin retry that races the end of a driver is not lost).
-//! * Participants are called in parallel; each carries its whole topic.
+//! * Participants are called in parallel; each carries its whole topic. The
+//!   outcomes of the first round are recorded together, in one durable
+//!   write; retries are then recorded one by one.
 //! * A transient failure (transport error, UNAVAILABLE, DEADLINE_EXCEEDED,
 //!   RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, CANCELLED, or no
 //!   endpoint known) is recorded and retried after a capped exponential
@@ -49,6 +51,24 @@ enum CallError {
     Transient(String),
     /// The participant refused for good.
     Permanent(String),
+}
+
+/// One participant's phase-2 delivery in progress.
+struct Call {
+    txn: TxnId,
+    decision: Decision,
+    /// Index into the transaction's participants.
+    idx: usize,
+    p: ParticipantRecord,
+    request: PhaseTwoRequest,
+    attempts: u32,
+    /// When the next attempt is due (unix ms; 0 = now).
+    next_at: i64,
+}
+
+/// Whether a participant's delivery is over (acknowledged or given up).
+fn is_final(event: &Event) -> bool {
+    matches!(event, Event::Delivered { .. } | Event::GaveUp { .. })
 }
 
 /// The phase-2 driver. See the module docs.
@@ -135,61 +155,66 @@ impl<S: Store> Delivery<S> {
         }
     }
 
+    /// Calls every pending participant that is due once, in parallel, and
+    /// records the outcomes in one durable write (the common case, everyone
+    /// acknowledging at once, costs one write per transaction); those not
+    /// done, and those backing off, then retry on their own.
     async fn deliver_all(&self, plan: DeliveryPlan) {
-        let calls = plan.pending.into_iter().map(|(idx, p)| self.deliver_one(plan.txn, plan.decision, idx, p));
-        futures::future::join_all(calls).await;
+        let DeliveryPlan { txn, decision, pending } = plan;
+        let calls = pending.into_iter().map(|(idx, p)| async move {
+            match self.request(txn, &p).await {
+                Ok(request) => {
+                    Some(Call { txn, decision, idx, attempts: p.attempts, next_at: p.next_attempt_ms, p, request })
+                }
+                Err(e) => {
+                    error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
+                    None
+                }
+            }
+        });
+        let calls: Vec<Call> = futures::future::join_all(calls).await.into_iter().flatten().collect();
+        if calls.is_empty() {
+            // No topic could be read: the driver loop looks again.
+            return self.pause(Duration::from_secs(1)).await;
+        }
+        let now = self.engine.now_ms();
+        let (due, later): (Vec<Call>, Vec<Call>) = calls.into_iter().partition(|c| c.next_at <= now);
+        let later = futures::future::join_all(later.into_iter().map(|call| self.retry(call)));
+        futures::future::join(self.first_round(txn, due), later).await;
     }
 
-    /// Delivers to one participant until it acknowledges, refuses, the
-    /// budget runs out, or shutdown. Returns early on a store error (the
-    /// driver loop tries again).
-    async fn deliver_one(&self, txn: TxnId, decision: Decision, idx: usize, p: ParticipantRecord) {
-        let request = match self.request(txn, &p).await {
-            Ok(r) => r,
-            Err(e) => {
-                error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
-                return self.pause(Duration::from_secs(1)).await;
-            }
-        };
-        let verb = if decision == Decision::Confirm { "commit" } else { "rollback" };
-        let mut attempts = p.attempts;
-        let mut next_at = p.next_attempt_ms;
-        loop {
-            let wait = next_at.saturating_sub(self.engine.now_ms());
-            if wait > 0 {
-                self.pause(Duration::from_millis(wait as u64)).await;
-            }
-            if self.shutdown.is_cancelled() {
-                return;
-            }
-            let outcome = self.call(&p.service, decision, request.clone()).await;
-            attempts += 1;
-            let event = match outcome {
-                Ok(()) => {
-                    debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
-                    Event::Delivered { participant: idx }
-                }
-                Err(CallError::Transient(error)) if !self.policy.exhausted(attempts) => {
-                    let delay = self.policy.backoff(attempts);
-                    next_at = self.engine.now_ms() + delay.as_millis() as i64;
-                    warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
-                        cause = %error, "{verb} failed; will retry");
-                    Event::AttemptFailed { participant: idx, error, next_attempt_ms: next_at }
-                }
-                Err(CallError::Transient(error)) => {
-                    error!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, cause = %error,
-                        "{verb} retry budget exhausted; giving up");
-                    Event::GaveUp { participant: idx, error: format!("gave up after {attempts} attempts: {error}") }
-                }
-                Err(CallError::Permanent(error)) => {
-                    error!(txn = %txn, partial = %p.partial_id, service = %p.service, cause = %error, "{verb} refused permanently");
-                    Event::GaveUp { participant: idx, error: format!("refused: {error}") }
-                }
-            };
-            let done = matches!(event, Event::Delivered { .. } | Event::GaveUp { .. });
+    /// The parallel first attempts of [`Delivery::deliver_all`], recorded
+    /// together; then the retries of those not done.
+    async fn first_round(&self, txn: TxnId, due: Vec<Call>) {
+        let attempts = due.into_iter().map(|mut call| async move {
+            let event = self.attempt(&mut call).await?;
+            Some((call, event))
+        });
+        let firsts: Vec<(Call, Event)> = futures::future::join_all(attempts).await.into_iter().flatten().collect();
+        if firsts.is_empty() {
+            return; // nothing was due, or shutdown
+        }
+        let events = firsts.iter().map(|(_, e)| e.clone()).collect();
+        if let Err(e) = self.engine.record_phase2(txn, events).await {
+            error!(txn = %txn, cause = %e, "cannot record phase-2 progress");
+            return self.pause(Duration::from_secs(1)).await;
+        }
+        if firsts.iter().any(|(_, e)| matches!(e, Event::Delivered { .. })) {
+            crate::failpoint::crash_point("after-ack");
+        }
+        let retries = firsts.into_iter().filter(|(_, e)| !is_final(e)).map(|(call, _)| self.retry(call));
+        futures::future::join_all(retries).await;
+    }
+
+    /// Retries one participant until it acknowledges, refuses, the budget
+    /// runs out, or shutdown; each outcome recorded on its own. Returns
+    /// early on a store error (the driver loop tries again).
+    async fn retry(&self, mut call: Call) {
+        while let Some(event) = self.attempt(&mut call).await {
+            let done = is_final(&event);
             let acked = matches!(event, Event::Delivered { .. });
-            if let Err(e) = self.engine.record_phase2(txn, event).await {
-                error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot record phase-2 progress");
+            if let Err(e) = self.engine.record_phase2(call.txn, vec![event]).await {
+                error!(txn = %call.txn, partial = %call.p.partial_id, cause = %e, "cannot record phase-2 progress");
                 return self.pause(Duration::from_secs(1)).await;
             }
             if acked {
@@ -199,6 +224,45 @@ impl<S: Store> Delivery<S> {
                 return;
             }
         }
+    }
+
+    /// One attempt, after waiting until it is due: the event to record, or
+    /// `None` on shutdown.
+    async fn attempt(&self, call: &mut Call) -> Option<Event> {
+        let (txn, idx, p) = (call.txn, call.idx, &call.p);
+        let verb = if call.decision == Decision::Confirm { "commit" } else { "rollback" };
+        let wait = call.next_at.saturating_sub(self.engine.now_ms());
+        if wait > 0 {
+            self.pause(Duration::from_millis(wait as u64)).await;
+        }
+        if self.shutdown.is_cancelled() {
+            return None;
+        }
+        let outcome = self.call(&p.service, call.decision, call.request.clone()).await;
+        call.attempts += 1;
+        let attempts = call.attempts;
+        Some(match outcome {
+            Ok(()) => {
+                debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
+                Event::Delivered { participant: idx }
+            }
+            Err(CallError::Transient(error)) if !self.policy.exhausted(attempts) => {
+                let delay = self.policy.backoff(attempts);
+                call.next_at = self.engine.now_ms() + delay.as_millis() as i64;
+                warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
+                    cause = %error, "{verb} failed; will retry");
+                Event::AttemptFailed { participant: idx, error, next_attempt_ms: call.next_at }
+            }
+            Err(CallError::Transient(error)) => {
+                error!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, cause = %error,
+                    "{verb} retry budget exhausted; giving up");
+                Event::GaveUp { participant: idx, error: format!("gave up after {attempts} attempts: {error}") }
+            }
+            Err(CallError::Permanent(error)) => {
+                error!(txn = %txn, partial = %p.partial_id, service = %p.service, cause = %error, "{verb} refused permanently");
+                Event::GaveUp { participant: idx, error: format!("refused: {error}") }
+            }
+        })
     }
 
     async fn request(&self, txn: TxnId, p: &ParticipantRecord) -> Result<PhaseTwoRequest> {

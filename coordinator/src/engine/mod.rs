@@ -289,19 +289,19 @@ impl<S: Store> Engine<S> {
 
     /// Decides confirm. Returns the record after the (durable) decision.
     pub async fn confirm(&self, id: TxnId) -> Result<TxnRecord> {
-        self.transition(id, Event::Confirm).await
+        self.transition(id, vec![Event::Confirm]).await
     }
 
     /// Decides cancel. Returns the record after the (durable) decision.
     pub async fn cancel(&self, id: TxnId, reason: String) -> Result<TxnRecord> {
         validate::reason(&reason)?;
         let reason = if reason.is_empty() { "cancelled by request".to_string() } else { reason };
-        self.transition(id, Event::Cancel { reason }).await
+        self.transition(id, vec![Event::Cancel { reason }]).await
     }
 
     /// Resumes delivery of a FAILED_TO_* transaction.
     pub async fn retry(&self, id: TxnId) -> Result<TxnRecord> {
-        self.transition(id, Event::Retry).await
+        self.transition(id, vec![Event::Retry]).await
     }
 
     /// Waits until the transaction leaves CONFIRMING/CANCELLING or `wait`
@@ -496,10 +496,11 @@ impl<S: Store> Engine<S> {
         Ok(Some(DeliveryPlan { txn: id, decision, pending }))
     }
 
-    /// Records phase-2 progress (an acknowledgement, a failed attempt, or
-    /// giving up) reported by the delivery driver.
-    pub async fn record_phase2(&self, id: TxnId, event: Event) -> Result<TxnRecord> {
-        self.transition(id, event).await
+    /// Records phase-2 progress (acknowledgements, failed attempts, giving
+    /// up) reported by the delivery driver: all of `events` in one durable
+    /// write, or none of them.
+    pub async fn record_phase2(&self, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
+        self.transition(id, events).await
     }
 
     // --- sweeper -------------------------------------------------------------
@@ -519,7 +520,7 @@ impl<S: Store> Engine<S> {
         let due = pop_due(&mut lock(&self.schedule).deadlines, now);
         let mut n = 0;
         for id in due {
-            match self.transition(id, Event::Expire).await {
+            match self.transition(id, vec![Event::Expire]).await {
                 Ok(t) if t.state == TxnState::Active => {
                     // Not due by the clock after all (it stepped back): keep it.
                     lock(&self.schedule).deadlines.insert((t.deadline_ms, id));
@@ -565,18 +566,29 @@ impl<S: Store> Engine<S> {
     // --- internals -----------------------------------------------------------
 
     /// The one path for events that only change the record: lock, expire
-    /// first if due (client events only), apply, persist, publish.
-    async fn transition(&self, id: TxnId, event: Event) -> Result<TxnRecord> {
+    /// first if due (client decisions only), apply every event in order,
+    /// persist once, publish.
+    async fn transition(&self, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
         let live = match self.find(id).await? {
             Found::Live(live) => live,
-            Found::Finished(txn) => return self.apply_finished(txn, event),
+            Found::Finished(mut txn) => {
+                for event in events {
+                    txn = self.apply_finished(txn, event)?;
+                }
+                return Ok(txn);
+            }
         };
         let mut guard = live.record.lock().await;
-        if matches!(event, Event::Confirm | Event::Cancel { .. }) {
+        if events.iter().any(|e| matches!(e, Event::Confirm | Event::Cancel { .. })) {
             self.expire_if_due(&live, &mut guard).await?;
         }
         let mut next = guard.clone();
-        if apply(&mut next, event, self.clock.now_ms())? == Outcome::Changed {
+        let now = self.clock.now_ms();
+        let mut changed = false;
+        for event in events {
+            changed |= apply(&mut next, event, now)? == Outcome::Changed;
+        }
+        if changed {
             self.store.update_txn(&next).await?;
             if guard.state == TxnState::Active && next.state.is_delivering() {
                 crate::failpoint::crash_point("after-decision");

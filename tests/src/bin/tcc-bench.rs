@@ -27,6 +27,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+/// The same allocator as the coordinator: the load generator shares the
+/// cores with it, so its own cost is kept low.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -279,6 +284,40 @@ async fn run_load(
     Ok((done.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), stats, elapsed))
 }
 
+/// The latency floor of one transaction's critical path: the p50 of one
+/// unary RPC (health Check, one at a time) and of one `fdatasync` after a
+/// small in-place write to a file in the coordinator's data directory (what
+/// the journal does), each measured `n` times.
+async fn latency_floor(c: &Coordinator, n: usize) -> Result<(f64, f64)> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel().await?);
+    let mut rpc = hist();
+    for _ in 0..n {
+        let t = Instant::now();
+        health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await?;
+        let _ = rpc.record(t.elapsed().as_micros().max(1) as u64);
+    }
+    let path = c.data_dir().join("bench-fsync-probe");
+    let sync = tokio::task::spawn_blocking(move || -> Result<Histogram<u64>> {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path)?;
+        f.write_all(&vec![0u8; 4096 * n])?;
+        f.sync_all()?;
+        f.rewind()?;
+        let mut h = hist();
+        for _ in 0..n {
+            let t = Instant::now();
+            f.write_all(&[0x5a; 300])?;
+            f.sync_data()?;
+            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+        }
+        drop(f);
+        std::fs::remove_file(&path)?;
+        Ok(h)
+    })
+    .await??;
+    Ok((ms(rpc.value_at_quantile(0.5)), ms(sync.value_at_quantile(0.5))))
+}
+
 /// Plain unary RPCs (health Check) at the same concurrency: the floor.
 async fn floor(c: &Coordinator, args: &Args) -> Result<f64> {
     let mut chans = Vec::new();
@@ -396,6 +435,7 @@ async fn main() -> Result<()> {
     let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
     let peak = memory_mib(pid, "VmHWM:").unwrap_or(0.0);
     let floor_rps = if args.floor_secs > 0 { floor(&c, &args).await? } else { 0.0 };
+    let latency = if args.floor_secs > 0 { Some(latency_floor(&c, 500).await?) } else { None };
 
     let tps = done as f64 / elapsed.as_secs_f64();
     let rpcs = 2 + 2 * args.participants as u64;
@@ -431,6 +471,14 @@ async fn main() -> Result<()> {
     if floor_rps > 0.0 {
         println!("| raw unary RPC floor (health Check) | {floor_rps:.0} RPC/s |");
         println!("| efficiency (tx/s x {rpcs} RPCs / floor) | {:.0} % |", 100.0 * tps * rpcs as f64 / floor_rps);
+    }
+    if let Some((rpc, sync)) = latency {
+        // Begin, Append, Confirm and the Commits inside it are round trips
+        // one after the other, each behind a durable write.
+        println!(
+            "| latency floor: one unary RPC / one fdatasync (p50, one at a time) | {rpc:.3} / {sync:.3} ms; critical path 4 x both = {:.2} ms |",
+            4.0 * (rpc + sync)
+        );
     }
     if errors > 0 {
         bail!("{errors} transactions failed");
