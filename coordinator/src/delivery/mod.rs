@@ -7,7 +7,11 @@
 //!   is how an admin retry that races the end of a driver is not lost).
 //! * Participants are called in parallel; each carries its whole topic. The
 //!   outcomes of the first round are recorded together, in one durable
-//!   write; retries are then recorded one by one.
+//!   write; retries are then recorded one by one. So a slow participant
+//!   delays the record of a fast one's acknowledgement, by at most the call
+//!   timeout; should the coordinator die in between, the fast one is called
+//!   again and acknowledges without applying twice (exactly-once is the
+//!   participant's marker, not this record).
 //! * A transient failure (transport error, UNAVAILABLE, DEADLINE_EXCEEDED,
 //!   RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, CANCELLED, or no
 //!   endpoint known) is recorded and retried after a capped exponential

@@ -183,6 +183,12 @@ impl Journal {
     /// Replays the journal files in `dir` into `tree`, makes that durable in
     /// sled, removes them, and starts a new journal file and the threads.
     pub fn open(dir: &Path, db: sled::Db, tree: sled::Tree) -> Result<Self> {
+        Self::open_with(dir, db, tree, CHECKPOINT_BYTES)
+    }
+
+    /// [`Journal::open`] with a checkpoint after `checkpoint_bytes` (tests
+    /// use a small one to rotate on every write).
+    fn open_with(dir: &Path, db: sled::Db, tree: sled::Tree, checkpoint_bytes: u64) -> Result<Self> {
         match std::fs::remove_file(spare_path(dir)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error("cannot remove", dir, e)),
             _ => {}
@@ -222,6 +228,7 @@ impl Journal {
             generation,
             size: 0,
             last_checkpoint: Instant::now(),
+            checkpoint_bytes,
             checkpoints,
         };
         let flusher = spawn("tcc-journal", move || flusher.run())?;
@@ -372,6 +379,7 @@ struct Flusher {
     /// Bytes in the current journal file.
     size: u64,
     last_checkpoint: Instant,
+    checkpoint_bytes: u64,
     checkpoints: mpsc::Sender<u64>,
 }
 
@@ -400,8 +408,8 @@ impl Flusher {
                 let _ = self.checkpoints.send(self.generation);
                 return;
             }
-            let due =
-                self.size >= CHECKPOINT_BYTES || (self.size > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
+            let due = self.size >= self.checkpoint_bytes
+                || (self.size > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
             if due
                 && !self.shared.checkpointing.load(Ordering::Acquire)
                 && let Err(cause) = self.rotate()
@@ -749,6 +757,36 @@ mod tests {
         drop(journal);
         assert_eq!(generations(f.dir.path())?, Vec::<u64>::new());
         assert_eq!(get(&f.tree, b"k")?, Some(b"v".to_vec()));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_rotation_every_write_and_read_is_refused() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path().join("journal");
+        std::fs::create_dir(&dir).map_err(io)?;
+        // Rotate after every write; the first rotation fails because the
+        // directory is gone (the open file still takes the first write).
+        let journal = Journal::open_with(&dir, f.db.clone(), f.tree.clone(), 1)?;
+        std::fs::remove_dir_all(&dir).map_err(io)?;
+        let mut w = Write::default();
+        w.insert(b"a", b"1");
+        journal.submit(w)?.durable().await?;
+        let mut w = Write::default();
+        w.insert(b"b", b"2");
+        let refused = match journal.submit(w) {
+            Ok(pending) => pending.durable().await,
+            Err(e) => Err(e),
+        };
+        match refused {
+            Err(Error::Unavailable(msg)) => {
+                assert!(msg.contains("takes no more requests; restart the coordinator"), "{msg}")
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+        assert!(matches!(journal.check(), Err(Error::Unavailable(_))), "reads are refused too");
+        assert_eq!(get(&f.tree, b"b")?, None, "the refused write is not applied");
+        drop(journal);
         Ok(())
     }
 }
