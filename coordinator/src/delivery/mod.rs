@@ -64,7 +64,10 @@ struct Call {
     /// Index into the transaction's participants.
     idx: usize,
     p: ParticipantRecord,
-    request: PhaseTwoRequest,
+    /// The call's message, read from the topic; taken by the next attempt
+    /// (a retry reads the topic again rather than every delivery keeping a
+    /// copy: a decided topic never changes).
+    request: Option<PhaseTwoRequest>,
     attempts: u32,
     /// When the next attempt is due (unix ms; 0 = now).
     next_at: i64,
@@ -168,7 +171,8 @@ impl<S: Store> Delivery<S> {
         let calls = pending.into_iter().map(|(idx, p)| async move {
             match self.request(txn, &p).await {
                 Ok(request) => {
-                    Some(Call { txn, decision, idx, attempts: p.attempts, next_at: p.next_attempt_ms, p, request })
+                    let (attempts, next_at) = (p.attempts, p.next_attempt_ms);
+                    Some(Call { txn, decision, idx, attempts, next_at, p, request: Some(request) })
                 }
                 Err(e) => {
                     error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
@@ -198,13 +202,8 @@ impl<S: Store> Delivery<S> {
         if firsts.is_empty() {
             return; // nothing was due, or shutdown
         }
-        let events = firsts.iter().map(|(_, e)| e.clone()).collect();
-        if let Err(e) = self.engine.record_phase2(txn, events).await {
-            error!(txn = %txn, cause = %e, "cannot record phase-2 progress");
-            return self.pause(Duration::from_secs(1)).await;
-        }
-        if firsts.iter().any(|(_, e)| matches!(e, Event::Delivered { .. })) {
-            crate::failpoint::crash_point("after-ack");
+        if !self.record(txn, firsts.iter().map(|(_, e)| e.clone()).collect()).await {
+            return;
         }
         let retries = firsts.into_iter().filter(|(_, e)| !is_final(e)).map(|(call, _)| self.retry(call));
         futures::future::join_all(retries).await;
@@ -216,22 +215,30 @@ impl<S: Store> Delivery<S> {
     async fn retry(&self, mut call: Call) {
         while let Some(event) = self.attempt(&mut call).await {
             let done = is_final(&event);
-            let acked = matches!(event, Event::Delivered { .. });
-            if let Err(e) = self.engine.record_phase2(call.txn, vec![event]).await {
-                error!(txn = %call.txn, partial = %call.p.partial_id, cause = %e, "cannot record phase-2 progress");
-                return self.pause(Duration::from_secs(1)).await;
-            }
-            if acked {
-                crate::failpoint::crash_point("after-ack");
-            }
-            if done {
+            if !self.record(call.txn, vec![event]).await || done {
                 return;
             }
         }
     }
 
+    /// Records phase-2 outcomes in one write. On a store error, logs and
+    /// pauses, and returns `false` (the driver loop tries again).
+    async fn record(&self, txn: TxnId, events: Vec<Event>) -> bool {
+        let acked = events.iter().any(|e| matches!(e, Event::Delivered { .. }));
+        if let Err(e) = self.engine.record_phase2(txn, events).await {
+            error!(txn = %txn, cause = %e, "cannot record phase-2 progress");
+            self.pause(Duration::from_secs(1)).await;
+            return false;
+        }
+        if acked {
+            crate::failpoint::crash_point("after-ack");
+        }
+        true
+    }
+
     /// One attempt, after waiting until it is due: the event to record, or
-    /// `None` on shutdown.
+    /// `None` on shutdown or when the topic cannot be read (the driver loop
+    /// tries again).
     async fn attempt(&self, call: &mut Call) -> Option<Event> {
         let (txn, idx, p) = (call.txn, call.idx, &call.p);
         let verb = if call.decision == Decision::Confirm { "commit" } else { "rollback" };
@@ -242,7 +249,18 @@ impl<S: Store> Delivery<S> {
         if self.shutdown.is_cancelled() {
             return None;
         }
-        let outcome = self.call(&p.service, call.decision, call.request.clone()).await;
+        let request = match call.request.take() {
+            Some(r) => r,
+            None => match self.request(txn, p).await {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
+                    self.pause(Duration::from_secs(1)).await;
+                    return None;
+                }
+            },
+        };
+        let outcome = self.call(&p.service, call.decision, request).await;
         call.attempts += 1;
         let attempts = call.attempts;
         Some(match outcome {

@@ -190,7 +190,9 @@ impl Journal {
     /// use a small one to rotate on every write).
     fn open_with(dir: &Path, db: sled::Db, tree: sled::Tree, checkpoint_bytes: u64) -> Result<Self> {
         match std::fs::remove_file(spare_path(dir)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error("cannot remove", dir, e)),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error("cannot remove", &spare_path(dir), e));
+            }
             _ => {}
         }
         let found = generations(dir)?;
@@ -429,7 +431,8 @@ impl Flusher {
         }
         let synced = self.file.write_all(buf).and_then(|()| self.file.sync_data());
         let mut answers = Vec::with_capacity(entries.len());
-        let mut failure = synced.err().map(|e| format!("journal {}: {e}", self.dir.display()));
+        let mut failure =
+            synced.err().map(|e| format!("journal {}: {e}", file_path(&self.dir, self.generation).display()));
         for e in entries {
             if failure.is_none()
                 && let Err(err) = apply(&self.tree, &e.frame[HEADER..])
@@ -533,8 +536,7 @@ fn replay(path: &Path, generation: u64, tree: &sled::Tree) -> Result<Replayed> {
 /// Splits one frame off `bytes`: its payload and its length with header.
 fn frame(bytes: &[u8], generation: u64) -> std::result::Result<(&[u8], usize), String> {
     let header = bytes.get(..HEADER).ok_or("truncated frame header")?;
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let (len, crc) = (le_u32(header) as usize, le_u32(&header[4..]));
     if len == 0 {
         return Err("empty frame".into());
     }
@@ -549,8 +551,7 @@ fn frame(bytes: &[u8], generation: u64) -> std::result::Result<(&[u8], usize), S
 /// whose header claims a length that fits: then the bad frame was followed
 /// by acknowledged writes and is damage, not a torn tail.
 fn valid_frame_follows(bytes: &[u8], generation: u64) -> bool {
-    let Some(header) = bytes.get(..4) else { return false };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let Some(len) = bytes.get(..4).map(|h| le_u32(h) as usize) else { return false };
     match bytes.get(HEADER + len..) {
         Some(rest) if len > 0 && !rest.is_empty() => frame(rest, generation).is_ok(),
         _ => false,
@@ -588,9 +589,13 @@ fn apply(tree: &sled::Tree, mut payload: &[u8]) -> std::result::Result<(), Appli
     Ok(())
 }
 
+/// The little-endian u32 at the start of `bytes` (at least 4 long).
+fn le_u32(bytes: &[u8]) -> u32 {
+    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
 fn take_bytes<'a>(payload: &mut &'a [u8]) -> std::result::Result<&'a [u8], String> {
-    let len = payload.get(..4).ok_or("truncated length")?;
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let len = le_u32(payload.get(..4).ok_or("truncated length")?) as usize;
     let bytes = payload.get(4..4 + len).ok_or("truncated bytes")?;
     *payload = &payload[4 + len..];
     Ok(bytes)
