@@ -179,11 +179,11 @@ impl DeliveryPolicy {
     /// The delay before attempt `attempt + 1`, given `attempt` calls made:
     /// capped exponential backoff with "equal jitter" (half fixed, half
     /// random), so retries of many transactions spread out.
-    pub fn backoff(&self, attempt: u32) -> Duration {
+    pub fn backoff(&self, attempt: u32, entropy: &dyn crate::clock::Entropy) -> Duration {
         let exp = self.retry_initial_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
         let capped = exp.min(self.retry_max_ms).max(1);
         let half = capped / 2;
-        Duration::from_millis(half + rand::random_range(0..=capped - half))
+        Duration::from_millis(half + entropy.up_to(capped - half))
     }
 
     /// True when `attempts` calls exhaust the budget.
@@ -224,12 +224,13 @@ mod tests {
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let p = DeliveryPolicy { call_timeout_ms: 1, retry_initial_ms: 100, retry_max_ms: 1000, retry_max_attempts: 5 };
+        let e = crate::clock::OsEntropy;
         for _ in 0..100 {
-            let d1 = p.backoff(1).as_millis();
+            let d1 = p.backoff(1, &e).as_millis();
             assert!((50..=100).contains(&d1), "{d1}");
-            let d3 = p.backoff(3).as_millis();
+            let d3 = p.backoff(3, &e).as_millis();
             assert!((200..=400).contains(&d3), "{d3}");
-            let d20 = p.backoff(20).as_millis();
+            let d20 = p.backoff(20, &e).as_millis();
             assert!((500..=1000).contains(&d20), "{d20}");
         }
         assert!(!p.exhausted(4));

@@ -1,8 +1,10 @@
-//! The coordinator's one error type and its mapping to gRPC status codes.
+//! The coordinator's one error type.
 //!
-//! Every fallible operation of the library returns [`Error`]. The gRPC layer
-//! converts it with the single `From<Error> for tonic::Status` below, so the
-//! code a client sees for a given failure is decided here and nowhere else:
+//! Every fallible operation of the library returns [`Error`]. It depends on
+//! the model layer only (no engine, no store backend, no transport); the
+//! single mapping to gRPC status codes lives with the API
+//! (`api::status`), so the code a client sees for a given failure is
+//! decided in one place:
 //!
 //! | variant              | code                |
 //! |----------------------|---------------------|
@@ -10,11 +12,12 @@
 //! | `NotFound`           | NOT_FOUND           |
 //! | `IllegalTransition`  | FAILED_PRECONDITION |
 //! | `LimitExceeded`      | RESOURCE_EXHAUSTED  |
+//! | `Conflict`           | ABORTED             |  (lost a race with another writer; safe to retry)
 //! | `Unavailable`        | UNAVAILABLE         |  (the store failed a flush)
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 
-use crate::engine::state::TxnState;
+use crate::model::{BadId, Refusal, TxnId, TxnState};
 
 /// Result with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,6 +48,19 @@ pub enum Error {
     /// would be exceeded. Not transient: retrying the same call fails again.
     #[error("{0}")]
     LimitExceeded(String),
+    /// A conditional write lost: the stored record is no longer the version
+    /// the writer read (another writer, or a writer that was fenced off,
+    /// got there first). The engine reloads and decides again; a client
+    /// that sees it may retry.
+    #[error("transaction {txn} was changed concurrently (expected version {expected}, found {found})")]
+    Conflict {
+        /// The transaction.
+        txn: TxnId,
+        /// The version the writer based its change on (0 = expected absent).
+        expected: u64,
+        /// The version in the store (0 = absent).
+        found: u64,
+    },
     /// The coordinator is shutting down or its store cannot take writes.
     #[error("{0}")]
     Unavailable(String),
@@ -68,23 +84,22 @@ impl Error {
     }
 }
 
-impl From<sled::Error> for Error {
-    fn from(err: sled::Error) -> Self {
-        Error::Storage(err.to_string())
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Illegal { action, txn, state, reason } => Error::IllegalTransition {
+                action,
+                txn: txn.to_string(),
+                state,
+                detail: if reason.is_empty() { String::new() } else { format!(" (reason: {reason})") },
+            },
+            r @ Refusal::NoParticipant { .. } => Error::NotFound(r.to_string()),
+        }
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(err: Error) -> Self {
-        let msg = err.to_string();
-        match err {
-            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::NotFound(_) => tonic::Status::not_found(msg),
-            Error::IllegalTransition { .. } => tonic::Status::failed_precondition(msg),
-            Error::LimitExceeded(_) => tonic::Status::resource_exhausted(msg),
-            Error::Unavailable(_) => tonic::Status::unavailable(msg),
-            Error::Corrupt { .. } => tonic::Status::data_loss(msg),
-            Error::Storage(_) => tonic::Status::internal(msg),
-        }
+impl From<BadId> for Error {
+    fn from(b: BadId) -> Self {
+        Error::InvalidArgument(b.0)
     }
 }

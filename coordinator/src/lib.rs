@@ -9,34 +9,45 @@
 //! The modules follow the flow of a request:
 //!
 //! ```text
-//!  gRPC ──▶ api ──▶ engine ──▶ store (trait; sled)
+//!  gRPC ──▶ api ──▶ engine ──▶ store (dyn Store: sled, memory)
 //!                     │  ▲
 //!          decided ids▼  │ progress
-//!                   delivery ──▶ participants (tcc.v1.Participant)
+//!                   delivery ──▶ transport ──▶ participants (tcc.v1.Participant)
+//!
+//!  all of them speak model (ids, records, the state machine);
+//!  time and randomness come in through clock
 //! ```
 //!
-//! * [`api`]: request parsing and `Status` mapping, one file per service.
-//! * [`engine`]: the state machine ([`engine::state`]), per-transaction
-//!   serialisation, deadlines and GC ([`engine::sweeper`]).
-//! * [`delivery`]: phase 2, retries with backoff, endpoint registry.
-//! * [`store`]: the durable store trait, the sled backend with group
-//!   commit, and the conformance suite every backend passes.
-//! * [`config`]: flags and environment variables, all with defaults.
-//! * [`server`]: wiring, recovery at start, graceful shutdown.
+//! Layers, bottom up; a module imports only from layers below it:
 //!
-//! The invariants this crate keeps are those of `DESIGN.md`: decisions are
+//! 1. [`model`]: ids, records, states, the state machine. Imports nothing
+//!    from the crate.
+//! 2. [`error`], [`clock`] (time and randomness, injected), [`config`].
+//! 3. [`store`]: the conditional-write store trait, its backends and the
+//!    conformance suite every backend passes.
+//! 4. [`engine`]: the operations on transactions, per-transaction
+//!    serialisation, deadlines and GC ([`engine::sweeper`]).
+//! 5. [`delivery`]: phase 2, retries with backoff, the transport and the
+//!    endpoint registry.
+//! 6. [`api`]: request parsing and the one `Status` mapping, one file per
+//!    service.
+//! 7. [`server`]: wiring, recovery at start, graceful shutdown.
+//!
+//! `ARCHITECTURE.md` at the repository root describes the protocol, its
+//! invariants and this map in full. The invariants this crate keeps: decisions are
 //! durable before they are acknowledged and never change; appends only
 //! while ACTIVE; every acknowledged append is delivered in order with its
 //! partial's commit; delivery retries until acknowledged (or an operator is
 //! told); everything is bounded and finished transactions are collected.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
-pub mod ids;
+pub mod model;
 pub mod server;
 pub mod store;
 

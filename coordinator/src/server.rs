@@ -23,9 +23,12 @@ use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
+use crate::clock::{OsEntropy, SystemClock};
 use crate::config::{Config, fixed};
-use crate::delivery::{Delivery, registry::Registry};
-use crate::engine::{Engine, SystemClock, sweeper};
+use crate::delivery::{Delivery, registry::Registry, transport::GrpcTransport};
+use crate::engine::{Engine, sweeper};
+use crate::error::Error;
+use crate::store::Store;
 use crate::store::sled::SledStore;
 
 /// Runs the coordinator on `listener` until `shutdown` is cancelled.
@@ -39,12 +42,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let addr = listener.local_addr().context("listener has no local address")?;
-    let store = Arc::new(
-        SledStore::open(&config.data_dir)
-            .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?,
-    );
+    let dir = config.data_dir.display();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir).map_err(|e| match e {
+        Error::Corrupt { .. } => anyhow::anyhow!("the data directory {dir} is damaged: {e}"),
+        other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
+    })?);
+    let entropy = Arc::new(OsEntropy);
     let (engine, decided) =
-        Engine::new(store.clone(), Arc::new(SystemClock), config.limits.clone(), config.retention());
+        Engine::new(store, Arc::new(SystemClock), entropy.clone(), config.limits.clone(), config.retention());
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
     let registry = Arc::new(Registry::new(&config.participants, connect_timeout).context("bad --participant")?);
 
@@ -56,7 +61,6 @@ pub async fn run(
         active = recovered.active,
         delivering = recovered.delivering,
         failed = recovered.failed,
-        finished = recovered.finished,
         elapsed_ms = started.elapsed().as_millis() as u64,
         data_dir = %config.data_dir.display(),
         "recovery complete"
@@ -64,15 +68,16 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let delivery = Delivery::new(engine.clone(), registry.clone(), config.delivery.clone(), background.clone());
+    let transport = Arc::new(GrpcTransport::new(registry.clone()));
+    let delivery = Delivery::new(engine.clone(), transport, entropy, config.delivery.clone(), background.clone());
     tasks.spawn(delivery.run(decided));
     tasks.spawn(sweeper::run(engine.clone(), background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TransactionsServer<TransactionsApi<SledStore>>>().await;
-    health.set_serving::<TopicsServer<TopicsApi<SledStore>>>().await;
+    health.set_serving::<TransactionsServer<TransactionsApi>>().await;
+    health.set_serving::<TopicsServer<TopicsApi>>().await;
     health.set_serving::<RegistryServer<RegistryApi>>().await;
-    health.set_serving::<AdminServer<AdminApi<SledStore>>>().await;
+    health.set_serving::<AdminServer<AdminApi>>().await;
     let reflection = reflection_builder().build_v1().context("building reflection service")?;
     let reflection_alpha = reflection_builder().build_v1alpha().context("building reflection service")?;
 

@@ -1,16 +1,19 @@
 //! Engine behaviour on a real sled store with a manual clock: deadlines,
-//! races, idempotent appends, limits, GC, listing and recovery. No network.
+//! races, idempotent appends, limits, GC, listing and recovery; and two
+//! engines on one store (conditional writes, conflicts reloaded, never an
+//! overwrite). No network.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tcc_coordinator::clock::{ManualClock, OsEntropy};
 use tcc_coordinator::config::Limits;
-use tcc_coordinator::engine::state::{Event, Phase2Status, TxnState};
+use tcc_coordinator::engine::Engine;
 use tcc_coordinator::engine::validate::NewCommand;
-use tcc_coordinator::engine::{Engine, ManualClock};
 use tcc_coordinator::error::Error;
-use tcc_coordinator::ids::{PartialId, TxnId};
+use tcc_coordinator::model::{Event, PartialId, Phase2Status, TxnId, TxnState};
 use tcc_coordinator::store::Store;
+use tcc_coordinator::store::memory::MemStore;
 use tcc_coordinator::store::sled::SledStore;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -19,9 +22,9 @@ const RETENTION: Duration = Duration::from_secs(60);
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    store: Arc<SledStore>,
+    store: Arc<dyn Store>,
     clock: Arc<ManualClock>,
-    engine: Arc<Engine<SledStore>>,
+    engine: Arc<Engine>,
     decided: UnboundedReceiver<TxnId>,
 }
 
@@ -39,10 +42,14 @@ fn limits() -> Limits {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let store = Arc::new(SledStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
     let clock = Arc::new(ManualClock::at(T0));
-    let (engine, decided) = Engine::new(store.clone(), clock.clone(), limits(), RETENTION);
+    let (engine, decided) = engine_on(store.clone(), clock.clone());
     Fixture { _dir: dir, store, clock, engine, decided }
+}
+
+fn engine_on(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> (Arc<Engine>, UnboundedReceiver<TxnId>) {
+    Engine::new(store, clock, Arc::new(OsEntropy), limits(), RETENTION)
 }
 
 fn cmd(kind: &str, payload: &[u8]) -> NewCommand {
@@ -84,12 +91,12 @@ async fn begin_validates_its_input() -> R {
 async fn the_deadline_cancels_an_active_transaction() -> R {
     let mut f = fixture();
     let t = f.engine.begin(svc(&["a"]), 500).await?;
-    assert_eq!(f.engine.next_due(), Some(T0 + 500));
+    assert_eq!(f.store.due_deadlines(T0, 10).await?, (vec![], Some(T0 + 500)));
     f.clock.advance(499);
-    assert_eq!(f.engine.expire_due().await, 0);
+    assert_eq!(f.engine.expire_due().await, (0, Some(T0 + 500)));
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::Active);
     f.clock.advance(1);
-    assert_eq!(f.engine.expire_due().await, 1);
+    assert_eq!(f.engine.expire_due().await, (1, None));
     let after = f.engine.get(t.id).await?;
     assert_eq!(after.state, TxnState::Cancelling);
     assert_eq!(after.reason, "deadline exceeded");
@@ -281,10 +288,10 @@ async fn finished_transactions_are_collected_after_retention() -> R {
     let done = f.engine.get(t.id).await?;
     assert_eq!(done.state, TxnState::Confirmed);
     f.clock.advance(RETENTION.as_millis() as i64 - 1);
-    assert_eq!(f.engine.collect_garbage().await, 0);
+    assert_eq!(f.engine.collect_garbage().await.0, 0);
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::Confirmed, "kept during retention");
     f.clock.advance(1);
-    assert_eq!(f.engine.collect_garbage().await, 1);
+    assert_eq!(f.engine.collect_garbage().await.0, 1);
     assert!(matches!(f.engine.get(t.id).await, Err(Error::NotFound(_))));
     assert!(matches!(f.engine.read_topic(p, 1, 10).await, Err(Error::NotFound(_))));
     assert!(f.store.read_topic(p, 1, 10).await?.is_empty(), "topic deleted");
@@ -300,7 +307,7 @@ async fn failed_transactions_are_listed_and_never_collected() -> R {
     f.engine.record_phase2(t.id, vec![Event::GaveUp { participant: 0, error: "refused".into() }]).await?;
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
     f.clock.advance(10 * RETENTION.as_millis() as i64);
-    assert_eq!(f.engine.collect_garbage().await, 0);
+    assert_eq!(f.engine.collect_garbage().await.0, 0);
     let page = f.engine.list(&[TxnState::FailedToConfirm], 0, 10, None).await?;
     assert_eq!(page.transactions.iter().map(|t| t.id).collect::<Vec<_>>(), vec![t.id]);
     let retried = f.engine.retry(t.id).await?;
@@ -344,22 +351,22 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::at(T0));
     let (active, confirming, p) = {
-        let store = Arc::new(SledStore::open(dir.path())?);
-        let (engine, _rx) = Engine::new(store, clock.clone(), limits(), RETENTION);
+        let (engine, _rx) = engine_on(Arc::new(SledStore::open(dir.path())?), clock.clone());
         let a = engine.begin(svc(&["a"]), 5_000).await?;
         let c = engine.begin(svc(&["a", "b"]), 5_000).await?;
         engine.append(c.participants[1].partial_id, None, vec![cmd("x", b"1")], "k").await?;
         engine.confirm(c.id).await?;
         (a.id, c.id, c.participants[1].partial_id)
     };
-    let store = Arc::new(SledStore::open(dir.path())?);
-    let (engine, mut decided) = Engine::new(store, clock.clone(), limits(), RETENTION);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path())?);
+    let (engine, mut decided) = engine_on(store.clone(), clock.clone());
     let r = engine.recover().await?;
     assert_eq!((r.active, r.delivering), (1, 1));
     assert_eq!(decided.try_recv().ok(), Some(confirming), "delivery resumes");
-    assert_eq!(engine.next_due(), Some(T0 + 5_000), "the deadline is kept, not restarted");
+    assert_eq!(engine.cached(), 0, "recovery loads nothing into memory");
+    assert_eq!(store.due_deadlines(T0, 10).await?.1, Some(T0 + 5_000), "the deadline is kept, not restarted");
     clock.advance(5_000);
-    assert_eq!(engine.expire_due().await, 1);
+    assert_eq!(engine.expire_due().await.0, 1);
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
     assert!(engine.append(p, None, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
@@ -401,5 +408,63 @@ async fn phase_two_progress_is_recorded_together_or_not_at_all() -> R {
         .record_phase2(t.id, vec![Event::Delivered { participant: 1 }, Event::Delivered { participant: 2 }])
         .await?;
     assert_eq!(done.state, TxnState::Confirmed);
+    Ok(())
+}
+
+/// Two engines on one store (two coordinators, or one that was paused and
+/// wakes up with a stale cache): every write is conditional, so the one
+/// that is behind reloads and decides again; a decision is never
+/// overwritten and nothing is appended after it.
+#[tokio::test]
+async fn a_stale_engine_reloads_and_never_overwrites_a_decision() -> R {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let clock = Arc::new(ManualClock::at(T0));
+    let (a, _) = engine_on(store.clone(), clock.clone());
+    let (b, _) = engine_on(store.clone(), clock.clone());
+    let t = a.begin(svc(&["x", "y"]), 0).await?;
+    let px = t.participants[0].partial_id;
+    // b reads the transaction (and caches it) while it is ACTIVE.
+    assert_eq!(b.get(t.id).await?.state, TxnState::Active);
+    b.append(px, None, vec![cmd("x", b"1")], "").await?;
+    // a is now behind b; a's append conflicts, reloads and lands after b's.
+    let (r, _) = a.append(px, None, vec![cmd("x", b"2")], "").await?;
+    assert_eq!(r.first_sequence, 2, "renumbered after the reload");
+    a.confirm(t.id).await?;
+    // b's cache still says ACTIVE: its cancel loses, and names the winner.
+    match b.cancel(t.id, "late".into()).await {
+        Err(Error::IllegalTransition { state: TxnState::Confirming, .. }) => {}
+        other => panic!("a stale cancel must lose to the confirm: {other:?}"),
+    }
+    // b's late append is refused too, and stores nothing.
+    match b.append(px, None, vec![cmd("x", b"3")], "").await {
+        Err(Error::IllegalTransition { state: TxnState::Confirming, .. }) => {}
+        other => panic!("an append after the decision must be refused: {other:?}"),
+    }
+    assert_eq!(store.read_topic(px, 1, 10).await?.len(), 2);
+    let stored = store.get_txn(t.id).await?.unwrap_or_else(|| panic!("record gone"));
+    assert_eq!((stored.state, stored.participants[0].command_count), (TxnState::Confirming, 2));
+    // Both engines now agree, and a repeated confirm through b is a no-op.
+    assert_eq!(b.confirm(t.id).await?.version, stored.version);
+    Ok(())
+}
+
+/// Racing decisions spread over two engines: exactly one wins, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_racing_on_two_engines_have_one_winner() -> R {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let clock = Arc::new(ManualClock::at(T0));
+    let (a, _) = engine_on(store.clone(), clock.clone());
+    let (b, _) = engine_on(store.clone(), clock.clone());
+    for _ in 0..50 {
+        let t = a.begin(svc(&["x"]), 0).await?;
+        b.get(t.id).await?;
+        let (c, k) = tokio::join!(a.confirm(t.id), b.cancel(t.id, "race".into()));
+        let stored = store.get_txn(t.id).await?.map(|t| t.state);
+        match (c, k) {
+            (Ok(_), Err(Error::IllegalTransition { .. })) => assert_eq!(stored, Some(TxnState::Confirming)),
+            (Err(Error::IllegalTransition { .. }), Ok(_)) => assert_eq!(stored, Some(TxnState::Cancelling)),
+            other => panic!("expected exactly one winner: {other:?}"),
+        }
+    }
     Ok(())
 }

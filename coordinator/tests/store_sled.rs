@@ -1,7 +1,11 @@
 //! The store conformance suite on the sled backend, plus sled-specific
-//! checks (damaged records are reported, not skipped).
+//! checks: damaged records are reported at open (naming the key), not
+//! skipped; records written before versions existed read as version 1.
+
+use std::sync::Arc;
 
 use tcc_coordinator::error::{Error, Result};
+use tcc_coordinator::model::{PartialId, ParticipantRecord, TxnId, TxnRecord};
 use tcc_coordinator::store::Store;
 use tcc_coordinator::store::conformance::Harness;
 use tcc_coordinator::store::sled::SledStore;
@@ -9,9 +13,8 @@ use tcc_coordinator::store::sled::SledStore;
 struct SledHarness(tempfile::TempDir);
 
 impl Harness for SledHarness {
-    type S = SledStore;
-    fn open(&self) -> Result<SledStore> {
-        SledStore::open(self.0.path())
+    fn open(&self) -> Result<Arc<dyn Store>> {
+        Ok(Arc::new(SledStore::open(self.0.path())?))
     }
 }
 
@@ -24,23 +27,52 @@ fn harness() -> SledHarness {
 
 tcc_coordinator::store_conformance_tests!(harness());
 
+fn sled_err(e: sled::Error) -> Error {
+    Error::Storage(e.to_string())
+}
+
+/// Writes `value` under the record key of `id`, with sled directly.
+fn write_raw(dir: &std::path::Path, id: uuid::Uuid, value: Vec<u8>) -> Result<()> {
+    let db = sled::open(dir).map_err(sled_err)?;
+    let tree = db.open_tree("tcc").map_err(sled_err)?;
+    let mut key = vec![0x01];
+    key.extend_from_slice(id.as_bytes());
+    tree.insert(key, value).map_err(sled_err)?;
+    db.flush().map_err(sled_err)?;
+    Ok(())
+}
+
 #[tokio::test]
-async fn a_damaged_record_is_reported_with_its_key() -> Result<()> {
+async fn a_damaged_record_stops_open_naming_its_key() -> Result<()> {
     let dir = harness();
     let id = uuid::Uuid::now_v7();
-    {
-        // Write garbage where a transaction record belongs, with sled directly.
-        let db = sled::open(dir.0.path()).map_err(Error::from)?;
-        let tree = db.open_tree("tcc").map_err(Error::from)?;
-        let mut key = vec![0x01];
-        key.extend_from_slice(id.as_bytes());
-        tree.insert(key, vec![1u8, 0xff, 0xff, 0xff]).map_err(Error::from)?;
-        db.flush().map_err(Error::from)?;
-    }
-    let store = dir.open()?;
-    match store.scan(None, 10).await {
+    write_raw(dir.0.path(), id, vec![2u8, 0xff, 0xff, 0xff])?;
+    match SledStore::open(dir.0.path()) {
         Err(Error::Corrupt { key, .. }) => assert!(key.contains(&id.to_string()), "{key}"),
-        other => panic!("expected Corrupt, got {other:?}"),
+        Err(other) => panic!("expected Corrupt, got {other:?}"),
+        Ok(_) => panic!("a damaged record was accepted at open"),
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_record_from_before_versions_reads_as_version_1() -> Result<()> {
+    let dir = harness();
+    let parts = vec![ParticipantRecord::new("a".into(), PartialId::new())];
+    let mut old = TxnRecord::new(TxnId::new(), parts, 1_000, 31_000);
+    // Format 1: one format byte, then postcard of the record (which never
+    // carried the version).
+    let mut value = vec![1u8];
+    postcard::to_io(&old, &mut value).map_err(|e| Error::Storage(e.to_string()))?;
+    write_raw(dir.0.path(), old.id.0, value)?;
+    let store = dir.open()?;
+    old.version = 1;
+    assert_eq!(store.get_txn(old.id).await?, Some(old.clone()));
+    assert_eq!(store.due_deadlines(i64::MAX, 10).await?.0, vec![old.id], "indexed at open");
+    let mut next = old.clone();
+    next.version = 2;
+    next.reason = "upgraded".into();
+    store.update_txn(&next, None).await?;
+    assert_eq!(store.get_txn(old.id).await?.map(|t| t.version), Some(2));
     Ok(())
 }

@@ -8,23 +8,22 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::ids::TxnId;
-use crate::store::Store;
+use crate::model::TxnId;
 
 /// The Admin service.
-pub struct AdminApi<S> {
-    engine: Arc<Engine<S>>,
+pub struct AdminApi {
+    engine: Arc<Engine>,
 }
 
-impl<S: Store> AdminApi<S> {
+impl AdminApi {
     /// A service over `engine`.
-    pub fn new(engine: Arc<Engine<S>>) -> Self {
+    pub fn new(engine: Arc<Engine>) -> Self {
         AdminApi { engine }
     }
 }
 
 #[tonic::async_trait]
-impl<S: Store> Admin for AdminApi<S> {
+impl Admin for AdminApi {
     async fn list_transactions(
         &self,
         request: Request<v1::ListTransactionsRequest>,

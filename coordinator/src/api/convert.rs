@@ -2,9 +2,8 @@
 
 use tcc_proto::v1;
 
-use crate::engine::state::{ParticipantRecord, Phase2Status, TxnRecord, TxnState};
 use crate::error::{Error, Result};
-use crate::store::CommandRecord;
+use crate::model::{CommandRecord, ParticipantRecord, Phase2Status, TxnRecord, TxnState};
 
 /// Engine state to wire enum.
 pub fn state(s: TxnState) -> v1::TransactionState {

@@ -2,10 +2,11 @@
 //! convert the results. Validation of names and sizes lives in the engine
 //! ([`crate::engine::validate`]) so that it holds for any transport; this
 //! layer only parses ids and enums. Errors become `tonic::Status` through the
-//! single `From<Error>` in [`crate::error`].
+//! single `From<Error>` in [`status`].
 
 pub mod admin;
 pub mod convert;
 pub mod registry;
+pub mod status;
 pub mod topics;
 pub mod transactions;

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use tcc_proto::v1::{self, registry_server};
 use tonic::{Request, Response, Status};
 
+use crate::clock::{Clock, SystemClock};
 use crate::delivery::registry::Registry;
-use crate::engine::{Clock, SystemClock};
 
 /// The Registry service.
 pub struct RegistryApi {

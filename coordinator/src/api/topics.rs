@@ -8,23 +8,22 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::engine::Engine;
 use crate::engine::validate::NewCommand;
-use crate::ids::PartialId;
-use crate::store::Store;
+use crate::model::PartialId;
 
 /// The Topics service.
-pub struct TopicsApi<S> {
-    engine: Arc<Engine<S>>,
+pub struct TopicsApi {
+    engine: Arc<Engine>,
 }
 
-impl<S: Store> TopicsApi<S> {
+impl TopicsApi {
     /// A service over `engine`.
-    pub fn new(engine: Arc<Engine<S>>) -> Self {
+    pub fn new(engine: Arc<Engine>) -> Self {
         TopicsApi { engine }
     }
 }
 
 #[tonic::async_trait]
-impl<S: Store> Topics for TopicsApi<S> {
+impl Topics for TopicsApi {
     async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
         let req = request.into_inner();
         let partial = PartialId::parse("partial_id", &req.partial_id)?;

@@ -9,19 +9,18 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::config::fixed;
 use crate::engine::Engine;
-use crate::engine::state::TxnRecord;
 use crate::error::Result;
-use crate::ids::TxnId;
-use crate::store::Store;
+use crate::model::TxnId;
+use crate::model::TxnRecord;
 
 /// The Transactions service.
-pub struct TransactionsApi<S> {
-    engine: Arc<Engine<S>>,
+pub struct TransactionsApi {
+    engine: Arc<Engine>,
 }
 
-impl<S: Store> TransactionsApi<S> {
+impl TransactionsApi {
     /// A service over `engine`.
-    pub fn new(engine: Arc<Engine<S>>) -> Self {
+    pub fn new(engine: Arc<Engine>) -> Self {
         TransactionsApi { engine }
     }
 
@@ -41,7 +40,7 @@ impl<S: Store> TransactionsApi<S> {
 }
 
 #[tonic::async_trait]
-impl<S: Store> Transactions for TransactionsApi<S> {
+impl Transactions for TransactionsApi {
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
         let req = request.into_inner();
         let txn = self.engine.begin(req.participants, req.timeout_ms).await?;

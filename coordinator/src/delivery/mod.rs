@@ -22,8 +22,16 @@
 //!   restart delivery resumes with the right attempt count and next time.
 //!   Recovery re-queues every CONFIRMING/CANCELLING transaction at start.
 //! * The driver never decides anything: it only reports progress.
+//! * Waits derived from a persisted time (the next attempt of a
+//!   participant) are capped at the maximum backoff, so a wall clock that
+//!   stepped back (at a restart, say) postpones a due call by at most that.
+//! * Calls go through a [`Transport`] ([`transport::GrpcTransport`] in the
+//!   server); what to call comes from the engine
+//!   ([`Engine::delivery_plan`], [`Engine::commands`]), never from the
+//!   store directly.
 
 pub mod registry;
+pub mod transport;
 
 use crate::lock;
 use std::collections::HashMap;
@@ -32,30 +40,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tcc_proto::v1::participant_client::ParticipantClient;
-use tcc_proto::v1::{PhaseTwoRequest, StoredCommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Code;
 use tracing::{debug, error, warn};
 
-use crate::config::{DeliveryPolicy, fixed};
-use crate::engine::state::{Decision, Event, ParticipantRecord};
-use crate::engine::{DeliveryPlan, Engine};
+use crate::clock::Entropy;
+use crate::config::DeliveryPolicy;
+use crate::engine::Engine;
+use crate::engine::lifecycle::DeliveryPlan;
 use crate::error::Result;
-use crate::ids::TxnId;
-use crate::store::Store;
-use registry::Registry;
-
-/// Why a phase-2 call did not succeed.
-#[derive(Debug)]
-enum CallError {
-    /// Worth retrying.
-    Transient(String),
-    /// The participant refused for good.
-    Permanent(String),
-}
+use crate::model::{Decision, Event, ParticipantRecord, TxnId};
+use transport::{CallError, Phase2Call, Transport};
 
 /// One participant's phase-2 delivery in progress.
 struct Call {
@@ -67,7 +63,7 @@ struct Call {
     /// The call's message, read from the topic; taken by the next attempt
     /// (a retry reads the topic again rather than every delivery keeping a
     /// copy: a decided topic never changes).
-    request: Option<PhaseTwoRequest>,
+    request: Option<Phase2Call>,
     attempts: u32,
     /// When the next attempt is due (unix ms; 0 = now).
     next_at: i64,
@@ -79,9 +75,10 @@ fn is_final(event: &Event) -> bool {
 }
 
 /// The phase-2 driver. See the module docs.
-pub struct Delivery<S> {
-    engine: Arc<Engine<S>>,
-    registry: Arc<Registry>,
+pub struct Delivery {
+    engine: Arc<Engine>,
+    transport: Arc<dyn Transport>,
+    entropy: Arc<dyn Entropy>,
     policy: DeliveryPolicy,
     /// Transactions with a running driver; `true` = look again when done.
     running: Mutex<HashMap<TxnId, bool>>,
@@ -89,15 +86,29 @@ pub struct Delivery<S> {
     shutdown: CancellationToken,
 }
 
-impl<S: Store> Delivery<S> {
+impl Delivery {
     /// A driver that stops when `shutdown` is cancelled.
     pub fn new(
-        engine: Arc<Engine<S>>,
-        registry: Arc<Registry>,
+        engine: Arc<Engine>,
+        transport: Arc<dyn Transport>,
+        entropy: Arc<dyn Entropy>,
         policy: DeliveryPolicy,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Delivery { engine, registry, policy, running: Mutex::default(), tasks: TaskTracker::new(), shutdown })
+        Arc::new(Delivery {
+            engine,
+            transport,
+            entropy,
+            policy,
+            running: Mutex::default(),
+            tasks: TaskTracker::new(),
+            shutdown,
+        })
+    }
+
+    /// How many transactions have a running driver.
+    pub fn running(&self) -> usize {
+        lock(&self.running).len()
     }
 
     /// Takes transactions to deliver from the engine until shutdown, then
@@ -105,6 +116,7 @@ impl<S: Store> Delivery<S> {
     pub async fn run(self: Arc<Self>, mut decided: mpsc::UnboundedReceiver<TxnId>) {
         loop {
             tokio::select! {
+                biased;
                 id = decided.recv() => match id {
                     Some(id) => self.start(id),
                     None => break,
@@ -169,7 +181,7 @@ impl<S: Store> Delivery<S> {
     async fn deliver_all(&self, plan: DeliveryPlan) {
         let DeliveryPlan { txn, decision, pending } = plan;
         let calls = pending.into_iter().map(|(idx, p)| async move {
-            match self.request(txn, &p).await {
+            match self.request(txn, decision, &p).await {
                 Ok(request) => {
                     let (attempts, next_at) = (p.attempts, p.next_attempt_ms);
                     Some(Call { txn, decision, idx, attempts, next_at, p, request: Some(request) })
@@ -242,7 +254,8 @@ impl<S: Store> Delivery<S> {
     async fn attempt(&self, call: &mut Call) -> Option<Event> {
         let (txn, idx, p) = (call.txn, call.idx, &call.p);
         let verb = if call.decision == Decision::Confirm { "commit" } else { "rollback" };
-        let wait = call.next_at.saturating_sub(self.engine.now_ms());
+        // Capped: `next_at` may come from before a clock step.
+        let wait = call.next_at.saturating_sub(self.engine.now_ms()).min(self.policy.retry_max_ms as i64);
         if wait > 0 {
             self.pause(Duration::from_millis(wait as u64)).await;
         }
@@ -251,7 +264,7 @@ impl<S: Store> Delivery<S> {
         }
         let request = match call.request.take() {
             Some(r) => r,
-            None => match self.request(txn, p).await {
+            None => match self.request(txn, call.decision, p).await {
                 Ok(r) => r,
                 Err(e) => {
                     error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
@@ -260,7 +273,8 @@ impl<S: Store> Delivery<S> {
                 }
             },
         };
-        let outcome = self.call(&p.service, call.decision, request).await;
+        let timeout = Duration::from_millis(self.policy.call_timeout_ms);
+        let outcome = self.transport.call(request, timeout).await;
         call.attempts += 1;
         let attempts = call.attempts;
         Some(match outcome {
@@ -269,7 +283,7 @@ impl<S: Store> Delivery<S> {
                 Event::Delivered { participant: idx }
             }
             Err(CallError::Transient(error)) if !self.policy.exhausted(attempts) => {
-                let delay = self.policy.backoff(attempts);
+                let delay = self.policy.backoff(attempts, self.entropy.as_ref());
                 call.next_at = self.engine.now_ms() + delay.as_millis() as i64;
                 warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
                     cause = %error, "{verb} failed; will retry");
@@ -287,70 +301,17 @@ impl<S: Store> Delivery<S> {
         })
     }
 
-    async fn request(&self, txn: TxnId, p: &ParticipantRecord) -> Result<PhaseTwoRequest> {
-        let commands = self.engine.store().read_topic(p.partial_id, 1, usize::MAX).await?;
-        Ok(PhaseTwoRequest {
-            transaction_id: txn.to_string(),
-            partial_id: p.partial_id.to_string(),
-            service: p.service.clone(),
-            commands: commands
-                .into_iter()
-                .map(|c| StoredCommand { sequence: c.sequence, r#type: c.kind, key: c.key, payload: c.payload })
-                .collect(),
-        })
-    }
-
-    /// One phase-2 call to some instance of `service`.
-    async fn call(&self, service: &str, decision: Decision, request: PhaseTwoRequest) -> Result<(), CallError> {
-        let Some((endpoint, channel)) = self.registry.pick(service) else {
-            return Err(CallError::Transient(format!("no endpoint known for service {service:?}")));
-        };
-        let timeout = Duration::from_millis(self.policy.call_timeout_ms);
-        let mut client = ParticipantClient::new(channel)
-            .max_encoding_message_size(fixed::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(fixed::MAX_MESSAGE_BYTES);
-        let mut req = tonic::Request::new(request);
-        req.set_timeout(timeout);
-        let call = async {
-            match decision {
-                Decision::Confirm => client.commit(req).await,
-                Decision::Cancel => client.rollback(req).await,
-            }
-        };
-        // The grpc-timeout header asks the server to give up; this bounds the
-        // wait even if the server ignores it.
-        let result = tokio::time::timeout(timeout + Duration::from_millis(100), call).await;
-        debug!(%service, %endpoint, ok = matches!(result, Ok(Ok(_))), "phase-2 call");
-        match result {
-            Ok(Ok(_)) => {
-                self.registry.report(&endpoint, true);
-                Ok(())
-            }
-            Err(_) => Err(CallError::Transient(format!("{endpoint}: no answer within {} ms", timeout.as_millis()))),
-            Ok(Err(status)) => {
-                let msg = format!("{endpoint}: {:?}: {}", status.code(), status.message());
-                match status.code() {
-                    Code::Unavailable => {
-                        self.registry.report(&endpoint, false);
-                        Err(CallError::Transient(msg))
-                    }
-                    Code::DeadlineExceeded
-                    | Code::ResourceExhausted
-                    | Code::Aborted
-                    | Code::Internal
-                    | Code::Unknown
-                    | Code::Cancelled => Err(CallError::Transient(msg)),
-                    _ => Err(CallError::Permanent(msg)),
-                }
-            }
-        }
+    async fn request(&self, txn: TxnId, decision: Decision, p: &ParticipantRecord) -> Result<Phase2Call> {
+        let commands = self.engine.commands(p.partial_id).await?;
+        Ok(Phase2Call { txn, partial: p.partial_id, service: p.service.clone(), decision, commands })
     }
 
     /// Sleeps, or returns at once on shutdown.
     async fn pause(&self, d: Duration) {
         tokio::select! {
-            _ = tokio::time::sleep(d) => {}
+            biased;
             _ = self.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(d) => {}
         }
     }
 }

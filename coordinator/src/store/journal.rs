@@ -46,10 +46,19 @@
 //! frame *followed by a valid one* is damage to acknowledged data, and
 //! opening fails ([`Error::Corrupt`]) rather than lose it silently.
 //!
+//! **Conditions.** A write may carry conditions ([`Write::require`]): the
+//! version stored under a key must be a given one. The flusher checks them
+//! against sled and the writes before it in the same group, just before it
+//! writes the group; a write whose condition fails is not written and its
+//! writer gets the store's conflict error. One thread checks and writes in
+//! order, so conditional writes cost no lock, no extra read round and no
+//! extra sync; conditions are not part of the frame (replay needs none).
+//!
 //! **Fail-stop.** If a journal write, sync or sled apply fails, the store is
 //! poisoned: the failing writes and every later call get UNAVAILABLE, since
 //! nothing after a failed sync can be promised durable. Restart recovers.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -85,12 +94,32 @@ const OP_REMOVE: u8 = 2;
 /// One atomic change, encoded as a journal frame.
 pub struct Write {
     frame: Vec<u8>,
+    conditions: Vec<Condition>,
+}
+
+/// The version stored under `key` must be `expected` (0 = absent); the
+/// write leaves it at `next` (0 = removed).
+struct Condition {
+    key: Vec<u8>,
+    expected: u64,
+    next: u64,
 }
 
 impl Default for Write {
     fn default() -> Self {
-        Write { frame: vec![0; HEADER] }
+        Write { frame: vec![0; HEADER], conditions: Vec::new() }
     }
+}
+
+/// How the journal reads conditions: the version a stored value carries
+/// (0 for none), and the error for a failed condition.
+#[derive(Clone, Copy)]
+pub struct Versioning {
+    /// The version encoded in a stored value.
+    pub version_of: fn(&[u8]) -> u64,
+    /// The error a writer gets when the version under `key` is `found`,
+    /// not `expected`.
+    pub conflict: fn(key: &[u8], expected: u64, found: u64) -> Error,
 }
 
 impl Write {
@@ -107,13 +136,20 @@ impl Write {
         put_bytes(&mut self.frame, key);
     }
 
+    /// Writes only if the version stored under `key` is `expected` (0 =
+    /// absent) at the time of the write; `next` is the version this write
+    /// leaves there (0 = removed).
+    pub fn require(&mut self, key: &[u8], expected: u64, next: u64) {
+        self.conditions.push(Condition { key: key.to_vec(), expected, next });
+    }
+
     /// Fills in the length; the checksum needs the generation of the file
     /// the frame goes to, which only the flusher knows ([`stamp`]).
-    fn seal(mut self) -> Result<Vec<u8>> {
+    fn seal(mut self) -> Result<(Vec<u8>, Vec<Condition>)> {
         let len = u32::try_from(self.frame.len() - HEADER)
             .map_err(|_| Error::Storage("a single write is larger than 4 GiB".into()))?;
         self.frame[..4].copy_from_slice(&len.to_le_bytes());
-        Ok(self.frame)
+        Ok((self.frame, self.conditions))
     }
 }
 
@@ -176,19 +212,26 @@ struct Queue {
 
 struct Entry {
     frame: Vec<u8>,
+    conditions: Vec<Condition>,
     done: oneshot::Sender<Result<()>>,
 }
 
 impl Journal {
     /// Replays the journal files in `dir` into `tree`, makes that durable in
     /// sled, removes them, and starts a new journal file and the threads.
-    pub fn open(dir: &Path, db: sled::Db, tree: sled::Tree) -> Result<Self> {
-        Self::open_with(dir, db, tree, CHECKPOINT_BYTES)
+    pub fn open(dir: &Path, db: sled::Db, tree: sled::Tree, versioning: Versioning) -> Result<Self> {
+        Self::open_with(dir, db, tree, versioning, CHECKPOINT_BYTES)
     }
 
     /// [`Journal::open`] with a checkpoint after `checkpoint_bytes` (tests
     /// use a small one to rotate on every write).
-    fn open_with(dir: &Path, db: sled::Db, tree: sled::Tree, checkpoint_bytes: u64) -> Result<Self> {
+    fn open_with(
+        dir: &Path,
+        db: sled::Db,
+        tree: sled::Tree,
+        versioning: Versioning,
+        checkpoint_bytes: u64,
+    ) -> Result<Self> {
         match std::fs::remove_file(spare_path(dir)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(io_error("cannot remove", &spare_path(dir), e));
@@ -202,7 +245,7 @@ impl Journal {
         }
         let generation = match found.last() {
             Some(last) => {
-                db.flush()?;
+                db.flush().map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
                 tracing::info!(frames, files = found.len(), "replayed the journal into sled");
                 last + 1
             }
@@ -225,6 +268,7 @@ impl Journal {
         let flusher = Flusher {
             shared: shared.clone(),
             tree,
+            versioning,
             dir: dir.to_path_buf(),
             file,
             generation,
@@ -239,7 +283,7 @@ impl Journal {
 
     /// Queues a write for the next group commit.
     pub fn submit(&self, write: Write) -> Result<Pending> {
-        let frame = write.seal()?;
+        let (frame, conditions) = write.seal()?;
         let (done, rx) = oneshot::channel();
         {
             let mut q = lock(&self.shared.queue);
@@ -249,7 +293,7 @@ impl Journal {
             if q.stop {
                 return Err(Error::Unavailable("the store is closing".into()));
             }
-            q.entries.push(Entry { frame, done });
+            q.entries.push(Entry { frame, conditions, done });
         }
         self.shared.wake.notify_one();
         Ok(Pending(rx))
@@ -375,6 +419,7 @@ fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> std::result::Resu
 struct Flusher {
     shared: Arc<Shared>,
     tree: sled::Tree,
+    versioning: Versioning,
     dir: PathBuf,
     file: File,
     generation: u64,
@@ -422,8 +467,39 @@ impl Flusher {
         }
     }
 
+    /// Checks the conditions of the group in order, refusing the writes
+    /// whose condition fails; returns the others.
+    fn admit(&self, entries: Vec<Entry>) -> std::result::Result<Vec<Entry>, String> {
+        let mut written: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut admitted = Vec::with_capacity(entries.len());
+        'entries: for e in entries {
+            for c in &e.conditions {
+                let found = match written.get(&c.key) {
+                    Some(v) => *v,
+                    None => match self.tree.get(&c.key) {
+                        Ok(v) => v.map_or(0, |v| (self.versioning.version_of)(&v)),
+                        Err(err) => return Err(format!("sled read: {err}")),
+                    },
+                };
+                if found != c.expected {
+                    let _ = e.done.send(Err((self.versioning.conflict)(&c.key, c.expected, found)));
+                    continue 'entries;
+                }
+            }
+            for c in &e.conditions {
+                written.insert(c.key.clone(), c.next);
+            }
+            admitted.push(e);
+        }
+        Ok(admitted)
+    }
+
     /// Writes and syncs the group, applies it to sled, answers the writers.
-    fn commit(&mut self, mut entries: Vec<Entry>, buf: &mut Vec<u8>) -> std::result::Result<(), String> {
+    fn commit(&mut self, entries: Vec<Entry>, buf: &mut Vec<u8>) -> std::result::Result<(), String> {
+        let mut entries = self.admit(entries)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
         buf.clear();
         for e in &mut entries {
             stamp(&mut e.frame, self.generation);
@@ -510,7 +586,7 @@ fn replay(path: &Path, generation: u64, tree: &sled::Tree) -> Result<Replayed> {
             Ok((payload, used)) => {
                 apply(tree, payload).map_err(|e| match e {
                     Applied::Malformed(cause) => damaged(pos, cause),
-                    Applied::Sled(e) => Error::from(e),
+                    Applied::Sled(e) => Error::Storage(e.to_string()),
                 })?;
                 pos += used;
                 frames += 1;
@@ -605,6 +681,12 @@ fn take_bytes<'a>(payload: &mut &'a [u8]) -> std::result::Result<&'a [u8], Strin
 mod tests {
     use super::*;
 
+    /// Test values carry their version in their first byte.
+    const TEST_VERSIONING: Versioning = Versioning {
+        version_of: |v| v.first().copied().unwrap_or(0) as u64,
+        conflict: |_, expected, found| Error::Storage(format!("conflict: expected {expected}, found {found}")),
+    };
+
     /// A frame as the file of generation 1 holds it.
     fn frame_of(ops: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
         frame_in(1, ops)
@@ -619,7 +701,7 @@ mod tests {
             }
         }
         match w.seal() {
-            Ok(mut frame) => {
+            Ok((mut frame, _)) => {
                 stamp(&mut frame, generation);
                 frame
             }
@@ -639,13 +721,17 @@ mod tests {
 
     fn fixture() -> Result<Fixture> {
         let dir = tempfile::tempdir().map_err(io)?;
-        let db = sled::Config::new().path(dir.path().join("db")).open()?;
-        let tree = db.open_tree("t")?;
+        let db = sled::Config::new().path(dir.path().join("db")).open().map_err(sled_err)?;
+        let tree = db.open_tree("t").map_err(sled_err)?;
         Ok(Fixture { dir, db, tree })
     }
 
     fn get(tree: &sled::Tree, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(tree.get(k)?.map(|v| v.to_vec()))
+        Ok(tree.get(k).map_err(sled_err)?.map(|v| v.to_vec()))
+    }
+
+    fn sled_err(e: sled::Error) -> Error {
+        Error::Storage(e.to_string())
     }
 
     #[test]
@@ -715,7 +801,7 @@ mod tests {
         // A spare from an earlier run is never reused: its old frames could
         // carry the generation numbers this run starts again from.
         std::fs::write(spare_path(dir), frame_in(9, &[(b"c", Some(b"stale"))])).map_err(io)?;
-        let journal = Journal::open(dir, f.db.clone(), f.tree.clone())?;
+        let journal = Journal::open(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING)?;
         assert_eq!(get(&f.tree, b"a")?, Some(b"new".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, Some(b"1".to_vec()));
         assert_eq!(generations(dir)?, vec![9], "replayed files removed once sled is flushed");
@@ -749,7 +835,7 @@ mod tests {
     #[tokio::test]
     async fn an_acknowledged_write_is_in_the_journal_and_in_sled() -> Result<()> {
         let f = fixture()?;
-        let journal = Journal::open(f.dir.path(), f.db.clone(), f.tree.clone())?;
+        let journal = Journal::open(f.dir.path(), f.db.clone(), f.tree.clone(), TEST_VERSIONING)?;
         let mut w = Write::default();
         w.insert(b"k", b"v");
         w.remove(b"gone");
@@ -772,7 +858,7 @@ mod tests {
         std::fs::create_dir(&dir).map_err(io)?;
         // Rotate after every write; the first rotation fails because the
         // directory is gone (the open file still takes the first write).
-        let journal = Journal::open_with(&dir, f.db.clone(), f.tree.clone(), 1)?;
+        let journal = Journal::open_with(&dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, 1)?;
         std::fs::remove_dir_all(&dir).map_err(io)?;
         let mut w = Write::default();
         w.insert(b"a", b"1");
@@ -792,6 +878,37 @@ mod tests {
         assert!(matches!(journal.check(), Err(Error::Unavailable(_))), "reads are refused too");
         assert_eq!(get(&f.tree, b"b")?, None, "the refused write is not applied");
         drop(journal);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn of_two_writes_on_the_same_version_exactly_one_lands() -> Result<()> {
+        let f = fixture()?;
+        let journal = Journal::open(f.dir.path(), f.db.clone(), f.tree.clone(), TEST_VERSIONING)?;
+        let write = |value: &[u8], expected: u64| {
+            let mut w = Write::default();
+            w.insert(b"k", value);
+            w.require(b"k", expected, value[0] as u64);
+            w
+        };
+        journal.submit(write(&[1, b'a'], 0))?.durable().await?;
+        // Both based on version 1, queued together (one group) or not.
+        let first = journal.submit(write(&[2, b'b'], 1))?;
+        let second = journal.submit(write(&[2, b'c'], 1))?;
+        let (first, second) = (first.durable().await, second.durable().await);
+        assert!(first.is_ok(), "{first:?}");
+        match second {
+            Err(Error::Storage(msg)) => assert_eq!(msg, "conflict: expected 1, found 2"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(get(&f.tree, b"k")?, Some(vec![2, b'b']), "the loser wrote nothing");
+        // A write based on a version that never existed is refused too.
+        let stale = journal.submit(write(&[9, b'z'], 7))?.durable().await;
+        assert!(stale.is_err());
+        drop(journal);
+        let on_disk = generations(f.dir.path())?;
+        assert!(on_disk.is_empty());
+        assert_eq!(get(&f.tree, b"k")?, Some(vec![2, b'b']));
         Ok(())
     }
 }

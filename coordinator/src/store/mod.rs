@@ -1,9 +1,11 @@
 //! Durable storage of transactions and their topics.
 //!
-//! The [`Store`] trait is everything the engine needs from a database. Its
-//! contract (the [`conformance`] suite checks what an in-process test can:
-//! atomicity, ordering, reopen, concurrency; crash durability is checked end
-//! to end by the kill -9 tests of the workspace):
+//! The [`Store`] trait is everything the engine needs from a database, and
+//! it is used as a trait object (`Arc<dyn Store>`): the backend is chosen at
+//! run time, so a new backend adds a file here, not a type parameter
+//! through every API type. Its contract (the [`conformance`] suite checks it
+//! against every backend; crash durability is checked end to end by the
+//! kill -9 tests of the workspace):
 //!
 //! * **Durable on return.** A write method returns `Ok` only after its
 //!   change is on disk. Implementations batch concurrent writers into one
@@ -11,57 +13,43 @@
 //! * **Atomic.** Each write method is all-or-nothing, in particular
 //!   [`Store::append`]: the commands, the idempotency receipt and the updated
 //!   transaction record are stored together or not at all.
-//! * **Single writer per transaction.** The engine serialises writes to one
-//!   transaction, so a store needs no compare-and-swap; writes to different
-//!   transactions may run concurrently.
-//! * **Ordered by id.** [`Store::scan`] returns records in id order; ids are
-//!   UUIDv7, so that is the order of creation.
+//! * **Conditional: many writers, one winner.** Every transaction record
+//!   carries a version ([`TxnRecord::version`]): 1 when created, one more
+//!   with every write. A write of version N+1 succeeds only if the stored
+//!   record is at version N ([`Store::create_txn`]: only if there is none);
+//!   otherwise nothing is written and the writer gets
+//!   [`Error::Conflict`](crate::error::Error::Conflict). So two writers (two
+//!   coordinators, or a paused one that wakes up) that read the same
+//!   version cannot both write: the loser reloads and decides again, and a
+//!   decision is never overwritten. A version rather than an owner epoch,
+//!   because it fences every stale writer, whoever it is, without a lease;
+//!   leases for background work can build on top (an epoch is then one
+//!   more condition). Conditions are checked inside the write's own
+//!   atomic step, so they add no round trip and no sync.
+//! * **Queries, not scans.** The engine asks for what it needs:
+//!   [`Store::unfinished`], [`Store::due_deadlines`],
+//!   [`Store::due_deliveries`], [`Store::list`] and [`Store::collectable`];
+//!   each backend answers from an index ([`index::TxnIndex`] for the
+//!   embedded stores, SQL indexes for a database).
+//! * **Ordered by id.** Listings are in id order; ids are UUIDv7, so that is
+//!   the order of creation.
 //! * **Loud on damage.** A record that does not decode is an
 //!   [`Error::Corrupt`](crate::error::Error::Corrupt) naming the key, never
 //!   skipped.
 //!
-//! The sled store ([`sled::SledStore`]) is the embedded default, made
-//! durable by a write-ahead [`journal`] with group commit; a
-//! PostgreSQL store fits the same trait (one SQL transaction per method).
+//! Backends: [`sled::SledStore`] is the embedded default, made durable by a
+//! write-ahead [`journal`] with group commit; [`memory::MemStore`] keeps
+//! everything in memory (tests and the simulation); a PostgreSQL store fits
+//! the same trait (one SQL transaction per method, `WHERE version = $n`).
 
 pub mod conformance;
+pub mod index;
 pub mod journal;
+pub mod memory;
 pub mod sled;
 
-use std::future::Future;
-
-use serde::{Deserialize, Serialize};
-
-use crate::engine::state::TxnRecord;
 use crate::error::Result;
-use crate::ids::{PartialId, TxnId};
-
-/// A command as stored in a topic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommandRecord {
-    /// Position in its topic, from 1, without gaps.
-    pub sequence: u64,
-    /// The command type name.
-    pub kind: String,
-    /// The entity key (may be empty).
-    pub key: String,
-    /// The opaque payload.
-    pub payload: Vec<u8>,
-}
-
-/// What an append stored; returned again for a retried idempotent append.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppendReceipt {
-    /// Sequence of the batch's first command.
-    pub first_sequence: u64,
-    /// Sequence of the batch's last command.
-    pub last_sequence: u64,
-    /// Accounted bytes of the batch.
-    pub bytes: u64,
-    /// Digest of the batch's content (the first 8 bytes of a SHA-256 over
-    /// every command), so a key reused for another batch is detected.
-    pub digest: u64,
-}
+use crate::model::{AppendReceipt, CommandRecord, PartialId, TxnId, TxnRecord, TxnState};
 
 /// One append: the commands (already numbered) and the optional key.
 #[derive(Clone, Debug)]
@@ -74,47 +62,83 @@ pub struct AppendBatch<'a> {
     pub idempotency: Option<(&'a str, AppendReceipt)>,
 }
 
-/// Durable storage for the coordinator. See the module docs for the contract.
-pub trait Store: Send + Sync + 'static {
-    /// Writes (creates or replaces) a transaction record, and the partial-id
-    /// index entries of all its participants: for a new transaction and
-    /// after a participant was added.
-    fn put_txn(&self, txn: &TxnRecord) -> impl Future<Output = Result<()>> + Send;
+/// What [`Store::list`] selects.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    /// Only these states (all if empty).
+    pub states: Vec<TxnState>,
+    /// Only transactions created at or before this time (unix ms).
+    pub created_until_ms: i64,
+    /// Start after this id (from the first if `None`).
+    pub after: Option<TxnId>,
+    /// At most this many records.
+    pub limit: usize,
+}
 
-    /// Replaces a transaction record whose participants are the same as
-    /// when it was last written with [`Store::put_txn`] (their statuses and
-    /// counters may differ): the partial-id index is left as it is.
-    fn update_txn(&self, txn: &TxnRecord) -> impl Future<Output = Result<()>> + Send;
+/// A page of [`Store::list`].
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    /// Matching transactions in id order.
+    pub transactions: Vec<TxnRecord>,
+    /// Where to continue, if there may be more: a full page, or a backend
+    /// that bounds the work of one call and stopped early.
+    pub next: Option<TxnId>,
+}
+
+/// Durable storage for the coordinator. See the module docs for the contract.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a transaction record, which must have version 1, with the
+    /// partial-id index entries of its participants. Conflict if a record
+    /// with that id exists.
+    async fn create_txn(&self, txn: &TxnRecord) -> Result<()>;
+
+    /// Replaces the record at version `txn.version - 1` with `txn`.
+    /// `enlisted` is a participant added by this change, whose partial-id
+    /// index entry is written with it.
+    async fn update_txn(&self, txn: &TxnRecord, enlisted: Option<PartialId>) -> Result<()>;
 
     /// Atomically stores a batch of commands, the idempotency receipt, and
-    /// `txn` (whose participant counters already include the batch; its
-    /// participants are unchanged, as for [`Store::update_txn`]).
-    fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> impl Future<Output = Result<()>> + Send;
+    /// `txn` (whose participant counters already include the batch), under
+    /// the same condition as [`Store::update_txn`].
+    async fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> Result<()>;
+
+    /// Deletes a finished transaction with its partial index entries, topics
+    /// and idempotency receipts, if the stored record is still at
+    /// `txn.version`. Deleting a missing transaction is not an error.
+    async fn delete_txn(&self, txn: &TxnRecord) -> Result<()>;
 
     /// Reads a transaction record.
-    fn get_txn(&self, id: TxnId) -> impl Future<Output = Result<Option<TxnRecord>>> + Send;
+    async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>>;
 
     /// Finds the transaction a partial id belongs to.
-    fn find_partial(&self, partial: PartialId) -> impl Future<Output = Result<Option<TxnId>>> + Send;
+    async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>>;
 
     /// Looks up the receipt of an earlier append with this idempotency key.
-    fn find_receipt(&self, partial: PartialId, key: &str)
-    -> impl Future<Output = Result<Option<AppendReceipt>>> + Send;
+    async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>>;
 
     /// Reads up to `limit` commands of a topic from sequence `from` on, in
     /// order.
-    fn read_topic(
-        &self,
-        partial: PartialId,
-        from: u64,
-        limit: usize,
-    ) -> impl Future<Output = Result<Vec<CommandRecord>>> + Send;
+    async fn read_topic(&self, partial: PartialId, from: u64, limit: usize) -> Result<Vec<CommandRecord>>;
 
-    /// Reads up to `limit` transaction records with ids greater than
-    /// `after` (from the first when `None`), in id order.
-    fn scan(&self, after: Option<TxnId>, limit: usize) -> impl Future<Output = Result<Vec<TxnRecord>>> + Send;
+    /// Up to `limit` records that are not CONFIRMED/CANCELLED, with ids
+    /// greater than `after`, in id order (recovery).
+    async fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnId>>;
 
-    /// Deletes a transaction with its partial index entries, topics and
-    /// idempotency receipts. Deleting a missing transaction is not an error.
-    fn delete_txn(&self, txn: &TxnRecord) -> impl Future<Output = Result<()>> + Send;
+    /// Up to `limit` ACTIVE transactions whose deadline is at or before
+    /// `now_ms`, earliest deadline first; and the earliest deadline after
+    /// `now_ms`, if any (when to look again).
+    async fn due_deadlines(&self, now_ms: i64, limit: usize) -> Result<(Vec<TxnId>, Option<i64>)>;
+
+    /// Up to `limit` CONFIRMING/CANCELLING transactions with a pending
+    /// participant due at or before `until_ms`, earliest first.
+    async fn due_deliveries(&self, until_ms: i64, limit: usize) -> Result<Vec<TxnId>>;
+
+    /// Lists records by state and age, in id order, in pages.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage>;
+
+    /// Up to `limit` CONFIRMED/CANCELLED records that finished at or before
+    /// `finished_until_ms`, earliest first; and the earliest finish time
+    /// after it, if any.
+    async fn collectable(&self, finished_until_ms: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)>;
 }

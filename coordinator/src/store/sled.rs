@@ -10,8 +10,21 @@
 //! | 0x03 | partial id (16), sequence (u64 BE)   | `CommandRecord`       |
 //! | 0x04 | partial id (16), idempotency key     | `AppendReceipt`       |
 //!
-//! Values are one format byte ([`FORMAT`]) followed by postcard. Anything
-//! else is reported as corrupt, with the key, rather than skipped.
+//! Values are one format byte ([`FORMAT`]) followed by postcard; a
+//! transaction record is [`FORMAT_VERSIONED`], its version (u64 LE), then
+//! postcard (a record written before versions existed, format 1, reads as
+//! version 1). Anything else is reported as corrupt, with the key, rather
+//! than skipped.
+//!
+//! ## Conditions and queries
+//! Every write of a transaction record requires the version it replaces
+//! ([`Write::require`]); the journal's flusher checks it just before the
+//! group is written, so a conditional write costs no extra sync. The
+//! queries of the [`Store`] trait are answered from a [`TxnIndex`] built at
+//! open from every record and updated after every write: sled is a single
+//! process's database (it locks its directory), so this store sees every
+//! write there is. Listings that include finished states scan records in
+//! id order, at most [`LIST_SCAN`] per call, and say where to continue.
 //!
 //! ## Durability and atomicity
 //! Each write method builds one journal [`Write`] (all its keys) and hands
@@ -22,19 +35,27 @@
 //! record kinds. See the journal's docs for recovery and the fail-stop rule.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use super::journal::{Journal, Write};
-use super::{AppendBatch, AppendReceipt, CommandRecord, Store};
-use crate::engine::state::TxnRecord;
+use super::index::TxnIndex;
+use super::journal::{Journal, Versioning, Write};
+use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
-use crate::ids::{PartialId, TxnId};
+use crate::lock;
+use crate::model::{AppendReceipt, CommandRecord, PartialId, TxnId, TxnRecord};
 
-/// The value format version byte.
+/// The value format byte of commands and receipts.
 pub const FORMAT: u8 = 1;
+
+/// The value format byte of a transaction record with its version.
+pub const FORMAT_VERSIONED: u8 = 2;
+
+/// Most records one [`Store::list`] call reads when the index cannot answer.
+pub const LIST_SCAN: usize = 10_000;
 
 const KIND_TXN: u8 = 0x01;
 const KIND_PARTIAL: u8 = 0x02;
@@ -45,6 +66,7 @@ const KIND_RECEIPT: u8 = 0x04;
 pub struct SledStore {
     tree: sled::Tree,
     journal: Journal,
+    index: Mutex<TxnIndex>,
 }
 
 impl SledStore {
@@ -56,9 +78,14 @@ impl SledStore {
             .flush_every_ms(None)
             .open()
             .map_err(|e| Error::Storage(format!("cannot open sled database in {}: {e}", dir.display())))?;
-        let tree = db.open_tree("tcc")?;
-        let journal = Journal::open(dir, db, tree.clone())?;
-        Ok(SledStore { tree, journal })
+        let tree = db.open_tree("tcc").map_err(sled_error)?;
+        let journal = Journal::open(dir, db, tree.clone(), Versioning { version_of, conflict })?;
+        let mut index = TxnIndex::default();
+        for item in tree.scan_prefix([KIND_TXN]) {
+            let (k, v) = item.map_err(sled_error)?;
+            index.put(&decode_txn(&k, &v)?);
+        }
+        Ok(SledStore { tree, journal, index: Mutex::new(index) })
     }
 
     /// Fail-stop: after a failed write nothing is served, not even reads.
@@ -66,57 +93,118 @@ impl SledStore {
         self.journal.check()
     }
 
-    fn decode_txn(key: &[u8], value: &[u8]) -> Result<TxnRecord> {
-        decode(value).map_err(|cause| corrupt("transaction", key, cause))
+    /// A write of `txn` that lands only over its previous version.
+    fn txn_write(txn: &TxnRecord) -> Result<Write> {
+        let mut write = Write::default();
+        let key = txn_key(txn.id);
+        write.insert(&key, &encode_txn(txn)?);
+        write.require(&key, txn.version.saturating_sub(1), txn.version);
+        Ok(write)
+    }
+
+    async fn put(&self, txn: &TxnRecord, write: Write) -> Result<()> {
+        if txn.version == 0 {
+            return Err(Error::Storage(format!("transaction {} written without a version", txn.id)));
+        }
+        self.journal.submit(write)?.durable().await?;
+        lock(&self.index).put(txn);
+        Ok(())
+    }
+
+    fn read_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
+        let key = txn_key(id);
+        match self.tree.get(key).map_err(sled_error)? {
+            Some(v) => decode_txn(&key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn read_all(&self, ids: &[TxnId]) -> Result<Vec<TxnRecord>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            // Deleted since the index was read: skip.
+            if let Some(t) = self.read_txn(*id)? {
+                out.push(t);
+            }
+        }
+        Ok(out)
     }
 }
 
+#[async_trait::async_trait]
 impl Store for SledStore {
-    async fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
+    async fn create_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.check()?;
-        let mut write = Write::default();
-        write.insert(&txn_key(txn.id), &encode(txn)?);
+        if txn.version != 1 {
+            return Err(Error::Storage(format!("a new transaction record has version 1, not {}", txn.version)));
+        }
+        let mut write = Self::txn_write(txn)?;
         for p in &txn.participants {
             write.insert(&partial_key(p.partial_id), txn.id.0.as_bytes());
         }
-        self.journal.submit(write)?.durable().await
+        self.put(txn, write).await
     }
 
-    async fn update_txn(&self, txn: &TxnRecord) -> Result<()> {
+    async fn update_txn(&self, txn: &TxnRecord, enlisted: Option<PartialId>) -> Result<()> {
         self.check()?;
-        let mut write = Write::default();
-        write.insert(&txn_key(txn.id), &encode(txn)?);
-        self.journal.submit(write)?.durable().await
+        let mut write = Self::txn_write(txn)?;
+        if let Some(p) = enlisted {
+            write.insert(&partial_key(p), txn.id.0.as_bytes());
+        }
+        self.put(txn, write).await
     }
 
     async fn append(&self, txn: &TxnRecord, append: AppendBatch<'_>) -> Result<()> {
         self.check()?;
-        let mut write = Write::default();
+        let mut write = Self::txn_write(txn)?;
         for cmd in append.commands {
             write.insert(&command_key(append.partial_id, cmd.sequence), &encode(cmd)?);
         }
         if let Some((key, receipt)) = append.idempotency {
             write.insert(&receipt_key(append.partial_id, key), &encode(&receipt)?);
         }
-        write.insert(&txn_key(txn.id), &encode(txn)?);
+        if txn.version == 0 {
+            return Err(Error::Storage(format!("transaction {} written without a version", txn.id)));
+        }
         let pending = self.journal.submit(write)?;
         crate::failpoint::crash_point("append-unflushed");
-        pending.durable().await
+        pending.durable().await?;
+        lock(&self.index).put(txn);
+        Ok(())
+    }
+
+    async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
+        self.check()?;
+        let mut write = Write::default();
+        for p in &txn.participants {
+            write.remove(&partial_key(p.partial_id));
+            for prefix in [command_prefix(p.partial_id), receipt_prefix(p.partial_id)] {
+                for item in self.tree.scan_prefix(prefix) {
+                    let (k, _) = item.map_err(sled_error)?;
+                    write.remove(&k);
+                }
+            }
+        }
+        let key = txn_key(txn.id);
+        write.remove(&key);
+        match self.tree.get(key).map_err(sled_error)? {
+            None => return Ok(()),
+            Some(_) => write.require(&key, txn.version, 0),
+        }
+        self.journal.submit(write)?.durable().await?;
+        lock(&self.index).remove(txn.id);
+        Ok(())
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
         self.check()?;
-        let key = txn_key(id);
-        match self.tree.get(key)? {
-            Some(v) => Self::decode_txn(&key, &v).map(Some),
-            None => Ok(None),
-        }
+        self.read_txn(id)
     }
 
     async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
         self.check()?;
         let key = partial_key(partial);
-        match self.tree.get(key)? {
+        match self.tree.get(key).map_err(sled_error)? {
             Some(v) => {
                 let id = Uuid::from_slice(&v).map_err(|e| corrupt("partial index", &key, e.to_string()))?;
                 Ok(Some(TxnId(id)))
@@ -128,7 +216,7 @@ impl Store for SledStore {
     async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
         self.check()?;
         let k = receipt_key(partial, key);
-        match self.tree.get(&k)? {
+        match self.tree.get(&k).map_err(sled_error)? {
             Some(v) => decode(&v).map(Some).map_err(|cause| corrupt("append receipt", &k, cause)),
             None => Ok(None),
         }
@@ -140,47 +228,109 @@ impl Store for SledStore {
         let end = command_key(partial, u64::MAX);
         let mut out = Vec::new();
         for item in self.tree.range(start..=end).take(limit) {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(sled_error)?;
             out.push(decode(&v).map_err(|cause| corrupt("command", &k, cause))?);
         }
         Ok(out)
     }
 
-    async fn scan(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnRecord>> {
+    async fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnId>> {
         self.check()?;
-        let mut out = Vec::new();
-        let iter = match after {
+        Ok(lock(&self.index).unfinished(after, limit))
+    }
+
+    async fn due_deadlines(&self, now_ms: i64, limit: usize) -> Result<(Vec<TxnId>, Option<i64>)> {
+        self.check()?;
+        Ok(lock(&self.index).due_deadlines(now_ms, limit))
+    }
+
+    async fn due_deliveries(&self, until_ms: i64, limit: usize) -> Result<Vec<TxnId>> {
+        self.check()?;
+        Ok(lock(&self.index).due_deliveries(until_ms, limit))
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<ListPage> {
+        self.check()?;
+        let limit = q.limit.max(1);
+        if TxnIndex::covers(&q.states) {
+            let (ids, next) = lock(&self.index).list_unfinished(&q.states, q.created_until_ms, q.after, limit);
+            return Ok(ListPage { transactions: self.read_all(&ids)?, next });
+        }
+        let iter = match q.after {
             Some(id) => self.tree.range(successor(&txn_key(id))..),
             None => self.tree.range([KIND_TXN].as_slice()..),
         };
-        for item in iter {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item?;
+        let mut page = ListPage::default();
+        for (scanned, item) in iter.enumerate() {
+            let (k, v) = item.map_err(sled_error)?;
             if k.first() != Some(&KIND_TXN) {
-                break;
+                return Ok(page);
             }
-            out.push(Self::decode_txn(&k, &v)?);
-        }
-        Ok(out)
-    }
-
-    async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
-        self.check()?;
-        let mut write = Write::default();
-        for p in &txn.participants {
-            write.remove(&partial_key(p.partial_id));
-            for prefix in [command_prefix(p.partial_id), receipt_prefix(p.partial_id)] {
-                for item in self.tree.scan_prefix(prefix) {
-                    let (k, _) = item?;
-                    write.remove(&k);
+            let t = decode_txn(&k, &v)?;
+            let id = t.id;
+            if (q.states.is_empty() || q.states.contains(&t.state)) && t.created_ms <= q.created_until_ms {
+                page.transactions.push(t);
+                if page.transactions.len() == limit {
+                    page.next = Some(id);
+                    return Ok(page);
                 }
             }
+            if scanned + 1 >= LIST_SCAN {
+                page.next = Some(id);
+                return Ok(page);
+            }
         }
-        write.remove(&txn_key(txn.id));
-        self.journal.submit(write)?.durable().await
+        Ok(page)
     }
+
+    async fn collectable(&self, finished_until_ms: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)> {
+        self.check()?;
+        let (ids, next) = lock(&self.index).collectable(finished_until_ms, limit);
+        Ok((self.read_all(&ids)?, next))
+    }
+}
+
+fn sled_error(e: sled::Error) -> Error {
+    Error::Storage(e.to_string())
+}
+
+/// The version a stored transaction value carries (for the journal's
+/// conditions); 0 if it has none that can be read.
+fn version_of(value: &[u8]) -> u64 {
+    match value.split_first() {
+        Some((&FORMAT_VERSIONED, rest)) => rest.get(..8).map_or(0, |b| {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(b);
+            u64::from_le_bytes(v)
+        }),
+        Some((&FORMAT, _)) => 1,
+        _ => 0,
+    }
+}
+
+fn conflict(key: &[u8], expected: u64, found: u64) -> Error {
+    let txn = key.get(1..17).and_then(|b| Uuid::from_slice(b).ok()).map(TxnId).unwrap_or(TxnId(Uuid::nil()));
+    Error::Conflict { txn, expected, found }
+}
+
+fn encode_txn(txn: &TxnRecord) -> Result<Vec<u8>> {
+    let mut out = vec![FORMAT_VERSIONED];
+    out.extend_from_slice(&txn.version.to_le_bytes());
+    postcard::to_io(txn, &mut out).map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?;
+    Ok(out)
+}
+
+fn decode_txn(key: &[u8], value: &[u8]) -> Result<TxnRecord> {
+    let decoded = match value.split_first() {
+        Some((&FORMAT_VERSIONED, rest)) if rest.len() >= 8 => take_all(&rest[8..]).map(|t| (t, version_of(value))),
+        // Written before records carried versions: the first version.
+        Some((&FORMAT, _)) => decode(value).map(|t| (t, 1)),
+        Some((v, _)) => Err(format!("unknown format version {v} or truncated header")),
+        None => Err("empty value".to_string()),
+    };
+    let (mut txn, version): (TxnRecord, u64) = decoded.map_err(|cause| corrupt("transaction", key, cause))?;
+    txn.version = version;
+    Ok(txn)
 }
 
 // --- keys ----------------------------------------------------------------
@@ -243,16 +393,19 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
     match bytes.split_first() {
-        Some((&FORMAT, rest)) => {
-            let (value, tail) = postcard::take_from_bytes(rest).map_err(|e| e.to_string())?;
-            if !tail.is_empty() {
-                return Err(format!("{} trailing bytes", tail.len()));
-            }
-            Ok(value)
-        }
+        Some((&FORMAT, rest)) => take_all(rest),
         Some((v, _)) => Err(format!("unknown format version {v}")),
         None => Err("empty value".to_string()),
     }
+}
+
+/// Decodes postcard that must fill `bytes` exactly.
+fn take_all<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, String> {
+    let (value, tail) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+    if !tail.is_empty() {
+        return Err(format!("{} trailing bytes", tail.len()));
+    }
+    Ok(value)
 }
 
 fn corrupt(kind: &str, key: &[u8], cause: String) -> Error {

@@ -17,7 +17,7 @@
 //!
 //! [`apply`] is the only place where a [`TxnRecord`] changes. It is pure (no
 //! I/O, time passed in), checks the current state for every [`Event`], and
-//! answers with a typed error for an illegal move. The engine persists the
+//! answers with a typed [`Refusal`] for an illegal move. The engine persists the
 //! record when `apply` reports [`Outcome::Changed`].
 //!
 //! Invariants kept here:
@@ -29,184 +29,37 @@
 //! * a transaction finishes exactly when no participant is pending: all
 //!   acknowledged gives CONFIRMED/CANCELLED, any failed gives FAILED_TO_*.
 
-use std::fmt;
+use super::ids::{PartialId, TxnId};
+use super::txn::{DEADLINE_REASON, ParticipantRecord, Phase2Status, TxnRecord, TxnState};
 
-use serde::{Deserialize, Serialize};
-
-use crate::error::{Error, Result};
-use crate::ids::{PartialId, TxnId};
-
-/// The state of a composite transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum TxnState {
-    /// Open for appends and enlistments.
-    Active,
-    /// Confirm decided; commits being delivered.
-    Confirming,
-    /// Every participant acknowledged its commit.
-    Confirmed,
-    /// Cancel decided; rollbacks being delivered.
-    Cancelling,
-    /// Every participant acknowledged its rollback.
-    Cancelled,
-    /// Commit delivery failed for good; needs an operator.
-    FailedToConfirm,
-    /// Rollback delivery failed for good; needs an operator.
-    FailedToCancel,
+/// Why [`apply`] refused an event; the record is left untouched.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The event is not allowed in the transaction's current state.
+    #[error("cannot {action} transaction {txn}: it is {state}{}", reason_suffix(reason))]
+    Illegal {
+        /// What was attempted ("confirm", "append to", ...).
+        action: &'static str,
+        /// The transaction.
+        txn: TxnId,
+        /// The state it is in.
+        state: TxnState,
+        /// Why it was cancelled, if it was (may be empty).
+        reason: String,
+    },
+    /// The event names a participant index the transaction does not have.
+    #[error("transaction {txn} has no participant #{index}")]
+    NoParticipant {
+        /// The transaction.
+        txn: TxnId,
+        /// The index asked for.
+        index: usize,
+    },
 }
 
-impl TxnState {
-    /// Every state, in declaration order.
-    pub const ALL: [TxnState; 7] = [
-        TxnState::Active,
-        TxnState::Confirming,
-        TxnState::Confirmed,
-        TxnState::Cancelling,
-        TxnState::Cancelled,
-        TxnState::FailedToConfirm,
-        TxnState::FailedToCancel,
-    ];
-
-    /// CONFIRMED or CANCELLED: nothing more will happen; eligible for GC.
-    pub fn is_finished(self) -> bool {
-        matches!(self, TxnState::Confirmed | TxnState::Cancelled)
-    }
-
-    /// CONFIRMING or CANCELLING: phase-2 delivery is under way.
-    pub fn is_delivering(self) -> bool {
-        matches!(self, TxnState::Confirming | TxnState::Cancelling)
-    }
-
-    /// The decision taken, if any.
-    pub fn decision(self) -> Option<Decision> {
-        match self {
-            TxnState::Active => None,
-            TxnState::Confirming | TxnState::Confirmed | TxnState::FailedToConfirm => Some(Decision::Confirm),
-            TxnState::Cancelling | TxnState::Cancelled | TxnState::FailedToCancel => Some(Decision::Cancel),
-        }
-    }
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() { String::new() } else { format!(" (reason: {reason})") }
 }
-
-impl fmt::Display for TxnState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TxnState::Active => "ACTIVE",
-            TxnState::Confirming => "CONFIRMING",
-            TxnState::Confirmed => "CONFIRMED",
-            TxnState::Cancelling => "CANCELLING",
-            TxnState::Cancelled => "CANCELLED",
-            TxnState::FailedToConfirm => "FAILED_TO_CONFIRM",
-            TxnState::FailedToCancel => "FAILED_TO_CANCEL",
-        })
-    }
-}
-
-/// The phase-2 decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Apply every partial's commands.
-    Confirm,
-    /// Discard every partial's commands.
-    Cancel,
-}
-
-/// The phase-2 status of one participant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase2Status {
-    /// Not decided yet, or decided and not yet acknowledged.
-    Pending,
-    /// The participant acknowledged the decision.
-    Acknowledged,
-    /// The participant refused permanently or the retry budget ran out.
-    Failed,
-}
-
-/// One participant service of a transaction.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParticipantRecord {
-    /// The participant's service name.
-    pub service: String,
-    /// Its partial transaction id (the topic name).
-    pub partial_id: PartialId,
-    /// Phase-2 status for the current decision.
-    pub status: Phase2Status,
-    /// Phase-2 calls made for the current decision.
-    pub attempts: u32,
-    /// The last phase-2 error, if any.
-    pub last_error: Option<String>,
-    /// When the next phase-2 call is due (unix ms, 0 if none scheduled).
-    pub next_attempt_ms: i64,
-    /// Commands in the topic; the last sequence number handed out.
-    pub command_count: u64,
-    /// Bytes in the topic, as accounted by `validate::accounted_bytes`.
-    pub topic_bytes: u64,
-}
-
-impl ParticipantRecord {
-    /// A fresh participant with an empty topic.
-    pub fn new(service: String, partial_id: PartialId) -> Self {
-        ParticipantRecord {
-            service,
-            partial_id,
-            status: Phase2Status::Pending,
-            attempts: 0,
-            last_error: None,
-            next_attempt_ms: 0,
-            command_count: 0,
-            topic_bytes: 0,
-        }
-    }
-}
-
-/// A composite transaction as stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TxnRecord {
-    /// The transaction id.
-    pub id: TxnId,
-    /// Current state.
-    pub state: TxnState,
-    /// Participants in enlistment order; service names are unique.
-    pub participants: Vec<ParticipantRecord>,
-    /// When Begin was accepted (unix ms).
-    pub created_ms: i64,
-    /// When an ACTIVE transaction is cancelled by the coordinator (unix ms).
-    pub deadline_ms: i64,
-    /// When the decision was taken (unix ms, 0 while ACTIVE).
-    pub decided_ms: i64,
-    /// When CONFIRMED/CANCELLED was reached (unix ms, 0 before).
-    pub finished_ms: i64,
-    /// Why it was cancelled; empty otherwise.
-    pub reason: String,
-}
-
-impl TxnRecord {
-    /// A new ACTIVE transaction.
-    pub fn new(id: TxnId, participants: Vec<ParticipantRecord>, now_ms: i64, deadline_ms: i64) -> Self {
-        TxnRecord {
-            id,
-            state: TxnState::Active,
-            participants,
-            created_ms: now_ms,
-            deadline_ms,
-            decided_ms: 0,
-            finished_ms: 0,
-            reason: String::new(),
-        }
-    }
-
-    /// The index of the participant with this partial id.
-    pub fn participant_index(&self, partial: PartialId) -> Option<usize> {
-        self.participants.iter().position(|p| p.partial_id == partial)
-    }
-
-    /// ACTIVE and at or past its deadline.
-    pub fn is_expired(&self, now_ms: i64) -> bool {
-        self.state == TxnState::Active && now_ms >= self.deadline_ms
-    }
-}
-
-/// The reason recorded when the deadline cancels a transaction.
-pub const DEADLINE_REASON: &str = "deadline exceeded";
 
 /// Something that happens to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,11 +143,10 @@ pub enum Outcome {
 
 /// Applies `event` to `txn` at time `now_ms`: the one function that moves a
 /// transaction. On error `txn` is left untouched.
-pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> {
+pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome, Refusal> {
     use TxnState::*;
     let illegal = |txn: &TxnRecord, event: &Event| {
-        let detail = if txn.reason.is_empty() { String::new() } else { format!(" (reason: {})", txn.reason) };
-        Err(Error::IllegalTransition { action: event.action(), txn: txn.id.to_string(), state: txn.state, detail })
+        Err(Refusal::Illegal { action: event.action(), txn: txn.id, state: txn.state, reason: txn.reason.clone() })
     };
 
     match (txn.state, event) {
@@ -305,7 +157,7 @@ pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome> 
         }
         (Active, Event::Append { participant, commands, bytes }) => {
             let Some(p) = txn.participants.get_mut(participant) else {
-                return Err(Error::NotFound(format!("participant #{participant} of transaction {}", txn.id)));
+                return Err(Refusal::NoParticipant { txn: txn.id, index: participant });
             };
             p.command_count += commands;
             p.topic_bytes += bytes;
@@ -503,7 +355,7 @@ mod tests {
                 let got = apply(&mut txn, event.clone(), NOW);
                 match (expected(state, &event), got) {
                     (Ok(next), Ok(_)) => assert_eq!(txn.state, next, "{state} + {event:?}"),
-                    (Err(()), Err(Error::IllegalTransition { state: s, .. })) => {
+                    (Err(()), Err(Refusal::Illegal { state: s, .. })) => {
                         assert_eq!(s, state);
                         assert_eq!(txn, before, "a refused event must not change the record");
                     }
@@ -583,6 +435,6 @@ mod tests {
         apply(&mut txn, Event::Append { participant: 1, commands: 2, bytes: 5 }, NOW).ok();
         assert_eq!((txn.participants[1].command_count, txn.participants[1].topic_bytes), (5, 35));
         let bad = apply(&mut txn, Event::Append { participant: 7, commands: 1, bytes: 1 }, NOW);
-        assert!(matches!(bad, Err(Error::NotFound(_))));
+        assert!(matches!(bad, Err(Refusal::NoParticipant { index: 7, .. })));
     }
 }

@@ -1,0 +1,27 @@
+//! The one mapping from [`Error`] to `tonic::Status` (see the table in
+//! [`crate::error`]). Handlers return `Result<_, Status>` and convert with
+//! `?`, so no handler chooses a status code of its own.
+
+use crate::error::Error;
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        let msg = err.to_string();
+        match err {
+            Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            Error::NotFound(_) => tonic::Status::not_found(msg),
+            Error::IllegalTransition { .. } => tonic::Status::failed_precondition(msg),
+            Error::LimitExceeded(_) => tonic::Status::resource_exhausted(msg),
+            Error::Conflict { .. } => tonic::Status::aborted(msg),
+            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::Corrupt { .. } => tonic::Status::data_loss(msg),
+            Error::Storage(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+impl From<crate::model::BadId> for tonic::Status {
+    fn from(err: crate::model::BadId) -> Self {
+        Error::from(err).into()
+    }
+}

@@ -1,0 +1,167 @@
+//! A transaction's life: begin, enlist, the decisions, phase-2 progress and
+//! the operator's retry. Each operation reads the record, applies its
+//! events, and writes the next version (reloading on a conflict).
+
+use tracing::info;
+
+use super::{Engine, Found, How, until_no_conflict, validate};
+use crate::error::{Error, Result};
+use crate::model::{Decision, Event, Outcome, ParticipantRecord, Phase2Status, TxnId, TxnRecord, apply};
+
+/// The pending phase-2 work of one transaction.
+#[derive(Clone, Debug)]
+pub struct DeliveryPlan {
+    /// The transaction.
+    pub txn: TxnId,
+    /// Confirm (commit) or cancel (rollback).
+    pub decision: Decision,
+    /// Pending participants with their index.
+    pub pending: Vec<(usize, ParticipantRecord)>,
+}
+
+impl Engine {
+    /// Begins a transaction for `services` with `timeout_ms` (0 = default).
+    pub async fn begin(&self, services: Vec<String>, timeout_ms: u64) -> Result<TxnRecord> {
+        validate::participants(&self.limits, &services)?;
+        let timeout = validate::timeout_ms(&self.limits, timeout_ms)?;
+        let now = self.clock.now_ms();
+        let parts = services.into_iter().map(|s| ParticipantRecord::new(s, self.entropy.partial_id())).collect();
+        let mut txn = TxnRecord::new(self.entropy.txn_id(now), parts, now, now.saturating_add(timeout as i64));
+        txn.version = 1;
+        self.store.create_txn(&txn).await?;
+        tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
+        self.adopt(txn.clone());
+        self.schedule_changed.notify_one();
+        Ok(txn)
+    }
+
+    /// Adds a participant to an ACTIVE transaction; returns the existing one
+    /// if the service already participates.
+    pub async fn enlist(&self, id: TxnId, service: String) -> Result<ParticipantRecord> {
+        validate::service_name("service", &service)?;
+        let live = match self.find(id).await? {
+            Found::Live(live) => live,
+            Found::Finished(txn) => {
+                let event = Event::Enlist { service, partial_id: self.entropy.partial_id() };
+                return Err(self.apply_finished(txn, vec![event]).err().unwrap_or_else(|| accepted_late(id)));
+            }
+        };
+        let mut guard = live.record.lock().await;
+        until_no_conflict!(
+            self,
+            &live,
+            guard,
+            async {
+                self.expire_if_due(&live, &mut guard).await?;
+                if guard.state == crate::model::TxnState::Active {
+                    if let Some(p) = guard.participants.iter().find(|p| p.service == service) {
+                        return Ok(p.clone());
+                    }
+                    if guard.participants.len() >= self.limits.max_participants {
+                        return Err(Error::LimitExceeded(format!(
+                            "transaction {id} already has {} participants; the limit is {}",
+                            guard.participants.len(),
+                            self.limits.max_participants
+                        )));
+                    }
+                }
+                let partial_id = self.entropy.partial_id();
+                let mut next = guard.clone();
+                apply(&mut next, Event::Enlist { service: service.clone(), partial_id }, self.clock.now_ms())?;
+                let participant = next.participants.last().cloned();
+                self.write(&live, &mut guard, next, How::Update(Some(partial_id))).await?;
+                info!(txn = %id, partial = %partial_id, %service, "participant enlisted");
+                participant.ok_or_else(|| Error::Storage("enlisted participant missing".into()))
+            }
+            .await
+        )
+    }
+
+    /// Decides confirm. Returns the record after the (durable) decision.
+    pub async fn confirm(&self, id: TxnId) -> Result<TxnRecord> {
+        self.transition(id, vec![Event::Confirm]).await
+    }
+
+    /// Decides cancel. Returns the record after the (durable) decision.
+    pub async fn cancel(&self, id: TxnId, reason: String) -> Result<TxnRecord> {
+        validate::reason(&reason)?;
+        let reason = if reason.is_empty() { "cancelled by request".to_string() } else { reason };
+        self.transition(id, vec![Event::Cancel { reason }]).await
+    }
+
+    /// Resumes delivery of a FAILED_TO_* transaction.
+    pub async fn retry(&self, id: TxnId) -> Result<TxnRecord> {
+        self.transition(id, vec![Event::Retry]).await
+    }
+
+    /// The pending phase-2 work of a transaction, or `None` if it is not
+    /// delivering.
+    pub async fn delivery_plan(&self, id: TxnId) -> Result<Option<DeliveryPlan>> {
+        let live = match self.find(id).await? {
+            Found::Live(live) => live,
+            Found::Finished(_) => return Ok(None),
+        };
+        let txn = live.record.lock().await;
+        let Some(decision) = txn.state.decision().filter(|_| txn.state.is_delivering()) else {
+            return Ok(None);
+        };
+        let pending = txn
+            .participants
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.status == Phase2Status::Pending)
+            .map(|(i, p)| (i, p.clone()))
+            .collect();
+        Ok(Some(DeliveryPlan { txn: id, decision, pending }))
+    }
+
+    /// Records phase-2 progress (acknowledgements, failed attempts, giving
+    /// up) reported by the delivery driver: all of `events` in one durable
+    /// write, or none of them.
+    pub async fn record_phase2(&self, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
+        self.transition(id, events).await
+    }
+
+    /// The one path for events that only change the record: lock, expire
+    /// first if due (client decisions only), apply every event in order,
+    /// write once, publish.
+    pub(super) async fn transition(&self, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
+        let live = match self.find(id).await? {
+            Found::Live(live) => live,
+            Found::Finished(txn) => return self.apply_finished(txn, events),
+        };
+        let mut guard = live.record.lock().await;
+        let decision = events.iter().any(|e| matches!(e, Event::Confirm | Event::Cancel { .. }));
+        until_no_conflict!(
+            self,
+            &live,
+            guard,
+            async {
+                if decision {
+                    self.expire_if_due(&live, &mut guard).await?;
+                }
+                let mut next = guard.clone();
+                let now = self.clock.now_ms();
+                let mut changed = false;
+                for event in events.iter().cloned() {
+                    changed |= apply(&mut next, event, now)? == Outcome::Changed;
+                }
+                if changed {
+                    let was_active = guard.state == crate::model::TxnState::Active;
+                    self.write(&live, &mut guard, next, How::Update(None)).await?;
+                    if was_active && guard.state.is_delivering() {
+                        crate::failpoint::crash_point("after-decision");
+                    }
+                }
+                Ok(guard.clone())
+            }
+            .await
+        )
+    }
+}
+
+/// A finished record accepted an append or enlist: cannot happen (the
+/// state machine refuses both outside ACTIVE).
+pub(super) fn accepted_late(id: TxnId) -> Error {
+    Error::Storage(format!("finished transaction {id} accepted a try-phase event"))
+}

@@ -1,0 +1,48 @@
+//! Reads: one transaction, waiting for an outcome, and listings.
+
+use std::time::Duration;
+
+use super::{Engine, Found, not_found};
+use crate::config::fixed;
+use crate::error::Result;
+use crate::lock;
+use crate::model::{TxnId, TxnRecord, TxnState};
+use crate::store::{ListPage, ListQuery};
+
+impl Engine {
+    /// Reads a transaction.
+    pub async fn get(&self, id: TxnId) -> Result<TxnRecord> {
+        let live = lock(&self.live).get(&id).cloned();
+        match live {
+            Some(live) => Ok(live.record.lock().await.clone()),
+            None => self.store.get_txn(id).await?.ok_or_else(|| not_found(id)),
+        }
+    }
+
+    /// Waits until the transaction leaves CONFIRMING/CANCELLING or `wait`
+    /// passes, then returns it.
+    pub async fn wait_settled(&self, id: TxnId, wait: Duration) -> Result<TxnRecord> {
+        if let Found::Live(live) = self.find(id).await? {
+            let mut rx = live.state.subscribe();
+            let _ = tokio::time::timeout(wait, rx.wait_for(|s| !s.is_delivering())).await;
+        }
+        self.get(id).await
+    }
+
+    /// Lists transactions, oldest first, in the given states (all if empty)
+    /// created at least `min_age_ms` ago, starting after `after`. Every
+    /// record is judged by its own creation time: a record that looks
+    /// "too young" (clock skew between the writers of records) is skipped,
+    /// never the end of the listing.
+    pub async fn list(
+        &self,
+        states: &[TxnState],
+        min_age_ms: u64,
+        page_size: usize,
+        after: Option<TxnId>,
+    ) -> Result<ListPage> {
+        let limit = if page_size == 0 { 100 } else { page_size.min(fixed::MAX_PAGE) };
+        let created_until_ms = self.clock.now_ms().saturating_sub(min_age_ms.min(i64::MAX as u64) as i64);
+        self.store.list(&ListQuery { states: states.to_vec(), created_until_ms, after, limit }).await
+    }
+}

@@ -1,0 +1,228 @@
+//! The records of the bottom layer: a composite transaction, its
+//! participants, the commands of their topics and append receipts.
+//!
+//! These are plain data. They change only through
+//! [`apply`](super::machine::apply); the store persists them; the engine,
+//! delivery and API read them. Every write of a [`TxnRecord`] is
+//! conditional on its [`TxnRecord::version`] (see `store`).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{PartialId, TxnId};
+
+/// The state of a composite transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TxnState {
+    /// Open for appends and enlistments.
+    Active,
+    /// Confirm decided; commits being delivered.
+    Confirming,
+    /// Every participant acknowledged its commit.
+    Confirmed,
+    /// Cancel decided; rollbacks being delivered.
+    Cancelling,
+    /// Every participant acknowledged its rollback.
+    Cancelled,
+    /// Commit delivery failed for good; needs an operator.
+    FailedToConfirm,
+    /// Rollback delivery failed for good; needs an operator.
+    FailedToCancel,
+}
+
+impl TxnState {
+    /// Every state, in declaration order.
+    pub const ALL: [TxnState; 7] = [
+        TxnState::Active,
+        TxnState::Confirming,
+        TxnState::Confirmed,
+        TxnState::Cancelling,
+        TxnState::Cancelled,
+        TxnState::FailedToConfirm,
+        TxnState::FailedToCancel,
+    ];
+
+    /// CONFIRMED or CANCELLED: nothing more will happen; eligible for GC.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TxnState::Confirmed | TxnState::Cancelled)
+    }
+
+    /// CONFIRMING or CANCELLING: phase-2 delivery is under way.
+    pub fn is_delivering(self) -> bool {
+        matches!(self, TxnState::Confirming | TxnState::Cancelling)
+    }
+
+    /// The decision taken, if any.
+    pub fn decision(self) -> Option<Decision> {
+        match self {
+            TxnState::Active => None,
+            TxnState::Confirming | TxnState::Confirmed | TxnState::FailedToConfirm => Some(Decision::Confirm),
+            TxnState::Cancelling | TxnState::Cancelled | TxnState::FailedToCancel => Some(Decision::Cancel),
+        }
+    }
+}
+
+impl fmt::Display for TxnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TxnState::Active => "ACTIVE",
+            TxnState::Confirming => "CONFIRMING",
+            TxnState::Confirmed => "CONFIRMED",
+            TxnState::Cancelling => "CANCELLING",
+            TxnState::Cancelled => "CANCELLED",
+            TxnState::FailedToConfirm => "FAILED_TO_CONFIRM",
+            TxnState::FailedToCancel => "FAILED_TO_CANCEL",
+        })
+    }
+}
+
+/// The phase-2 decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Apply every partial's commands.
+    Confirm,
+    /// Discard every partial's commands.
+    Cancel,
+}
+
+/// The phase-2 status of one participant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase2Status {
+    /// Not decided yet, or decided and not yet acknowledged.
+    Pending,
+    /// The participant acknowledged the decision.
+    Acknowledged,
+    /// The participant refused permanently or the retry budget ran out.
+    Failed,
+}
+
+/// One participant service of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantRecord {
+    /// The participant's service name.
+    pub service: String,
+    /// Its partial transaction id (the topic name).
+    pub partial_id: PartialId,
+    /// Phase-2 status for the current decision.
+    pub status: Phase2Status,
+    /// Phase-2 calls made for the current decision.
+    pub attempts: u32,
+    /// The last phase-2 error, if any.
+    pub last_error: Option<String>,
+    /// When the next phase-2 call is due (unix ms, 0 if none scheduled).
+    pub next_attempt_ms: i64,
+    /// Commands in the topic; the last sequence number handed out.
+    pub command_count: u64,
+    /// Bytes in the topic, as accounted by `validate::accounted_bytes`.
+    pub topic_bytes: u64,
+}
+
+impl ParticipantRecord {
+    /// A fresh participant with an empty topic.
+    pub fn new(service: String, partial_id: PartialId) -> Self {
+        ParticipantRecord {
+            service,
+            partial_id,
+            status: Phase2Status::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_ms: 0,
+            command_count: 0,
+            topic_bytes: 0,
+        }
+    }
+}
+
+/// A composite transaction as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    /// The transaction id.
+    pub id: TxnId,
+    /// How many times the record was written: 1 when created, one more with
+    /// every write. A store writes version N+1 only over version N, so of
+    /// two writers that read the same version, exactly one wins. Kept by
+    /// the store beside the record, not in its encoding.
+    #[serde(skip)]
+    pub version: u64,
+    /// Current state.
+    pub state: TxnState,
+    /// Participants in enlistment order; service names are unique.
+    pub participants: Vec<ParticipantRecord>,
+    /// When Begin was accepted (unix ms).
+    pub created_ms: i64,
+    /// When an ACTIVE transaction is cancelled by the coordinator (unix ms).
+    pub deadline_ms: i64,
+    /// When the decision was taken (unix ms, 0 while ACTIVE).
+    pub decided_ms: i64,
+    /// When CONFIRMED/CANCELLED was reached (unix ms, 0 before).
+    pub finished_ms: i64,
+    /// Why it was cancelled; empty otherwise.
+    pub reason: String,
+}
+
+impl TxnRecord {
+    /// A new ACTIVE transaction.
+    pub fn new(id: TxnId, participants: Vec<ParticipantRecord>, now_ms: i64, deadline_ms: i64) -> Self {
+        TxnRecord {
+            id,
+            version: 0,
+            state: TxnState::Active,
+            participants,
+            created_ms: now_ms,
+            deadline_ms,
+            decided_ms: 0,
+            finished_ms: 0,
+            reason: String::new(),
+        }
+    }
+
+    /// The index of the participant with this partial id.
+    pub fn participant_index(&self, partial: PartialId) -> Option<usize> {
+        self.participants.iter().position(|p| p.partial_id == partial)
+    }
+
+    /// ACTIVE and at or past its deadline.
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.state == TxnState::Active && now_ms >= self.deadline_ms
+    }
+
+    /// While CONFIRMING/CANCELLING: when the earliest pending participant's
+    /// next phase-2 call is due (unix ms). `None` in any other state.
+    pub fn delivery_due_ms(&self) -> Option<i64> {
+        if !self.state.is_delivering() {
+            return None;
+        }
+        self.participants.iter().filter(|p| p.status == Phase2Status::Pending).map(|p| p.next_attempt_ms).min()
+    }
+}
+
+/// The reason recorded when the deadline cancels a transaction.
+pub const DEADLINE_REASON: &str = "deadline exceeded";
+
+/// A command as stored in a topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// Position in its topic, from 1, without gaps.
+    pub sequence: u64,
+    /// The command type name.
+    pub kind: String,
+    /// The entity key (may be empty).
+    pub key: String,
+    /// The opaque payload.
+    pub payload: Vec<u8>,
+}
+
+/// What an append stored; returned again for a retried idempotent append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendReceipt {
+    /// Sequence of the batch's first command.
+    pub first_sequence: u64,
+    /// Sequence of the batch's last command.
+    pub last_sequence: u64,
+    /// Accounted bytes of the batch.
+    pub bytes: u64,
+    /// Digest of the batch's content (the first 8 bytes of a SHA-256 over
+    /// every command), so a key reused for another batch is detected.
+    pub digest: u64,
+}

@@ -1,0 +1,168 @@
+//! The in-memory index the embedded stores answer their queries from.
+//!
+//! A database backend has secondary indexes; the embedded stores keep
+//! this one instead, built at open from every stored record and updated
+//! after every successful write. It holds, per transaction, only what the
+//! queries of [`Store`](super::Store) sort or filter by:
+//!
+//! * unfinished transactions (state, creation time) in id order: recovery
+//!   and listing of unfinished states;
+//! * (deadline, id) of ACTIVE ones: the sweeper;
+//! * (earliest pending participant's due time, id) of CONFIRMING/CANCELLING
+//!   ones: delivery;
+//! * (finish time, id) of CONFIRMED/CANCELLED ones: garbage collection.
+//!
+//! Updates carry the record's version and an older version never replaces
+//! a newer one, so writers that report their writes out of order leave the
+//! index right.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::model::{TxnId, TxnRecord, TxnState};
+
+/// What the index knows of an unfinished transaction.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    version: u64,
+    state: TxnState,
+    created_ms: i64,
+    deadline: Option<i64>,
+    due: Option<i64>,
+}
+
+/// See the module docs.
+#[derive(Debug, Default)]
+pub struct TxnIndex {
+    unfinished: BTreeMap<TxnId, Entry>,
+    deadlines: BTreeSet<(i64, TxnId)>,
+    deliveries: BTreeSet<(i64, TxnId)>,
+    finished: BTreeSet<(i64, TxnId)>,
+    finished_at: HashMap<TxnId, i64>,
+}
+
+impl TxnIndex {
+    /// Records `txn` as written (created or updated).
+    pub fn put(&mut self, txn: &TxnRecord) {
+        if let Some(old) = self.unfinished.get(&txn.id).copied() {
+            if old.version >= txn.version {
+                return;
+            }
+            self.unfinished.remove(&txn.id);
+            if let Some(d) = old.deadline {
+                self.deadlines.remove(&(d, txn.id));
+            }
+            if let Some(d) = old.due {
+                self.deliveries.remove(&(d, txn.id));
+            }
+        }
+        if txn.state.is_finished() {
+            if self.finished_at.insert(txn.id, txn.finished_ms).is_none() {
+                self.finished.insert((txn.finished_ms, txn.id));
+            }
+            return;
+        }
+        if self.finished_at.contains_key(&txn.id) {
+            return; // a finished record never changes again
+        }
+        let entry = Entry {
+            version: txn.version,
+            state: txn.state,
+            created_ms: txn.created_ms,
+            deadline: (txn.state == TxnState::Active).then_some(txn.deadline_ms),
+            due: txn.delivery_due_ms(),
+        };
+        if let Some(d) = entry.deadline {
+            self.deadlines.insert((d, txn.id));
+        }
+        if let Some(d) = entry.due {
+            self.deliveries.insert((d, txn.id));
+        }
+        self.unfinished.insert(txn.id, entry);
+    }
+
+    /// Forgets a deleted transaction.
+    pub fn remove(&mut self, id: TxnId) {
+        if let Some(t) = self.finished_at.remove(&id) {
+            self.finished.remove(&(t, id));
+        }
+        if let Some(old) = self.unfinished.remove(&id) {
+            if let Some(d) = old.deadline {
+                self.deadlines.remove(&(d, id));
+            }
+            if let Some(d) = old.due {
+                self.deliveries.remove(&(d, id));
+            }
+        }
+    }
+
+    /// Unfinished ids after `after`, in id order.
+    pub fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Vec<TxnId> {
+        let range = match after {
+            Some(a) => self.unfinished.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.unfinished.range(..),
+        };
+        range.take(limit).map(|(id, _)| *id).collect()
+    }
+
+    /// ACTIVE ids with a deadline at or before `now`, and the next deadline.
+    pub fn due_deadlines(&self, now: i64, limit: usize) -> (Vec<TxnId>, Option<i64>) {
+        due(&self.deadlines, now, limit)
+    }
+
+    /// Delivering ids due at or before `until`.
+    pub fn due_deliveries(&self, until: i64, limit: usize) -> Vec<TxnId> {
+        due(&self.deliveries, until, limit).0
+    }
+
+    /// Finished ids that finished at or before `until`, and the next finish
+    /// time after it.
+    pub fn collectable(&self, until: i64, limit: usize) -> (Vec<TxnId>, Option<i64>) {
+        due(&self.finished, until, limit)
+    }
+
+    /// Whether every state in `states` is an unfinished one (so the index
+    /// alone can answer a listing of them).
+    pub fn covers(states: &[TxnState]) -> bool {
+        !states.is_empty() && states.iter().all(|s| !s.is_finished())
+    }
+
+    /// Unfinished ids in `states` created at or before `created_until`,
+    /// after `after`, in id order; and the id to continue after if the page
+    /// is full.
+    pub fn list_unfinished(
+        &self,
+        states: &[TxnState],
+        created_until: i64,
+        after: Option<TxnId>,
+        limit: usize,
+    ) -> (Vec<TxnId>, Option<TxnId>) {
+        let range = match after {
+            Some(a) => self.unfinished.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.unfinished.range(..),
+        };
+        let mut out = Vec::new();
+        for (id, e) in range {
+            if states.contains(&e.state) && e.created_ms <= created_until {
+                out.push(*id);
+                if out.len() == limit {
+                    return (out, Some(*id));
+                }
+            }
+        }
+        (out, None)
+    }
+}
+
+fn due(set: &BTreeSet<(i64, TxnId)>, until: i64, limit: usize) -> (Vec<TxnId>, Option<i64>) {
+    let mut out = Vec::new();
+    for &(t, id) in set {
+        if t > until {
+            return (out, Some(t));
+        }
+        if out.len() == limit {
+            return (out, Some(t));
+        }
+        out.push(id);
+    }
+    (out, None)
+}
