@@ -411,26 +411,26 @@ async fn phase_two_progress_is_recorded_together_or_not_at_all() -> R {
     Ok(())
 }
 
-/// Two engines on one store (two coordinators, or one that was paused and
-/// wakes up with a stale cache): every write is conditional, so the one
-/// that is behind reloads and decides again; a decision is never
-/// overwritten and nothing is appended after it.
+/// Two engines on one store (two coordinators): whichever engine a call
+/// reaches, it starts from what the store holds and writes conditionally,
+/// so a decision taken through one is never overwritten through the other
+/// and nothing is appended after it. (Writes that race inside one
+/// operation conflict and are reloaded: the next test, and the
+/// simulation.)
 #[tokio::test]
-async fn a_stale_engine_reloads_and_never_overwrites_a_decision() -> R {
+async fn a_second_engine_never_overwrites_a_decision() -> R {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let clock = Arc::new(ManualClock::at(T0));
     let (a, _) = engine_on(store.clone(), clock.clone());
     let (b, _) = engine_on(store.clone(), clock.clone());
     let t = a.begin(svc(&["x", "y"]), 0).await?;
     let px = t.participants[0].partial_id;
-    // b reads the transaction (and caches it) while it is ACTIVE.
     assert_eq!(b.get(t.id).await?.state, TxnState::Active);
     b.append(px, None, vec![cmd("x", b"1")], "").await?;
-    // a is now behind b; a's append conflicts, reloads and lands after b's.
     let (r, _) = a.append(px, None, vec![cmd("x", b"2")], "").await?;
-    assert_eq!(r.first_sequence, 2, "renumbered after the reload");
+    assert_eq!(r.first_sequence, 2, "numbered after b's append");
     a.confirm(t.id).await?;
-    // b's cache still says ACTIVE: its cancel loses, and names the winner.
+    // b's cancel loses, and names the winner.
     match b.cancel(t.id, "late".into()).await {
         Err(Error::IllegalTransition { state: TxnState::Confirming, .. }) => {}
         other => panic!("a stale cancel must lose to the confirm: {other:?}"),

@@ -106,9 +106,11 @@ impl Delivery {
         })
     }
 
-    /// How many transactions have a running driver.
-    pub fn running(&self) -> usize {
-        lock(&self.running).len()
+    /// The transactions with a running driver, in id order.
+    pub fn running(&self) -> Vec<TxnId> {
+        let mut ids: Vec<TxnId> = lock(&self.running).keys().copied().collect();
+        ids.sort();
+        ids
     }
 
     /// Takes transactions to deliver from the engine until shutdown, then

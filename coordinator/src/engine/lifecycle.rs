@@ -30,7 +30,6 @@ impl Engine {
         txn.version = 1;
         self.store.create_txn(&txn).await?;
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
-        self.adopt(txn.clone());
         self.schedule_changed.notify_one();
         Ok(txn)
     }
@@ -95,11 +94,13 @@ impl Engine {
     }
 
     /// The pending phase-2 work of a transaction, or `None` if it is not
-    /// delivering.
+    /// delivering (finished, or already collected: another node may have
+    /// finished it and its retention passed).
     pub async fn delivery_plan(&self, id: TxnId) -> Result<Option<DeliveryPlan>> {
-        let live = match self.find(id).await? {
-            Found::Live(live) => live,
-            Found::Finished(_) => return Ok(None),
+        let live = match self.find(id).await {
+            Ok(Found::Live(live)) => live,
+            Ok(Found::Finished(_)) | Err(Error::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
         };
         let txn = live.record.lock().await;
         let Some(decision) = txn.state.decision().filter(|_| txn.state.is_delivering()) else {

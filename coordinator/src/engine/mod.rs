@@ -12,15 +12,16 @@
 //! cancel); it never overwrites. After [`CONFLICT_RETRIES`] conflicts in a
 //! row the caller gets the conflict (ABORTED, safe to retry).
 //!
-//! ## Memory: a cache, not the truth
-//! Unfinished transactions that were touched sit in memory behind their own
-//! async mutex, which serialises this engine's operations on one
-//! transaction (an append and a confirm cannot interleave here, so this
-//! engine never conflicts with itself) and lets waiters watch the state.
-//! What is in memory is always durable already. Finished transactions
-//! leave memory; an unknown one is loaded from the store on first use, so
-//! recovery loads nothing: the sweeper and delivery ask the store for what
-//! is due.
+//! ## Memory: only what is in use
+//! A transaction sits in memory only while an operation or a waiter holds
+//! it ([`Held`]): behind its own async mutex, which serialises this
+//! engine's operations on it (an append and a confirm cannot interleave
+//! here, so this engine never conflicts with itself), with a watch for
+//! waiters. The first operation loads it from the store, the last one to
+//! let go drops it, so what an operation starts from is what the store
+//! holds, memory stays bounded by the work in flight, and recovery loads
+//! nothing: the sweeper and delivery ask the store for what is due. What
+//! is in memory is always durable already.
 //!
 //! ## Deadlines
 //! An ACTIVE transaction past its deadline is cancelled by the sweeper
@@ -104,11 +105,40 @@ pub struct Engine {
 }
 
 /// Where a transaction is.
-enum Found {
-    /// In memory, lockable.
-    Live(Arc<Live>),
+enum Found<'a> {
+    /// In memory, lockable, held until dropped.
+    Live(Held<'a>),
     /// Finished: never changes again.
     Finished(TxnRecord),
+}
+
+/// A transaction held in memory by one operation or waiter; the last
+/// holder to drop it removes it from memory.
+struct Held<'a> {
+    engine: &'a Engine,
+    live: Arc<Live>,
+    id: TxnId,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Live;
+    fn deref(&self) -> &Live {
+        &self.live
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Under the map's lock, where every other holder got its clone: the
+        // map's reference and this one are the last.
+        let mut live = lock(&self.engine.live);
+        if Arc::strong_count(&self.live) == 2
+            && let Some(entry) = live.get(&self.id)
+            && Arc::ptr_eq(entry, &self.live)
+        {
+            live.remove(&self.id);
+        }
+    }
 }
 
 /// Runs `$attempt` (an expression evaluated anew each time) until it does
@@ -161,8 +191,8 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    /// How many transactions this engine holds in memory (bounded by the
-    /// unfinished ones it touched).
+    /// How many transactions this engine holds in memory (those with an
+    /// operation or a waiter in flight).
     pub fn cached(&self) -> usize {
         lock(&self.live).len()
     }
@@ -198,11 +228,11 @@ impl Engine {
 
     // --- internals -----------------------------------------------------------
 
-    /// The in-memory entry of `id`, loading it from the store if needed, or
-    /// its finished record.
-    async fn find(&self, id: TxnId) -> Result<Found> {
+    /// The in-memory entry of `id`, loading it from the store if no one
+    /// holds it, or its finished record.
+    async fn find(&self, id: TxnId) -> Result<Found<'_>> {
         if let Some(live) = lock(&self.live).get(&id).cloned() {
-            return Ok(Found::Live(live));
+            return Ok(Found::Live(Held { engine: self, live, id }));
         }
         match self.store.get_txn(id).await? {
             None => Err(not_found(id)),
@@ -212,16 +242,17 @@ impl Engine {
     }
 
     /// Puts a record read from the store in memory, unless another task did
-    /// first (then that entry is used; a stale one is caught by the version
-    /// check of its next write).
-    fn adopt(&self, txn: TxnRecord) -> Arc<Live> {
-        match lock(&self.live).entry(txn.id) {
+    /// first (then that entry is used: it is at least as new).
+    fn adopt(&self, txn: TxnRecord) -> Held<'_> {
+        let id = txn.id;
+        let live = match lock(&self.live).entry(id) {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(v) => {
                 let (state, _) = watch::channel(txn.state);
                 v.insert(Arc::new(Live { record: tokio::sync::Mutex::new(txn), state })).clone()
             }
-        }
+        };
+        Held { engine: self, live, id }
     }
 
     /// Writes `next` as the version after `guard`'s, then publishes it.
