@@ -343,6 +343,11 @@ async fn listing_filters_by_state_and_age_and_pages() -> R {
     // min_age: only those created at least 35 ms ago (the first four).
     let old = f.engine.list(&[], 35, 100, None).await?;
     assert_eq!(old.transactions.len(), 4);
+    // The wall clock steps back an hour: with no age filter every record is
+    // still listed, though all now look "created in the future".
+    f.clock.advance(-3_600_000);
+    assert_eq!(f.engine.list(&[], 0, 100, None).await?.transactions.len(), 7);
+    assert!(f.engine.list(&[], 1, 100, None).await?.transactions.is_empty());
     Ok(())
 }
 

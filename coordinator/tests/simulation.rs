@@ -47,8 +47,11 @@ type Nodes = Arc<Mutex<Vec<Option<Node>>>>;
 /// Picks a live node's engine, waiting (bounded) while all are down.
 async fn pick(nodes: &Nodes, rng: &mut StdRng) -> Option<(usize, Arc<Engine>)> {
     for _ in 0..200 {
-        let live: Vec<(usize, Arc<Engine>)> =
-            lock(nodes).iter().enumerate().filter_map(|(i, n)| n.as_ref().map(|n| (i, n.engine.clone()))).collect();
+        let live: Vec<(usize, Arc<Engine>)> = lock(nodes)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().filter(|n| n.is_alive()).map(|n| (i, n.engine.clone())))
+            .collect();
         if !live.is_empty() {
             let k = rng.random_range(0..live.len());
             return live.into_iter().nth(k);
@@ -144,7 +147,7 @@ async fn client(world: Arc<World>, nodes: Nodes, c: usize, n: usize, seed: u64) 
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         let roll = rng.random_range(0..100);
-        let race = rng.random_bool(0.25);
+        let race = rng.random_bool(0.4);
         let mut decisions = Vec::new();
         if roll < 60 {
             decisions.push(Decision::Confirm);
@@ -195,7 +198,23 @@ fn check(world: &World, e: &Error) {
 async fn faults(world: Arc<World>, nodes: Nodes, seed: u64, stop: Arc<std::sync::atomic::AtomicBool>) {
     let mut rng = StdRng::seed_from_u64(seed);
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(20..400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..300))).await;
+        // A node whose store failed stopped (fail-stop): restart it.
+        let count = lock(&nodes).len();
+        for i in 0..count {
+            let dead = lock(&nodes)[i].as_ref().is_some_and(|n| !n.is_alive());
+            let taken = if dead { lock(&nodes)[i].take() } else { None };
+            if let Some(node) = taken {
+                node.crash();
+                match world.start_node().await {
+                    Ok(n) => {
+                        lock(&nodes)[i] = Some(n);
+                        world.log(format!("fault: n{i} restarted after its store failed"));
+                    }
+                    Err(e) => world.checker.report(format!("recovery failed: {e}")),
+                }
+            }
+        }
         match rng.random_range(0..100) {
             0..30 => {
                 let i = rng.random_range(0..lock(&nodes).len());
@@ -247,8 +266,13 @@ async fn faults(world: Arc<World>, nodes: Nodes, seed: u64, stop: Arc<std::sync:
 /// while the fault lasted).
 async fn settle(world: &World, nodes: &Nodes) {
     world.net.heal();
+    world.failing.store(false, std::sync::atomic::Ordering::SeqCst);
     let count = lock(nodes).len();
     for i in 0..count {
+        let dead = lock(nodes)[i].take_if(|n| !n.is_alive());
+        if let Some(node) = dead {
+            node.crash();
+        }
         if lock(nodes)[i].is_none() {
             match world.start_node().await {
                 Ok(n) => lock(nodes)[i] = Some(n),
@@ -257,8 +281,9 @@ async fn settle(world: &World, nodes: &Nodes) {
         }
     }
     // Far past every deadline, however the clock was stepped.
-    world.clock.step(4 * 3_600_000);
-    world.log("settle: healed; wall clock +4 h");
+    let behind = (-world.clock.offset_ms()).max(0);
+    world.clock.step(behind + 4 * 3_600_000);
+    world.log("settle: healed; wall clock 4 h ahead");
     let engine = match lock(nodes).iter().flatten().next() {
         Some(n) => n.engine.clone(),
         None => return,
@@ -266,8 +291,12 @@ async fn settle(world: &World, nodes: &Nodes) {
     for round in 0..5 {
         tokio::time::sleep(Duration::from_secs(30)).await;
         let failed = engine.list(&[TxnState::FailedToConfirm, TxnState::FailedToCancel], 0, 1000, None).await;
+        if let Err(e) = &failed {
+            world.log(format!("operator: cannot list: {}", world.describe(e)));
+        }
         let failed = failed.map(|p| p.transactions).unwrap_or_default();
         let unfinished = world.store.unfinished(None, 1).await.map(|u| u.len()).unwrap_or(0);
+        world.log(format!("settle: round {round}: {} failed, unfinished: {}", failed.len(), unfinished > 0));
         if failed.is_empty() && unfinished == 0 {
             break;
         }
@@ -320,7 +349,8 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
     rt.block_on(async move {
         let world = World::new(seed);
         let mut rng = StdRng::seed_from_u64(seed);
-        let node_count = if rng.random_bool(0.3) { 2 } else { 1 };
+        let node_count = if rng.random_bool(0.5) { 2 } else { 1 };
+        world.failing.store(true, std::sync::atomic::Ordering::SeqCst);
         let nodes: Nodes = Arc::new(Mutex::new(Vec::new()));
         for _ in 0..node_count {
             match world.start_node().await {
@@ -349,7 +379,8 @@ fn run_seed(seed: u64) -> (String, Vec<String>) {
         for n in lock(&nodes).drain(..).flatten() {
             n.crash();
         }
-        (world.trace(), world.checker.violations())
+        let violations = world.checker.violations().iter().map(|v| world.rename(v)).collect();
+        (world.trace(), violations)
     })
 }
 
@@ -422,4 +453,42 @@ fn the_same_seed_gives_the_same_trace() {
     let (a, _) = run_seed(1);
     let (b, _) = run_seed(2);
     assert_ne!(a, b, "different seeds, different runs");
+}
+
+/// After a restart with the wall clock stepped back two hours, a pending
+/// delivery whose next attempt was persisted in wall time is attempted
+/// within the maximum backoff, not two hours later.
+#[test]
+fn a_pending_delivery_is_prompt_after_a_restart_with_the_clock_two_hours_back() {
+    let rt = sim::runtime();
+    let waited_ms = rt.block_on(async {
+        let world = World::new(5);
+        world.latency.store(false, std::sync::atomic::Ordering::SeqCst);
+        world.net.set("b", Mode::Down);
+        let node = world.start_node().await.unwrap_or_else(|e| panic!("start: {e}"));
+        let t = node.engine.begin(vec!["a".into(), "b".into()], 0).await.unwrap_or_else(|e| panic!("{e}"));
+        node.engine.confirm(t.id).await.unwrap_or_else(|e| panic!("{e}"));
+        // Long enough for b's backoff to reach its maximum (2 s).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let pending = world.store.get_txn(t.id).await.ok().flatten().unwrap_or_else(|| panic!("gone"));
+        let b = &pending.participants[1];
+        assert!(b.attempts >= 5 && b.next_attempt_ms > 0, "b kept failing: {b:?}");
+        node.crash();
+        world.clock.step(-2 * 3_600_000);
+        world.net.set("b", Mode::Up);
+        let restarted = world.clock.elapsed_ms();
+        let node = world.start_node().await.unwrap_or_else(|e| panic!("restart: {e}"));
+        // Bounded: three simulated hours at most.
+        for _ in 0..10_800 {
+            let state = world.store.get_txn(t.id).await.ok().flatten().map(|t| t.state);
+            if state == Some(TxnState::Confirmed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        node.crash();
+        world.clock.elapsed_ms() - restarted
+    });
+    let bound = sim::policy().retry_max_ms as i64 + 1_000;
+    assert!(waited_ms <= bound, "delivered {waited_ms} ms after the restart; the bound is {bound} ms");
 }

@@ -30,7 +30,7 @@ impl Engine {
     }
 
     /// Lists transactions, oldest first, in the given states (all if empty)
-    /// created at least `min_age_ms` ago, starting after `after`. Every
+    /// created at least `min_age_ms` ago (0: any), starting after `after`. Every
     /// record is judged by its own creation time: a record that looks
     /// "too young" (clock skew between the writers of records) is skipped,
     /// never the end of the listing.
@@ -42,7 +42,13 @@ impl Engine {
         after: Option<TxnId>,
     ) -> Result<ListPage> {
         let limit = if page_size == 0 { 100 } else { page_size.min(fixed::MAX_PAGE) };
-        let created_until_ms = self.clock.now_ms().saturating_sub(min_age_ms.min(i64::MAX as u64) as i64);
+        // 0 = no age filter: also records whose creation time is ahead of
+        // this clock (written by a node whose clock ran ahead, or before
+        // this clock stepped back).
+        let created_until_ms = match min_age_ms {
+            0 => i64::MAX,
+            age => self.clock.now_ms().saturating_sub(age.min(i64::MAX as u64) as i64),
+        };
         self.store.list(&ListQuery { states: states.to_vec(), created_until_ms, after, limit }).await
     }
 }

@@ -68,6 +68,10 @@ impl SimClock {
     pub fn step(&self, ms: i64) {
         self.offset.fetch_add(ms, Ordering::SeqCst);
     }
+    /// How far the steps moved the wall clock, in ms (negative: back).
+    pub fn offset_ms(&self) -> i64 {
+        self.offset.load(Ordering::SeqCst)
+    }
     /// Milliseconds of simulated time since the start (unaffected by steps).
     pub fn elapsed_ms(&self) -> i64 {
         self.start.elapsed().as_millis() as i64
@@ -281,6 +285,8 @@ pub struct SimNet {
 
 struct NetState {
     modes: HashMap<String, Mode>,
+    /// One line per call received, with raw ids (the world renames them).
+    log: Vec<String>,
     /// Per partial: the outcome applied first, with its commands.
     applied: HashMap<PartialId, (Decision, Vec<CommandRecord>)>,
     calls: u64,
@@ -291,7 +297,13 @@ impl SimNet {
     /// Every service up.
     pub fn new(seed: u64, checker: Arc<Checker>) -> Self {
         let state =
-            NetState { modes: HashMap::new(), applied: HashMap::new(), calls: 0, rng: StdRng::seed_from_u64(seed) };
+            NetState {
+            modes: HashMap::new(),
+            log: Vec::new(),
+            applied: HashMap::new(),
+            calls: 0,
+            rng: StdRng::seed_from_u64(seed),
+        };
         SimNet { state: Mutex::new(state), checker }
     }
     /// Sets a service's behaviour.
@@ -305,6 +317,14 @@ impl SimNet {
     /// Phase-2 calls received.
     pub fn calls(&self) -> u64 {
         lock(&self.state).calls
+    }
+    /// Takes the call log lines written since the last take.
+    pub fn take_log(&self) -> Vec<String> {
+        std::mem::take(&mut lock(&self.state).log)
+    }
+    /// What a partial applied: the outcome and its commands' types.
+    pub fn applied_types(&self, partial: PartialId) -> Option<(Decision, Vec<String>)> {
+        lock(&self.state).applied.get(&partial).map(|(d, c)| (*d, c.iter().map(|c| c.kind.clone()).collect()))
     }
     /// What a partial applied: the outcome and its command count.
     pub fn applied(&self, partial: PartialId) -> Option<(Decision, usize)> {
@@ -336,6 +356,17 @@ impl Transport for SimNet {
         let (mode, latency) = {
             let mut s = lock(&self.state);
             let mode = s.modes.get(&call.service).copied().unwrap_or(Mode::Up);
+            let verb = if call.decision == Decision::Confirm { "commit" } else { "rollback" };
+            let answer = match mode {
+                Mode::Up => "ok",
+                Mode::Down => "UNAVAILABLE",
+                Mode::Late => "applied, answer too late",
+                Mode::Twice => "ok, delivered twice",
+                Mode::Refusing => "refused (FAILED_PRECONDITION)",
+            };
+            let n = call.commands.len();
+            let line = format!("{}: {verb} {} ({n} commands) -> {answer}", call.service, call.partial);
+            s.log.push(line);
             (mode, s.rng.random_range(0..=5u64))
         };
         tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -365,18 +396,32 @@ impl Transport for SimNet {
 pub struct SimStore {
     inner: Arc<MemStore>,
     alive: Arc<AtomicBool>,
+    /// Whether writes may fail (the disk failing under a node).
+    failing: Arc<AtomicBool>,
+    /// Whether writes take time.
+    latency: Arc<AtomicBool>,
     rng: Arc<Mutex<StdRng>>,
     checker: Arc<Checker>,
 }
 
 impl SimStore {
+    /// A write's latency, then: refused if the node is dead; and with a
+    /// small probability the write fails, which makes the node fail-stop
+    /// as the real store does (it refuses everything until restarted).
     async fn before_write(&self) -> Result<()> {
-        let ms = lock(&self.rng).random_range(0..=3u64);
-        if ms > 0 {
+        let (ms, fail) = {
+            let mut rng = lock(&self.rng);
+            (rng.random_range(0..=3u64), rng.random_bool(0.01))
+        };
+        if ms > 0 && self.latency.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         if !self.alive.load(Ordering::SeqCst) {
             return Err(Error::Unavailable("the node crashed".into()));
+        }
+        if fail && self.failing.load(Ordering::SeqCst) {
+            self.alive.store(false, Ordering::SeqCst);
+            return Err(Error::Unavailable("the store failed to write; restart the node".into()));
         }
         Ok(())
     }
@@ -449,12 +494,19 @@ pub struct Node {
     pub engine: Arc<Engine>,
     /// The phase-2 driver.
     pub delivery: Arc<Delivery>,
+    /// What recovery found at start.
+    pub recovered: tcc_coordinator::engine::Recovered,
     alive: Arc<AtomicBool>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Node {
+    /// False once the node crashed or its store failed (fail-stop).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
     /// Drops the node as kill -9 would: nothing it still has in flight
     /// reaches the store.
     pub fn crash(self) {
@@ -498,6 +550,11 @@ pub struct World {
     pub net: Arc<SimNet>,
     /// The invariants.
     pub checker: Arc<Checker>,
+    /// Whether store writes may fail (off while settling and in scripts).
+    pub failing: Arc<AtomicBool>,
+    /// Whether store writes take a random 0-3 ms (off in scripts, so that
+    /// time moves only on `tick`).
+    pub latency: Arc<AtomicBool>,
     entropy: Arc<SeededEntropy>,
     store_rng: Arc<Mutex<StdRng>>,
     names: Mutex<Names>,
@@ -513,6 +570,8 @@ impl World {
             store: Arc::new(MemStore::new()),
             net: Arc::new(SimNet::new(seed ^ 0x006e_6574, checker.clone())),
             checker,
+            failing: Arc::new(AtomicBool::new(false)),
+            latency: Arc::new(AtomicBool::new(true)),
             entropy: Arc::new(SeededEntropy::new(seed)),
             store_rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed ^ 0x7374_6f72))),
             names: Mutex::new(Names::default()),
@@ -526,6 +585,8 @@ impl World {
         let store = Arc::new(SimStore {
             inner: self.store.clone(),
             alive: alive.clone(),
+            failing: self.failing.clone(),
+            latency: self.latency.clone(),
             rng: self.store_rng.clone(),
             checker: self.checker.clone(),
         });
@@ -533,12 +594,12 @@ impl World {
         let shutdown = CancellationToken::new();
         let delivery =
             Delivery::new(engine.clone(), self.net.clone(), self.entropy.clone(), policy(), shutdown.clone());
-        engine.recover().await?;
+        let recovered = engine.recover().await?;
         let tasks = vec![
             tokio::spawn(delivery.clone().run(decided)),
             tokio::spawn(sweeper::run(engine.clone(), shutdown.clone())),
         ];
-        Ok(Node { engine, delivery, alive, shutdown, tasks })
+        Ok(Node { engine, delivery, recovered, alive, shutdown, tasks })
     }
 
     /// Appends a line to the trace, stamped with simulated time.
