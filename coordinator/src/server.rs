@@ -48,8 +48,9 @@ pub async fn run(
         other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
     })?);
     let entropy = Arc::new(OsEntropy);
+    let clock = Arc::new(SystemClock);
     let (engine, decided) =
-        Engine::new(store, Arc::new(SystemClock), entropy.clone(), config.limits.clone(), config.retention());
+        Engine::new(store, clock.clone(), entropy.clone(), config.limits.clone(), config.retention());
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
     let registry = Arc::new(Registry::new(&config.participants, connect_timeout).context("bad --participant")?);
 
@@ -98,7 +99,7 @@ pub async fn run(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .add_service(RegistryServer::new(RegistryApi::new(registry)))
+        .add_service(RegistryServer::new(RegistryApi::new(registry, clock)))
         .add_service(
             AdminServer::new(AdminApi::new(engine.clone()))
                 .max_decoding_message_size(max)

@@ -14,7 +14,7 @@
 //! | `confirm T1`, `cancel T1 [reason=R]` | The decisions |
 //! | `get T1` | The record: state, participants (partial:status:commands), attempts and last errors |
 //! | `tick MS` | Lets MS of time pass; prints the phase-2 calls made meanwhile |
-//! | `participant b up\|down\|late\|twice\|refusing` | How service b answers phase-2 calls |
+//! | `participant b up\|down\|slow\|late\|twice\|refusing` | How service b answers phase-2 calls |
 //! | `applied T1` | What each participant applied (commit with its commands, rollback, nothing) |
 //! | `crash`, `recover` | kill -9 the coordinator; start a new one on the same store |
 //! | `clock MS` | Steps the wall clock by MS (negative: back) |
@@ -169,6 +169,7 @@ impl Runner for ScriptRunner {
                 let mode = match args.next_pos().ok_or("which mode?")?.value.as_str() {
                     "up" => Mode::Up,
                     "down" => Mode::Down,
+                    "slow" => Mode::Slow,
                     "late" => Mode::Late,
                     "twice" => Mode::Twice,
                     "refusing" => Mode::Refusing,

@@ -8,8 +8,8 @@
 //!   or let the deadline pass;
 //! * one or two coordinator nodes on the store, crashed (kill -9) and
 //!   recovered at random moments, mid-write included;
-//! * participants down, answering after their deadline, answering twice,
-//!   or refusing;
+//! * participants down, slow, answering after their deadline, answering
+//!   twice, or refusing;
 //! * wall-clock steps, back and forward, by up to two hours.
 //!
 //! The checker looks at every write, call and acknowledgement; at the end
@@ -232,11 +232,12 @@ async fn faults(world: Arc<World>, nodes: Nodes, seed: u64, stop: Arc<std::sync:
             }
             30..70 => {
                 let service = SERVICES[rng.random_range(0..SERVICES.len())];
-                let mode = match rng.random_range(0..10) {
+                let mode = match rng.random_range(0..12) {
                     0..3 => Mode::Down,
                     3..5 => Mode::Late,
                     5..7 => Mode::Twice,
-                    7 => Mode::Refusing,
+                    7..9 => Mode::Slow,
+                    9 => Mode::Refusing,
                     _ => Mode::Up,
                 };
                 world.net.set(service, mode);

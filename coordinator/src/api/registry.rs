@@ -5,18 +5,20 @@ use std::sync::Arc;
 use tcc_proto::v1::{self, registry_server};
 use tonic::{Request, Response, Status};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::Clock;
 use crate::delivery::registry::Registry;
 
 /// The Registry service.
 pub struct RegistryApi {
     registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
 }
 
 impl RegistryApi {
-    /// A service over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        RegistryApi { registry }
+    /// A service over `registry`; `clock` turns lease durations into the
+    /// wall times `ListEndpoints` reports.
+    pub fn new(registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Self {
+        RegistryApi { registry, clock }
     }
 }
 
@@ -44,7 +46,7 @@ impl registry_server::Registry for RegistryApi {
         request: Request<v1::ListEndpointsRequest>,
     ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
         let req = request.into_inner();
-        let now = SystemClock.now_ms();
+        let now = self.clock.now_ms();
         let service = (!req.service.is_empty()).then_some(req.service.as_str());
         let endpoints = self
             .registry

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Engine, Found, not_found};
+use super::{Engine, Found, Held, not_found};
 use crate::config::fixed;
 use crate::error::Result;
 use crate::lock;
@@ -11,10 +11,16 @@ use crate::store::{ListPage, ListQuery};
 
 impl Engine {
     /// Reads a transaction.
+    /// While an operation holds it, that is (after the operation's write)
+    /// the record in memory; otherwise what the store holds.
     pub async fn get(&self, id: TxnId) -> Result<TxnRecord> {
         let live = lock(&self.live).get(&id).cloned();
         match live {
-            Some(live) => Ok(live.record.lock().await.clone()),
+            Some(live) => {
+                let held = Held { engine: self, live, id };
+                let txn = held.record.lock().await.clone();
+                Ok(txn)
+            }
             None => self.store.get_txn(id).await?.ok_or_else(|| not_found(id)),
         }
     }

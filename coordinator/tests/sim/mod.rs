@@ -268,6 +268,8 @@ pub enum Mode {
     Up,
     /// Unreachable (UNAVAILABLE).
     Down,
+    /// Applies and answers, but takes most of the call's deadline.
+    Slow,
     /// Applies, but answers after the call's deadline.
     Late,
     /// Applies, and its answer is delivered twice (the second call is a
@@ -296,8 +298,7 @@ struct NetState {
 impl SimNet {
     /// Every service up.
     pub fn new(seed: u64, checker: Arc<Checker>) -> Self {
-        let state =
-            NetState {
+        let state = NetState {
             modes: HashMap::new(),
             log: Vec::new(),
             applied: HashMap::new(),
@@ -360,6 +361,7 @@ impl Transport for SimNet {
             let answer = match mode {
                 Mode::Up => "ok",
                 Mode::Down => "UNAVAILABLE",
+                Mode::Slow => "ok, slowly",
                 Mode::Late => "applied, answer too late",
                 Mode::Twice => "ok, delivered twice",
                 Mode::Refusing => "refused (FAILED_PRECONDITION)",
@@ -381,6 +383,11 @@ impl Transport for SimNet {
                 Ok(())
             }
             Mode::Down => Err(CallError::Transient(format!("{}: Unavailable: connection refused", call.service))),
+            Mode::Slow => {
+                tokio::time::sleep(timeout * 3 / 4).await;
+                self.apply(&call);
+                Ok(())
+            }
             Mode::Late => {
                 self.apply(&call);
                 tokio::time::sleep(timeout).await;
