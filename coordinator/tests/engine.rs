@@ -473,3 +473,48 @@ async fn decisions_racing_on_two_engines_have_one_winner() -> R {
     }
     Ok(())
 }
+
+/// A caller that goes away (client disconnect, deadline) right after its
+/// decision was submitted: the write still lands, and the store's due-work
+/// index follows it (it is updated as the write is applied, not by the
+/// caller), so the sweeper hands the transaction to delivery; a repeated
+/// confirm does too.
+#[tokio::test]
+async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
+    use futures::FutureExt;
+    let mut f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 10_000).await?;
+    // Polled once: the write is queued in the journal; then dropped.
+    assert!(f.engine.confirm(t.id).now_or_never().is_none(), "the confirm waits for its sync");
+    // The journal is FIFO: once a later write is durable, the confirm is too.
+    f.engine.begin(svc(&["b"]), 10_000).await?;
+    assert_eq!(f.store.get_txn(t.id).await?.map(|t| t.state), Some(TxnState::Confirming));
+    assert!(!f.store.due_deadlines(i64::MAX, 10).await?.0.contains(&t.id), "no deadline once decided");
+    assert_eq!(f.store.due_deliveries(f.engine.now_ms(), 10).await?, vec![t.id], "due for delivery");
+    while f.decided.try_recv().is_ok() {}
+    assert_eq!(f.engine.resume_overdue().await, 1);
+    assert_eq!(f.decided.try_recv().ok(), Some(t.id), "the sweeper hands it to delivery");
+    assert_eq!(f.engine.confirm(t.id).await?.state, TxnState::Confirming);
+    assert_eq!(f.decided.try_recv().ok(), Some(t.id), "a repeated confirm hands it to delivery too");
+    assert_eq!(f.engine.cached(), 0, "nothing left in memory by the dropped call");
+    Ok(())
+}
+
+/// Operations on one transaction from several threads: whoever lets go
+/// last removes it from memory (regression: a holder count read after the
+/// map's lock was released left an entry nobody held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_holder_on_any_thread_removes_the_transaction_from_memory() -> R {
+    let f = fixture();
+    let t = f.engine.begin(svc(&["a"]), 10_000).await?;
+    for _ in 0..5_000 {
+        let (a, b) = (f.engine.clone(), f.engine.clone());
+        let (x, y) = tokio::join!(
+            tokio::spawn(async move { a.delivery_plan(t.id).await }),
+            tokio::spawn(async move { b.delivery_plan(t.id).await })
+        );
+        assert!(matches!((x, y), (Ok(Ok(None)), Ok(Ok(None)))));
+        assert_eq!(f.engine.cached(), 0);
+    }
+    Ok(())
+}

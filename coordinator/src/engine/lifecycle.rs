@@ -153,6 +153,12 @@ impl Engine {
                     if was_active && guard.state.is_delivering() {
                         crate::failpoint::crash_point("after-decision");
                     }
+                } else if decision && guard.state.is_delivering() {
+                    // A repeated decision: the call that took it may have
+                    // been cancelled between its durable write and handing
+                    // the transaction to delivery. Starting a driver is
+                    // idempotent.
+                    let _ = self.to_deliver.send(id);
                 }
                 Ok(guard.clone())
             }

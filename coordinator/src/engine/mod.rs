@@ -47,6 +47,7 @@ pub mod validate;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +71,10 @@ struct Live {
     record: tokio::sync::Mutex<TxnRecord>,
     /// Its state, for callers that wait for an outcome.
     state: watch::Sender<TxnState>,
+    /// How many [`Held`]s there are. Changed only under the lock of the
+    /// engine's map, so that the last holder's check-and-remove cannot
+    /// race a new holder (an `Arc` count could: it drops after the lock).
+    holders: AtomicUsize,
 }
 
 /// Counts of what recovery found.
@@ -127,12 +132,19 @@ impl std::ops::Deref for Held<'_> {
     }
 }
 
+impl<'a> Held<'a> {
+    /// A new holder of `live`; call with the map's lock held.
+    fn new(engine: &'a Engine, live: Arc<Live>, id: TxnId) -> Self {
+        live.holders.fetch_add(1, Ordering::SeqCst);
+        Held { engine, live, id }
+    }
+}
+
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        // Under the map's lock, where every other holder got its clone: the
-        // map's reference and this one are the last.
         let mut live = lock(&self.engine.live);
-        if Arc::strong_count(&self.live) == 2
+        let left = self.live.holders.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        if left == 0
             && let Some(entry) = live.get(&self.id)
             && Arc::ptr_eq(entry, &self.live)
         {
@@ -231,8 +243,8 @@ impl Engine {
     /// The in-memory entry of `id`, loading it from the store if no one
     /// holds it, or its finished record.
     async fn find(&self, id: TxnId) -> Result<Found<'_>> {
-        if let Some(live) = lock(&self.live).get(&id).cloned() {
-            return Ok(Found::Live(Held { engine: self, live, id }));
+        if let Some(held) = self.held(id) {
+            return Ok(Found::Live(held));
         }
         match self.store.get_txn(id).await? {
             None => Err(not_found(id)),
@@ -241,18 +253,26 @@ impl Engine {
         }
     }
 
+    /// A new holder of `id` if it is in memory.
+    fn held(&self, id: TxnId) -> Option<Held<'_>> {
+        let map = lock(&self.live);
+        map.get(&id).map(|live| Held::new(self, live.clone(), id))
+    }
+
     /// Puts a record read from the store in memory, unless another task did
     /// first (then that entry is used: it is at least as new).
     fn adopt(&self, txn: TxnRecord) -> Held<'_> {
         let id = txn.id;
-        let live = match lock(&self.live).entry(id) {
+        let mut map = lock(&self.live);
+        let live = match map.entry(id) {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(v) => {
                 let (state, _) = watch::channel(txn.state);
-                v.insert(Arc::new(Live { record: tokio::sync::Mutex::new(txn), state })).clone()
+                let live = Live { record: tokio::sync::Mutex::new(txn), state, holders: AtomicUsize::new(0) };
+                v.insert(Arc::new(live)).clone()
             }
         };
-        Held { engine: self, live, id }
+        Held::new(self, live, id)
     }
 
     /// Writes `next` as the version after `guard`'s, then publishes it.

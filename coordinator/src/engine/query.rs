@@ -2,10 +2,9 @@
 
 use std::time::Duration;
 
-use super::{Engine, Found, Held, not_found};
+use super::{Engine, Found, not_found};
 use crate::config::fixed;
 use crate::error::Result;
-use crate::lock;
 use crate::model::{TxnId, TxnRecord, TxnState};
 use crate::store::{ListPage, ListQuery};
 
@@ -14,10 +13,8 @@ impl Engine {
     /// While an operation holds it, that is (after the operation's write)
     /// the record in memory; otherwise what the store holds.
     pub async fn get(&self, id: TxnId) -> Result<TxnRecord> {
-        let live = lock(&self.live).get(&id).cloned();
-        match live {
-            Some(live) => {
-                let held = Held { engine: self, live, id };
+        match self.held(id) {
+            Some(held) => {
                 let txn = held.record.lock().await.clone();
                 Ok(txn)
             }

@@ -12,9 +12,11 @@
 //!   ones: delivery;
 //! * (finish time, id) of CONFIRMED/CANCELLED ones: garbage collection.
 //!
-//! Updates carry the record's version and an older version never replaces
-//! a newer one, so writers that report their writes out of order leave the
-//! index right.
+//! Updates are applied in the order the writes were applied: the sled
+//! store does it on its flusher thread as each write is applied (not in
+//! the writer's task, which may be cancelled once the write is durable),
+//! the in-memory store under its lock. Updates also carry the record's
+//! version, and an older version never replaces a newer one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -30,6 +32,34 @@ struct Entry {
     due: Option<i64>,
 }
 
+/// What the index takes from a record: computed by the writer, applied
+/// by whoever applies the write.
+#[derive(Clone, Copy, Debug)]
+pub struct Keys {
+    id: TxnId,
+    version: u64,
+    state: TxnState,
+    created_ms: i64,
+    deadline: Option<i64>,
+    due: Option<i64>,
+    finished: Option<i64>,
+}
+
+impl Keys {
+    /// The index keys of `txn`.
+    pub fn of(txn: &TxnRecord) -> Keys {
+        Keys {
+            id: txn.id,
+            version: txn.version,
+            state: txn.state,
+            created_ms: txn.created_ms,
+            deadline: (txn.state == TxnState::Active).then_some(txn.deadline_ms),
+            due: txn.delivery_due_ms(),
+            finished: txn.state.is_finished().then_some(txn.finished_ms),
+        }
+    }
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub struct TxnIndex {
@@ -43,41 +73,42 @@ pub struct TxnIndex {
 impl TxnIndex {
     /// Records `txn` as written (created or updated).
     pub fn put(&mut self, txn: &TxnRecord) {
-        if let Some(old) = self.unfinished.get(&txn.id).copied() {
-            if old.version >= txn.version {
+        self.apply(Keys::of(txn));
+    }
+
+    /// Records a write by its keys.
+    pub fn apply(&mut self, k: Keys) {
+        let id = k.id;
+        if let Some(old) = self.unfinished.get(&id).copied() {
+            if old.version >= k.version {
                 return;
             }
-            self.unfinished.remove(&txn.id);
+            self.unfinished.remove(&id);
             if let Some(d) = old.deadline {
-                self.deadlines.remove(&(d, txn.id));
+                self.deadlines.remove(&(d, id));
             }
             if let Some(d) = old.due {
-                self.deliveries.remove(&(d, txn.id));
+                self.deliveries.remove(&(d, id));
             }
         }
-        if txn.state.is_finished() {
-            if self.finished_at.insert(txn.id, txn.finished_ms).is_none() {
-                self.finished.insert((txn.finished_ms, txn.id));
+        if let Some(finished_ms) = k.finished {
+            if self.finished_at.insert(id, finished_ms).is_none() {
+                self.finished.insert((finished_ms, id));
             }
             return;
         }
-        if self.finished_at.contains_key(&txn.id) {
+        if self.finished_at.contains_key(&id) {
             return; // a finished record never changes again
         }
-        let entry = Entry {
-            version: txn.version,
-            state: txn.state,
-            created_ms: txn.created_ms,
-            deadline: (txn.state == TxnState::Active).then_some(txn.deadline_ms),
-            due: txn.delivery_due_ms(),
-        };
+        let entry =
+            Entry { version: k.version, state: k.state, created_ms: k.created_ms, deadline: k.deadline, due: k.due };
         if let Some(d) = entry.deadline {
-            self.deadlines.insert((d, txn.id));
+            self.deadlines.insert((d, id));
         }
         if let Some(d) = entry.due {
-            self.deliveries.insert((d, txn.id));
+            self.deliveries.insert((d, id));
         }
-        self.unfinished.insert(txn.id, entry);
+        self.unfinished.insert(id, entry);
     }
 
     /// Forgets a deleted transaction.

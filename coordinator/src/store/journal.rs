@@ -50,7 +50,8 @@
 //! version stored under a key must be a given one. The flusher checks them
 //! against sled and the writes before it in the same group, just before it
 //! writes the group; a write whose condition fails is not written and its
-//! writer gets the store's conflict error. One thread checks and writes in
+//! writer gets the store's conflict error, with the group's answers (so
+//! it never hears of a winner that is not durable yet). One thread checks and writes in
 //! order, so conditional writes cost no lock, no extra read round and no
 //! extra sync; conditions are not part of the frame (replay needs none).
 //!
@@ -91,10 +92,15 @@ const HEADER: usize = 8;
 const OP_INSERT: u8 = 1;
 const OP_REMOVE: u8 = 2;
 
+/// Runs on the flusher thread once a write is applied, before its writer
+/// is answered.
+pub type AfterApply = Box<dyn FnOnce() + Send>;
+
 /// One atomic change, encoded as a journal frame.
 pub struct Write {
     frame: Vec<u8>,
     conditions: Vec<Condition>,
+    after: Option<AfterApply>,
 }
 
 /// The version stored under `key` must be `expected` (0 = absent); the
@@ -107,7 +113,7 @@ struct Condition {
 
 impl Default for Write {
     fn default() -> Self {
-        Write { frame: vec![0; HEADER], conditions: Vec::new() }
+        Write { frame: vec![0; HEADER], conditions: Vec::new(), after: None }
     }
 }
 
@@ -143,13 +149,21 @@ impl Write {
         self.conditions.push(Condition { key: key.to_vec(), expected, next });
     }
 
+    /// Runs `f` on the flusher thread once this write is durable and
+    /// applied, before anyone is answered: in journal order, and whether or
+    /// not the writer still waits for the answer. The store keeps its
+    /// index with it.
+    pub fn after_apply(&mut self, f: AfterApply) {
+        self.after = Some(f);
+    }
+
     /// Fills in the length; the checksum needs the generation of the file
     /// the frame goes to, which only the flusher knows ([`stamp`]).
-    fn seal(mut self) -> Result<(Vec<u8>, Vec<Condition>)> {
+    fn seal(mut self) -> Result<Sealed> {
         let len = u32::try_from(self.frame.len() - HEADER)
             .map_err(|_| Error::Storage("a single write is larger than 4 GiB".into()))?;
         self.frame[..4].copy_from_slice(&len.to_le_bytes());
-        Ok((self.frame, self.conditions))
+        Ok(Sealed { frame: self.frame, conditions: self.conditions, after: self.after })
     }
 }
 
@@ -210,9 +224,15 @@ struct Queue {
     failed: Option<String>,
 }
 
-struct Entry {
+/// A write as queued: its frame, conditions and hook.
+struct Sealed {
     frame: Vec<u8>,
     conditions: Vec<Condition>,
+    after: Option<AfterApply>,
+}
+
+struct Entry {
+    write: Sealed,
     done: oneshot::Sender<Result<()>>,
 }
 
@@ -283,7 +303,7 @@ impl Journal {
 
     /// Queues a write for the next group commit.
     pub fn submit(&self, write: Write) -> Result<Pending> {
-        let (frame, conditions) = write.seal()?;
+        let write = write.seal()?;
         let (done, rx) = oneshot::channel();
         {
             let mut q = lock(&self.shared.queue);
@@ -293,7 +313,7 @@ impl Journal {
             if q.stop {
                 return Err(Error::Unavailable("the store is closing".into()));
             }
-            q.entries.push(Entry { frame, conditions, done });
+            q.entries.push(Entry { write, done });
         }
         self.shared.wake.notify_one();
         Ok(Pending(rx))
@@ -467,13 +487,19 @@ impl Flusher {
         }
     }
 
-    /// Checks the conditions of the group in order, refusing the writes
-    /// whose condition fails; returns the others.
-    fn admit(&self, entries: Vec<Entry>) -> std::result::Result<Vec<Entry>, String> {
+    /// Checks the conditions of the group in order; returns the writes to
+    /// make and the refused ones with their errors (answered with the
+    /// group, so a loser never hears of a winner that is not durable yet).
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        entries: Vec<Entry>,
+    ) -> std::result::Result<(Vec<Entry>, Vec<(oneshot::Sender<Result<()>>, Error)>), String> {
         let mut written: HashMap<Vec<u8>, u64> = HashMap::new();
         let mut admitted = Vec::with_capacity(entries.len());
+        let mut refused = Vec::new();
         'entries: for e in entries {
-            for c in &e.conditions {
+            for c in &e.write.conditions {
                 let found = match written.get(&c.key) {
                     Some(v) => *v,
                     None => match self.tree.get(&c.key) {
@@ -482,38 +508,49 @@ impl Flusher {
                     },
                 };
                 if found != c.expected {
-                    let _ = e.done.send(Err((self.versioning.conflict)(&c.key, c.expected, found)));
+                    refused.push((e.done, (self.versioning.conflict)(&c.key, c.expected, found)));
                     continue 'entries;
                 }
             }
-            for c in &e.conditions {
+            for c in &e.write.conditions {
                 written.insert(c.key.clone(), c.next);
             }
             admitted.push(e);
         }
-        Ok(admitted)
+        Ok((admitted, refused))
     }
 
     /// Writes and syncs the group, applies it to sled, answers the writers.
     fn commit(&mut self, entries: Vec<Entry>, buf: &mut Vec<u8>) -> std::result::Result<(), String> {
-        let mut entries = self.admit(entries)?;
+        let (mut entries, refused) = self.admit(entries)?;
+        let refuse = |refused: Vec<(oneshot::Sender<Result<()>>, Error)>| {
+            for (done, err) in refused {
+                let _ = done.send(Err(err));
+            }
+        };
         if entries.is_empty() {
+            refuse(refused);
             return Ok(());
         }
         buf.clear();
         for e in &mut entries {
-            stamp(&mut e.frame, self.generation);
-            buf.extend_from_slice(&e.frame);
+            stamp(&mut e.write.frame, self.generation);
+            buf.extend_from_slice(&e.write.frame);
         }
         let synced = self.file.write_all(buf).and_then(|()| self.file.sync_data());
         let mut answers = Vec::with_capacity(entries.len());
         let mut failure =
             synced.err().map(|e| format!("journal {}: {e}", file_path(&self.dir, self.generation).display()));
         for e in entries {
-            if failure.is_none()
-                && let Err(err) = apply(&self.tree, &e.frame[HEADER..])
-            {
-                failure = Some(err.to_string());
+            if failure.is_none() {
+                match apply(&self.tree, &e.write.frame[HEADER..]) {
+                    Ok(()) => {
+                        if let Some(after) = e.write.after {
+                            after();
+                        }
+                    }
+                    Err(err) => failure = Some(err.to_string()),
+                }
             }
             answers.push(e.done);
         }
@@ -523,10 +560,11 @@ impl Flusher {
                 for done in answers {
                     let _ = done.send(Ok(()));
                 }
+                refuse(refused);
                 Ok(())
             }
             Some(cause) => {
-                for done in answers {
+                for done in answers.into_iter().chain(refused.into_iter().map(|(done, _)| done)) {
                     let _ = done.send(Err(poisoned(&cause)));
                 }
                 Err(cause)
@@ -701,9 +739,9 @@ mod tests {
             }
         }
         match w.seal() {
-            Ok((mut frame, _)) => {
-                stamp(&mut frame, generation);
-                frame
+            Ok(mut sealed) => {
+                stamp(&mut sealed.frame, generation);
+                sealed.frame
             }
             Err(e) => panic!("seal: {e}"),
         }

@@ -35,13 +35,13 @@
 //! record kinds. See the journal's docs for recovery and the fail-stop rule.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use super::index::TxnIndex;
+use super::index::{Keys, TxnIndex};
 use super::journal::{Journal, Versioning, Write};
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
@@ -66,7 +66,7 @@ const KIND_RECEIPT: u8 = 0x04;
 pub struct SledStore {
     tree: sled::Tree,
     journal: Journal,
-    index: Mutex<TxnIndex>,
+    index: Arc<Mutex<TxnIndex>>,
 }
 
 impl SledStore {
@@ -85,7 +85,7 @@ impl SledStore {
             let (k, v) = item.map_err(sled_error)?;
             index.put(&decode_txn(&k, &v)?);
         }
-        Ok(SledStore { tree, journal, index: Mutex::new(index) })
+        Ok(SledStore { tree, journal, index: Arc::new(Mutex::new(index)) })
     }
 
     /// Fail-stop: after a failed write nothing is served, not even reads.
@@ -93,22 +93,19 @@ impl SledStore {
         self.journal.check()
     }
 
-    /// A write of `txn` that lands only over its previous version.
-    fn txn_write(txn: &TxnRecord) -> Result<Write> {
-        let mut write = Write::default();
-        let key = txn_key(txn.id);
-        write.insert(&key, &encode_txn(txn)?);
-        write.require(&key, txn.version.saturating_sub(1), txn.version);
-        Ok(write)
-    }
-
-    async fn put(&self, txn: &TxnRecord, write: Write) -> Result<()> {
+    /// A write of `txn` that lands only over its previous version, and
+    /// updates the index as it is applied.
+    fn txn_write(&self, txn: &TxnRecord) -> Result<Write> {
         if txn.version == 0 {
             return Err(Error::Storage(format!("transaction {} written without a version", txn.id)));
         }
-        self.journal.submit(write)?.durable().await?;
-        lock(&self.index).put(txn);
-        Ok(())
+        let mut write = Write::default();
+        let key = txn_key(txn.id);
+        write.insert(&key, &encode_txn(txn)?);
+        write.require(&key, txn.version - 1, txn.version);
+        let (index, keys) = (self.index.clone(), Keys::of(txn));
+        write.after_apply(Box::new(move || lock(&index).apply(keys)));
+        Ok(write)
     }
 
     fn read_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
@@ -119,12 +116,14 @@ impl SledStore {
         }
     }
 
+    /// Reads the records of ids the index gave; one deleted since is
+    /// skipped (and dropped from the index, should it still be there).
     fn read_all(&self, ids: &[TxnId]) -> Result<Vec<TxnRecord>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            // Deleted since the index was read: skip.
-            if let Some(t) = self.read_txn(*id)? {
-                out.push(t);
+            match self.read_txn(*id)? {
+                Some(t) => out.push(t),
+                None => lock(&self.index).remove(*id),
             }
         }
         Ok(out)
@@ -138,39 +137,34 @@ impl Store for SledStore {
         if txn.version != 1 {
             return Err(Error::Storage(format!("a new transaction record has version 1, not {}", txn.version)));
         }
-        let mut write = Self::txn_write(txn)?;
+        let mut write = self.txn_write(txn)?;
         for p in &txn.participants {
             write.insert(&partial_key(p.partial_id), txn.id.0.as_bytes());
         }
-        self.put(txn, write).await
+        self.journal.submit(write)?.durable().await
     }
 
     async fn update_txn(&self, txn: &TxnRecord, enlisted: Option<PartialId>) -> Result<()> {
         self.check()?;
-        let mut write = Self::txn_write(txn)?;
+        let mut write = self.txn_write(txn)?;
         if let Some(p) = enlisted {
             write.insert(&partial_key(p), txn.id.0.as_bytes());
         }
-        self.put(txn, write).await
+        self.journal.submit(write)?.durable().await
     }
 
     async fn append(&self, txn: &TxnRecord, append: AppendBatch<'_>) -> Result<()> {
         self.check()?;
-        let mut write = Self::txn_write(txn)?;
+        let mut write = self.txn_write(txn)?;
         for cmd in append.commands {
             write.insert(&command_key(append.partial_id, cmd.sequence), &encode(cmd)?);
         }
         if let Some((key, receipt)) = append.idempotency {
             write.insert(&receipt_key(append.partial_id, key), &encode(&receipt)?);
         }
-        if txn.version == 0 {
-            return Err(Error::Storage(format!("transaction {} written without a version", txn.id)));
-        }
         let pending = self.journal.submit(write)?;
         crate::failpoint::crash_point("append-unflushed");
-        pending.durable().await?;
-        lock(&self.index).put(txn);
-        Ok(())
+        pending.durable().await
     }
 
     async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
@@ -187,13 +181,16 @@ impl Store for SledStore {
         }
         let key = txn_key(txn.id);
         write.remove(&key);
+        let (index, id) = (self.index.clone(), txn.id);
         match self.tree.get(key).map_err(sled_error)? {
-            None => return Ok(()),
+            None => {
+                lock(&index).remove(id);
+                return Ok(());
+            }
             Some(_) => write.require(&key, txn.version, 0),
         }
-        self.journal.submit(write)?.durable().await?;
-        lock(&self.index).remove(txn.id);
-        Ok(())
+        write.after_apply(Box::new(move || lock(&index).remove(id)));
+        self.journal.submit(write)?.durable().await
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
@@ -254,7 +251,10 @@ impl Store for SledStore {
         let limit = q.limit.max(1);
         if TxnIndex::covers(&q.states) {
             let (ids, next) = lock(&self.index).list_unfinished(&q.states, q.created_until_ms, q.after, limit);
-            return Ok(ListPage { transactions: self.read_all(&ids)?, next });
+            // The record may have moved on since the index was read.
+            let mut transactions = self.read_all(&ids)?;
+            transactions.retain(|t| q.states.contains(&t.state));
+            return Ok(ListPage { transactions, next });
         }
         let iter = match q.after {
             Some(id) => self.tree.range(successor(&txn_key(id))..),
