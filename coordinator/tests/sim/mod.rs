@@ -23,6 +23,7 @@
 //! The [`Checker`] holds the invariants of ARCHITECTURE.md and records
 //! every break it sees, with the trace line it happened at.
 
+// Each test crate that includes this module uses part of it.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -209,11 +210,6 @@ impl Checker {
         lock(&self.state).violations.clone()
     }
 
-    /// The decision the store took for `txn`, if any.
-    pub fn decision(&self, txn: TxnId) -> Option<Decision> {
-        lock(&self.state).txns.get(&txn).and_then(|k| k.decision)
-    }
-
     /// Final check against what the participants applied: every decided
     /// transaction's participants all received its decision; every
     /// acknowledged append was in its partial's commit, in order; and the
@@ -291,7 +287,6 @@ struct NetState {
     log: Vec<String>,
     /// Per partial: the outcome applied first, with its commands.
     applied: HashMap<PartialId, (Decision, Vec<CommandRecord>)>,
-    calls: u64,
     rng: StdRng,
 }
 
@@ -302,7 +297,6 @@ impl SimNet {
             modes: HashMap::new(),
             log: Vec::new(),
             applied: HashMap::new(),
-            calls: 0,
             rng: StdRng::seed_from_u64(seed),
         };
         SimNet { state: Mutex::new(state), checker }
@@ -315,10 +309,6 @@ impl SimNet {
     pub fn heal(&self) {
         lock(&self.state).modes.clear();
     }
-    /// Phase-2 calls received.
-    pub fn calls(&self) -> u64 {
-        lock(&self.state).calls
-    }
     /// Takes the call log lines written since the last take.
     pub fn take_log(&self) -> Vec<String> {
         std::mem::take(&mut lock(&self.state).log)
@@ -327,16 +317,11 @@ impl SimNet {
     pub fn applied_types(&self, partial: PartialId) -> Option<(Decision, Vec<String>)> {
         lock(&self.state).applied.get(&partial).map(|(d, c)| (*d, c.iter().map(|c| c.kind.clone()).collect()))
     }
-    /// What a partial applied: the outcome and its command count.
-    pub fn applied(&self, partial: PartialId) -> Option<(Decision, usize)> {
-        lock(&self.state).applied.get(&partial).map(|(d, c)| (*d, c.len()))
-    }
 
     /// The participant's side of a call: apply once, check it is the only
     /// outcome this partial ever gets.
     fn apply(&self, call: &Phase2Call) {
         let mut s = lock(&self.state);
-        s.calls += 1;
         match s.applied.get(&call.partial) {
             None => {
                 s.applied.insert(call.partial, (call.decision, call.commands.clone()));
