@@ -33,7 +33,9 @@ fn sled_err(e: sled::Error) -> Error {
 
 /// Writes `value` under the record key of `id`, with sled directly.
 fn write_raw(dir: &std::path::Path, id: uuid::Uuid, value: Vec<u8>) -> Result<()> {
-    let db = sled::open(dir).map_err(sled_err)?;
+    // No background flusher thread: it could still hold the directory's
+    // lock when the store opens it right after.
+    let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(sled_err)?;
     let tree = db.open_tree("tcc").map_err(sled_err)?;
     let mut key = vec![0x01];
     key.extend_from_slice(id.as_bytes());
@@ -42,12 +44,27 @@ fn write_raw(dir: &std::path::Path, id: uuid::Uuid, value: Vec<u8>) -> Result<()
     Ok(())
 }
 
+/// Opens the store after [`write_raw`]. sled releases its directory lock
+/// from a pool thread shortly after the handle is dropped, with nothing to
+/// wait on: retry only that error, a bounded number of times.
+fn open_after_raw(dir: &std::path::Path) -> Result<SledStore> {
+    for _ in 0..100 {
+        match SledStore::open(dir) {
+            Err(Error::Storage(msg)) if msg.contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+    SledStore::open(dir)
+}
+
 #[tokio::test]
 async fn a_damaged_record_stops_open_naming_its_key() -> Result<()> {
     let dir = harness();
     let id = uuid::Uuid::now_v7();
     write_raw(dir.0.path(), id, vec![2u8, 0xff, 0xff, 0xff])?;
-    match SledStore::open(dir.0.path()) {
+    match open_after_raw(dir.0.path()) {
         Err(Error::Corrupt { key, .. }) => assert!(key.contains(&id.to_string()), "{key}"),
         Err(other) => panic!("expected Corrupt, got {other:?}"),
         Ok(_) => panic!("a damaged record was accepted at open"),
@@ -65,7 +82,7 @@ async fn a_record_from_before_versions_reads_as_version_1() -> Result<()> {
     let mut value = vec![1u8];
     postcard::to_io(&old, &mut value).map_err(|e| Error::Storage(e.to_string()))?;
     write_raw(dir.0.path(), old.id.0, value)?;
-    let store = dir.open()?;
+    let store = open_after_raw(dir.0.path())?;
     old.version = 1;
     assert_eq!(store.get_txn(old.id).await?, Some(old.clone()));
     assert_eq!(store.due_deadlines(i64::MAX, 10).await?.0, vec![old.id], "indexed at open");

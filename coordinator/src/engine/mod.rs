@@ -293,10 +293,7 @@ impl Engine {
                 self.publish(live, guard, txn);
                 Ok(())
             }
-            None => {
-                lock(&self.live).remove(&guard.id);
-                Err(not_found(guard.id))
-            }
+            None => Err(not_found(guard.id)),
         }
     }
 
@@ -328,7 +325,6 @@ impl Engine {
             }
             TxnState::Confirmed | TxnState::Cancelled => {
                 info!(txn = %txn.id, state = %txn.state, "transaction finished");
-                lock(&self.live).remove(&txn.id);
             }
             TxnState::FailedToConfirm | TxnState::FailedToCancel => {
                 let failed: Vec<String> = txn

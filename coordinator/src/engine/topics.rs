@@ -44,7 +44,11 @@ impl Engine {
             }
         };
         let mut guard = live.record.lock().await;
-        let mut commands = Some(commands);
+        // Numbered by each attempt (a retry after a conflict renumbers).
+        let mut records: Vec<CommandRecord> = commands
+            .into_iter()
+            .map(|c| CommandRecord { sequence: 0, kind: c.kind, key: c.key, payload: c.payload })
+            .collect();
         until_no_conflict!(
             self,
             &live,
@@ -77,29 +81,13 @@ impl Engine {
                     )));
                 }
                 let first = p.command_count - n + 1;
-                // Moved in on the first attempt; a retry after a conflict (rare)
-                // renumbers a copy of what the last attempt built.
-                let records: Vec<CommandRecord> = match commands.take() {
-                    Some(cmds) => cmds
-                        .into_iter()
-                        .zip(first..)
-                        .map(|(c, sequence)| CommandRecord { sequence, kind: c.kind, key: c.key, payload: c.payload })
-                        .collect(),
-                    None => return Err(Error::Storage("append retried without its commands".into())),
-                };
+                for (record, sequence) in records.iter_mut().zip(first..) {
+                    record.sequence = sequence;
+                }
                 let receipt = AppendReceipt { first_sequence: first, last_sequence: first + n - 1, bytes, digest };
                 let batch =
                     AppendBatch { partial_id: partial, commands: &records, idempotency: key.map(|k| (k, receipt)) };
-                let written = self.write(&live, &mut guard, next, How::Append(batch)).await;
-                if written.is_err() {
-                    commands = Some(
-                        records
-                            .into_iter()
-                            .map(|c| NewCommand { kind: c.kind, key: c.key, payload: c.payload })
-                            .collect(),
-                    );
-                }
-                written?;
+                self.write(&live, &mut guard, next, How::Append(batch)).await?;
                 tracing::debug!(txn = %id, %partial, first, count = n, "commands appended");
                 Ok((receipt, false))
             }

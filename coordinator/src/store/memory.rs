@@ -158,7 +158,7 @@ impl Store for MemStore {
         };
         let mut page = ListPage::default();
         for (id, t) in range {
-            if (q.states.is_empty() || q.states.contains(&t.state)) && t.created_ms <= q.created_until_ms {
+            if q.matches(t) {
                 page.transactions.push(t.clone());
                 if page.transactions.len() == limit {
                     page.next = Some(*id);

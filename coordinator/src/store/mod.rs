@@ -75,6 +75,13 @@ pub struct ListQuery {
     pub limit: usize,
 }
 
+impl ListQuery {
+    /// Whether `txn` is selected (state and age; not the position).
+    pub fn matches(&self, txn: &TxnRecord) -> bool {
+        (self.states.is_empty() || self.states.contains(&txn.state)) && txn.created_ms <= self.created_until_ms
+    }
+}
+
 /// A page of [`Store::list`].
 #[derive(Clone, Debug, Default)]
 pub struct ListPage {

@@ -21,7 +21,9 @@
 //! ([`Write::require`]); the journal's flusher checks it just before the
 //! group is written, so a conditional write costs no extra sync. The
 //! queries of the [`Store`] trait are answered from a [`TxnIndex`] built at
-//! open from every record and updated after every write: sled is a single
+//! open from every record and updated by the flusher thread as each write
+//! is applied (in journal order, whether or not its writer still waits):
+//! sled is a single
 //! process's database (it locks its directory), so this store sees every
 //! write there is. Listings that include finished states scan records in
 //! id order, at most [`LIST_SCAN`] per call, and say where to continue.
@@ -253,7 +255,7 @@ impl Store for SledStore {
             let (ids, next) = lock(&self.index).list_unfinished(&q.states, q.created_until_ms, q.after, limit);
             // The record may have moved on since the index was read.
             let mut transactions = self.read_all(&ids)?;
-            transactions.retain(|t| q.states.contains(&t.state));
+            transactions.retain(|t| q.matches(t));
             return Ok(ListPage { transactions, next });
         }
         let iter = match q.after {
@@ -268,7 +270,7 @@ impl Store for SledStore {
             }
             let t = decode_txn(&k, &v)?;
             let id = t.id;
-            if (q.states.is_empty() || q.states.contains(&t.state)) && t.created_ms <= q.created_until_ms {
+            if q.matches(&t) {
                 page.transactions.push(t);
                 if page.transactions.len() == limit {
                     page.next = Some(id);
