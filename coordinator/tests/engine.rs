@@ -483,17 +483,30 @@ async fn decisions_racing_on_two_engines_have_one_winner() -> R {
 async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
     use futures::FutureExt;
     let mut f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 10_000).await?;
-    // Polled once: the write is queued in the journal; then dropped.
-    assert!(f.engine.confirm(t.id).now_or_never().is_none(), "the confirm waits for its sync");
+    // Polled once: the write is queued in the journal; then dropped. (The
+    // journal's thread may, rarely, sync it before the first poll ends:
+    // then that confirm was not cut off, and the next transaction is used.)
+    let mut cut_off = None;
+    for _ in 0..20 {
+        let t = f.engine.begin(svc(&["a"]), 10_000).await?;
+        if f.engine.confirm(t.id).now_or_never().is_none() {
+            cut_off = Some(t);
+            break;
+        }
+    }
+    let t = cut_off.unwrap_or_else(|| panic!("20 confirms all finished within their first poll"));
     // The journal is FIFO: once a later write is durable, the confirm is too.
     f.engine.begin(svc(&["b"]), 10_000).await?;
     assert_eq!(f.store.get_txn(t.id).await?.map(|t| t.state), Some(TxnState::Confirming));
     assert!(!f.store.due_deadlines(i64::MAX, 10).await?.0.contains(&t.id), "no deadline once decided");
-    assert_eq!(f.store.due_deliveries(f.engine.now_ms(), 10).await?, vec![t.id], "due for delivery");
+    assert!(f.store.due_deliveries(f.engine.now_ms(), 100).await?.contains(&t.id), "due for delivery");
     while f.decided.try_recv().is_ok() {}
-    assert_eq!(f.engine.resume_overdue().await, 1);
-    assert_eq!(f.decided.try_recv().ok(), Some(t.id), "the sweeper hands it to delivery");
+    assert!(f.engine.resume_overdue().await >= 1);
+    let mut handed = Vec::new();
+    while let Ok(id) = f.decided.try_recv() {
+        handed.push(id);
+    }
+    assert!(handed.contains(&t.id), "the sweeper hands it to delivery");
     assert_eq!(f.engine.confirm(t.id).await?.state, TxnState::Confirming);
     assert_eq!(f.decided.try_recv().ok(), Some(t.id), "a repeated confirm hands it to delivery too");
     assert_eq!(f.engine.cached(), 0, "nothing left in memory by the dropped call");
