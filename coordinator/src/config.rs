@@ -23,6 +23,19 @@ pub struct Config {
     #[arg(long, env = "TCC_DATA_DIR", default_value = "tcc-data")]
     pub data_dir: PathBuf,
 
+    /// PostgreSQL database shared by a cluster of coordinators, as
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (cluster mode). Without it
+    /// the coordinator runs alone on the embedded store in --data-dir.
+    #[arg(long, env = "TCC_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// Cluster mode: how long a coordinator's lease in the database lasts
+    /// without renewal, in ms (renewed every third of it). When a
+    /// coordinator dies, the others take over its deadlines and deliveries
+    /// once its lease has lapsed; a coordinator paused for longer is fenced.
+    #[arg(long, env = "TCC_LEASE_MS", default_value_t = 5_000)]
+    pub lease_ms: u64,
+
     /// Static participant endpoint, as SERVICE=URI (e.g.
     /// orders=http://127.0.0.1:7001). Repeat the flag, or separate with
     /// commas in the environment variable, for several.
@@ -64,6 +77,14 @@ impl Config {
             ("--call-timeout-ms", d.call_timeout_ms),
             ("--retry-initial-ms", d.retry_initial_ms),
         ];
+        if !(1_000..=600_000).contains(&self.lease_ms) {
+            return Err(format!("--lease-ms ({}) must be between 1000 and 600000", self.lease_ms));
+        }
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err("--database-url must start with postgres:// or postgresql://".to_string());
+        }
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be greater than 0"));
         }
@@ -86,6 +107,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The cluster lease as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
     }
 
     /// The GC retention as a duration.
@@ -219,6 +245,9 @@ mod tests {
             bad(&["--retry-initial-ms", "500", "--retry-max-ms", "100"]).is_err_and(|e| e.contains("--retry-max-ms"))
         );
         assert!(bad(&["--listen", "nonsense"]).is_err());
+        assert!(bad(&["--lease-ms", "10"]).is_err_and(|e| e.contains("--lease-ms")));
+        assert!(bad(&["--database-url", "mysql://x"]).is_err_and(|e| e.contains("--database-url")));
+        assert!(bad(&["--database-url", "postgres://tcc@127.0.0.1/db"]).is_ok());
     }
 
     #[test]

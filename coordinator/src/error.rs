@@ -13,7 +13,8 @@
 //! | `IllegalTransition`  | FAILED_PRECONDITION |
 //! | `LimitExceeded`      | RESOURCE_EXHAUSTED  |
 //! | `Conflict`           | ABORTED             |  (lost a race with another writer; safe to retry)
-//! | `Unavailable`        | UNAVAILABLE         |  (the store failed a flush)
+//! | `Unavailable`        | UNAVAILABLE         |  (the store failed a flush; the database is unreachable)
+//! | `Fenced`             | UNAVAILABLE         |  (this node's lease lapsed, or another node owns the work)
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 
@@ -64,6 +65,12 @@ pub enum Error {
     /// The coordinator is shutting down or its store cannot take writes.
     #[error("{0}")]
     Unavailable(String),
+    /// A cluster store refused a write because this coordinator may not
+    /// make it: its lease in the database lapsed (it was paused or cut off
+    /// for longer than the lease), or another live coordinator is
+    /// delivering the transaction. Nothing was written; safe to retry.
+    #[error("{0}")]
+    Fenced(String),
     /// A stored record cannot be decoded: the data directory is damaged.
     #[error("corrupt record {key}: {cause}")]
     Corrupt {

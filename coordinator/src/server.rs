@@ -25,10 +25,13 @@ use tracing::info;
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
 use crate::clock::{OsEntropy, SystemClock};
 use crate::config::{Config, fixed};
-use crate::delivery::{Delivery, registry::Registry, transport::GrpcTransport};
+use crate::delivery::registry::{self, Registry};
+use crate::delivery::{Delivery, transport::GrpcTransport};
 use crate::engine::{Engine, sweeper};
 use crate::error::Error;
 use crate::store::Store;
+use crate::store::memory::MemStore;
+use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
 
 /// Runs the coordinator on `listener` until `shutdown` is cancelled.
@@ -42,28 +45,30 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let addr = listener.local_addr().context("listener has no local address")?;
-    let dir = config.data_dir.display();
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir).map_err(|e| match e {
-        Error::Corrupt { .. } => anyhow::anyhow!("the data directory {dir} is damaged: {e}"),
-        other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
-    })?);
     let entropy = Arc::new(OsEntropy);
     let clock = Arc::new(SystemClock);
-    let (engine, decided) =
-        Engine::new(store, clock.clone(), entropy.clone(), config.limits.clone(), config.retention());
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
-    let registry = Arc::new(Registry::new(&config.participants, connect_timeout).context("bad --participant")?);
+    // Checked before the store is opened: a bad flag creates nothing.
+    Registry::new(&config.participants, connect_timeout, Arc::new(MemStore::new()), clock.clone())
+        .context("bad --participant")?;
+    let (store, place) = open_store(&config).await?;
+    let (engine, decided) =
+        Engine::new(store.clone(), clock.clone(), entropy.clone(), config.limits.clone(), config.retention());
+    let registry = Arc::new(
+        Registry::new(&config.participants, connect_timeout, store.clone(), clock.clone())
+            .context("bad --participant")?,
+    );
+    registry.load().await.with_context(|| format!("cannot read the registrations from {place}"))?;
 
     let started = Instant::now();
-    let recovered = engine.recover().await.with_context(|| {
-        format!("recovery failed; the data directory {} is damaged or unreadable", config.data_dir.display())
-    })?;
+    let recovered =
+        engine.recover().await.with_context(|| format!("recovery failed; {place} is damaged or unreadable"))?;
     info!(
         active = recovered.active,
         delivering = recovered.delivering,
         failed = recovered.failed,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        data_dir = %config.data_dir.display(),
+        store = %place,
         "recovery complete"
     );
 
@@ -73,6 +78,7 @@ pub async fn run(
     let delivery = Delivery::new(engine.clone(), transport, entropy, config.delivery.clone(), background.clone());
     tasks.spawn(delivery.run(decided));
     tasks.spawn(sweeper::run(engine.clone(), background.clone()));
+    tasks.spawn(registry::run(registry.clone(), background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TransactionsServer<TransactionsApi>>().await;
@@ -113,8 +119,53 @@ pub async fn run(
     background.cancel();
     tasks.close();
     tasks.wait().await;
+    store.close().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Opens the store the configuration names: the PostgreSQL database of a
+/// cluster, or the embedded store in the data directory. Returns it with a
+/// description for messages.
+async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
+    if let Some(url) = &config.database_url {
+        let place = format!("the database {}", redact(url));
+        let store = PgStore::connect(url, config.lease())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
+        info!(node = ?store.node(), lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
+        return Ok((Arc::new(store), place));
+    }
+    let dir = config.data_dir.display();
+    let store = SledStore::open(&config.data_dir).map_err(|e| match e {
+        Error::Corrupt { .. } => anyhow::anyhow!("the data directory {dir} is damaged: {e}"),
+        other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
+    })?;
+    Ok((Arc::new(store), format!("the data directory {dir}")))
+}
+
+/// A database URL without its password, for messages and logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(super::redact("postgres://tcc:secret@db:5432/tcc"), "postgres://tcc:***@db:5432/tcc");
+        assert_eq!(super::redact("postgres://tcc@db/tcc"), "postgres://tcc@db/tcc");
+        assert_eq!(super::redact("postgres://db/tcc"), "postgres://db/tcc");
+    }
 }
 
 /// Reflection over the services this server actually serves (the

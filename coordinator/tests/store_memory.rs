@@ -11,8 +11,9 @@ use tcc_coordinator::store::memory::MemStore;
 /// simulated crash does (the engine goes, the store stays).
 struct MemHarness(Arc<MemStore>);
 
+#[async_trait::async_trait]
 impl Harness for MemHarness {
-    fn open(&self) -> Result<Arc<dyn Store>> {
+    async fn open(&self) -> Result<Arc<dyn Store>> {
         Ok(self.0.clone())
     }
 }

@@ -12,8 +12,9 @@ use tcc_coordinator::store::sled::SledStore;
 
 struct SledHarness(tempfile::TempDir);
 
+#[async_trait::async_trait]
 impl Harness for SledHarness {
-    fn open(&self) -> Result<Arc<dyn Store>> {
+    async fn open(&self) -> Result<Arc<dyn Store>> {
         Ok(Arc::new(SledStore::open(self.0.path())?))
     }
 }

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+pub mod pg;
 pub mod shop;
 
 pub use tcc_proto::v1::{

@@ -26,7 +26,7 @@ impl RegistryApi {
 impl registry_server::Registry for RegistryApi {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let req = request.into_inner();
-        let ttl = self.registry.register(&req.service, &req.endpoint, req.ttl_ms)?;
+        let ttl = self.registry.register(&req.service, &req.endpoint, req.ttl_ms).await?;
         tracing::debug!(service = %req.service, endpoint = %req.endpoint, ttl_ms = ttl.as_millis() as u64, "endpoint registered");
         Ok(Response::new(v1::RegisterResponse { ttl_ms: ttl.as_millis() as u64 }))
     }
@@ -36,7 +36,7 @@ impl registry_server::Registry for RegistryApi {
         request: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
         let req = request.into_inner();
-        let removed = self.registry.deregister(&req.service, &req.endpoint);
+        let removed = self.registry.deregister(&req.service, &req.endpoint).await?;
         tracing::info!(service = %req.service, endpoint = %req.endpoint, removed, "endpoint deregistered");
         Ok(Response::new(v1::DeregisterResponse { removed }))
     }

@@ -13,7 +13,7 @@ impl From<Error> for tonic::Status {
             Error::IllegalTransition { .. } => tonic::Status::failed_precondition(msg),
             Error::LimitExceeded(_) => tonic::Status::resource_exhausted(msg),
             Error::Conflict { .. } => tonic::Status::aborted(msg),
-            Error::Unavailable(_) => tonic::Status::unavailable(msg),
+            Error::Unavailable(_) | Error::Fenced(_) => tonic::Status::unavailable(msg),
             Error::Corrupt { .. } => tonic::Status::data_loss(msg),
             Error::Storage(_) => tonic::Status::internal(msg),
         }

@@ -2,9 +2,12 @@
 //!
 //! A service name maps to one or more instances. Instances come from the
 //! static configuration (`--participant SERVICE=URI`, never expire) or from
-//! `Registry.Register` (a lease that expires unless renewed). Registrations
-//! are kept in memory only: after a coordinator restart, services are back
-//! within one renewal period, and phase-2 retries cover the gap.
+//! `Registry.Register` (a lease that expires unless renewed, by the
+//! injected clock). Registrations are written to the store before they are
+//! acknowledged, so a restart loses none, and read back from it: at start,
+//! and, with a store shared by several coordinators, every
+//! [`REFRESH`] ([`run`]), so an instance registered through one coordinator
+//! is called by all of them. Calls use an in-memory copy.
 //!
 //! Any live instance may receive a call. [`Registry::pick`] rotates among
 //! healthy instances; an instance that fails at the transport level is
@@ -13,22 +16,31 @@
 
 use crate::lock;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
+use tracing::warn;
 
+use crate::clock::Clock;
 use crate::config::fixed;
 use crate::engine::validate;
 use crate::error::{Error, Result};
+use crate::model::Registration;
+use crate::store::Store;
+
+/// How often a coordinator on a shared store reads the registrations
+/// again.
+pub const REFRESH: Duration = Duration::from_secs(1);
 
 /// One instance of a participant service.
 #[derive(Clone, Debug)]
 struct Instance {
     endpoint: String,
-    /// `None` for static instances.
-    expires: Option<Instant>,
+    /// When the lease ends (unix ms); `None` for static instances.
+    expires: Option<i64>,
     down_until: Option<Instant>,
     failures: u32,
 }
@@ -54,6 +66,8 @@ pub struct Registry {
     channels: Mutex<HashMap<String, Channel>>,
     next: AtomicUsize,
     connect_timeout: Duration,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Checks an endpoint URI: http(s)://host:port, bounded length.
@@ -77,13 +91,21 @@ pub fn parse_endpoint(uri: &str) -> Result<Endpoint> {
 }
 
 impl Registry {
-    /// A registry holding the static `SERVICE=URI` entries.
-    pub fn new(static_entries: &[String], connect_timeout: Duration) -> Result<Self> {
+    /// A registry holding the static `SERVICE=URI` entries; call
+    /// [`Registry::load`] before use to add the stored registrations.
+    pub fn new(
+        static_entries: &[String],
+        connect_timeout: Duration,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self> {
         let reg = Registry {
             services: Mutex::default(),
             channels: Mutex::default(),
             next: AtomicUsize::new(0),
             connect_timeout,
+            store,
+            clock,
         };
         for entry in static_entries {
             let Some((service, uri)) = entry.split_once('=') else {
@@ -96,7 +118,7 @@ impl Registry {
         Ok(reg)
     }
 
-    fn upsert(&self, service: &str, endpoint: &str, expires: Option<Instant>) {
+    fn upsert(&self, service: &str, endpoint: &str, expires: Option<i64>) {
         let mut services = lock(&self.services);
         let list = services.entry(service.to_string()).or_default();
         match list.iter_mut().find(|i| i.endpoint == endpoint) {
@@ -110,9 +132,38 @@ impl Registry {
         }
     }
 
+    /// Reads the stored registrations: live ones are added or renewed,
+    /// registrations no longer stored are dropped (deregistered elsewhere),
+    /// and expired ones are removed from the store.
+    pub async fn load(&self) -> Result<()> {
+        let stored = self.store.endpoints().await?;
+        let now = self.clock.now_ms();
+        let (live, expired): (Vec<Registration>, Vec<Registration>) =
+            stored.into_iter().partition(|r| r.expires_ms > now);
+        // Static entries stay; registrations are what the store holds now
+        // (a deregistration through another coordinator drops one here).
+        // An instance's down mark is kept across the reload.
+        {
+            let mut services = lock(&self.services);
+            for (name, list) in services.iter_mut() {
+                list.retain(|i| {
+                    i.expires.is_none() || live.iter().any(|r| &r.service == name && r.endpoint == i.endpoint)
+                });
+            }
+        }
+        for r in &live {
+            self.upsert(&r.service, &r.endpoint, Some(r.expires_ms));
+        }
+        self.prune();
+        for r in expired {
+            self.store.remove_endpoint(&r.service, &r.endpoint).await?;
+        }
+        Ok(())
+    }
+
     /// Registers or renews `endpoint` for `service` with a lease of `ttl_ms`
-    /// (0 = default). Returns the lease granted.
-    pub fn register(&self, service: &str, endpoint: &str, ttl_ms: u64) -> Result<Duration> {
+    /// (0 = default), durably. Returns the lease granted.
+    pub async fn register(&self, service: &str, endpoint: &str, ttl_ms: u64) -> Result<Duration> {
         validate::service_name("service", service)?;
         parse_endpoint(endpoint)?;
         let ttl = if ttl_ms == 0 { fixed::DEFAULT_LEASE_MS } else { ttl_ms };
@@ -124,7 +175,6 @@ impl Registry {
                 fixed::DEFAULT_LEASE_MS
             )));
         }
-        let ttl = Duration::from_millis(ttl);
         self.prune();
         {
             let services = lock(&self.services);
@@ -146,29 +196,35 @@ impl Registry {
                 }
             }
         }
-        self.upsert(service, endpoint, Some(Instant::now() + ttl));
-        Ok(ttl)
+        let expires_ms = self.clock.now_ms().saturating_add(ttl as i64);
+        let registration = Registration { service: service.to_string(), endpoint: endpoint.to_string(), expires_ms };
+        self.store.put_endpoint(&registration).await?;
+        self.upsert(service, endpoint, Some(expires_ms));
+        Ok(Duration::from_millis(ttl))
     }
 
-    /// Removes a registered instance. Static instances stay.
-    pub fn deregister(&self, service: &str, endpoint: &str) -> bool {
+    /// Removes a registered instance, durably. Static instances stay.
+    pub async fn deregister(&self, service: &str, endpoint: &str) -> Result<bool> {
+        let stored = self.store.remove_endpoint(service, endpoint).await?;
         let removed = {
             let mut services = lock(&self.services);
-            let Some(list) = services.get_mut(service) else {
-                return false;
-            };
-            let before = list.len();
-            list.retain(|i| i.expires.is_none() || i.endpoint != endpoint);
-            before != list.len()
+            match services.get_mut(service) {
+                Some(list) => {
+                    let before = list.len();
+                    list.retain(|i| i.expires.is_none() || i.endpoint != endpoint);
+                    before != list.len()
+                }
+                None => false,
+            }
         };
         self.prune();
-        removed
+        Ok(stored || removed)
     }
 
     /// Drops expired instances, services left without instances, and
     /// channels no instance uses, so registrations cannot pile up.
     fn prune(&self) {
-        let now = Instant::now();
+        let now = self.clock.now_ms();
         let mut services = lock(&self.services);
         for list in services.values_mut() {
             list.retain(|i| i.expires.is_none_or(|e| e > now));
@@ -182,10 +238,11 @@ impl Registry {
     /// are dropped on the way.
     pub fn list(&self, service: Option<&str>) -> Vec<EndpointInfo> {
         let now = Instant::now();
+        let now_ms = self.clock.now_ms();
         let mut services = lock(&self.services);
         let mut out = Vec::new();
         for (name, list) in services.iter_mut() {
-            list.retain(|i| i.expires.is_none_or(|e| e > now));
+            list.retain(|i| i.expires.is_none_or(|e| e > now_ms));
             if service.is_some_and(|s| s != name) {
                 continue;
             }
@@ -193,7 +250,7 @@ impl Registry {
                 service: name.clone(),
                 endpoint: i.endpoint.clone(),
                 from_config: i.expires.is_none(),
-                expires_in: i.expires.map(|e| e.saturating_duration_since(now)),
+                expires_in: i.expires.map(|e| Duration::from_millis(e.saturating_sub(now_ms).max(0) as u64)),
                 healthy: i.down_until.is_none_or(|d| d <= now),
             }));
         }
@@ -205,10 +262,11 @@ impl Registry {
     /// rotation, else the one that comes back soonest.
     pub fn pick(&self, service: &str) -> Option<(String, Channel)> {
         let now = Instant::now();
+        let now_ms = self.clock.now_ms();
         let endpoint = {
             let mut services = lock(&self.services);
             let list = services.get_mut(service)?;
-            list.retain(|i| i.expires.is_none_or(|e| e > now));
+            list.retain(|i| i.expires.is_none_or(|e| e > now_ms));
             let healthy: Vec<&Instance> = list.iter().filter(|i| i.down_until.is_none_or(|d| d <= now)).collect();
             if healthy.is_empty() {
                 list.iter().min_by_key(|i| i.down_until)?.endpoint.clone()
@@ -249,35 +307,63 @@ impl Registry {
     }
 }
 
+/// On a store shared by several coordinators, reads the registrations
+/// again every [`REFRESH`] until `shutdown`; on a single-process store
+/// every registration comes through this coordinator, so there is nothing
+/// to do.
+pub async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
+    if registry.store.node().is_none() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REFRESH) => {}
+        }
+        if let Err(e) = registry.load().await {
+            warn!(cause = %e, "cannot read the registrations; will retry");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reg() -> Registry {
-        match Registry::new(&["orders=http://127.0.0.1:7001".into()], Duration::from_secs(1)) {
+    use crate::clock::ManualClock;
+    use crate::store::memory::MemStore;
+
+    fn on(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> Registry {
+        match Registry::new(&["orders=http://127.0.0.1:7001".into()], Duration::from_secs(1), store, clock) {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         }
     }
 
+    fn reg() -> Registry {
+        on(Arc::new(MemStore::new()), Arc::new(ManualClock::at(1_000_000)))
+    }
+
     #[test]
     fn static_entries_are_validated() {
         for bad in ["orders", "orders=127.0.0.1:1", "or ders=http://127.0.0.1:1", "orders=http://host"] {
-            assert!(Registry::new(&[bad.into()], Duration::from_secs(1)).is_err(), "{bad} accepted");
+            let (store, clock) = (Arc::new(MemStore::new()), Arc::new(ManualClock::at(0)));
+            assert!(Registry::new(&[bad.into()], Duration::from_secs(1), store, clock).is_err(), "{bad} accepted");
         }
     }
 
     #[tokio::test]
     async fn register_renew_deregister_and_rotation() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok());
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok(), "renewal");
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok(), "renewal");
         assert_eq!(r.list(Some("orders")).len(), 2);
         let picks: std::collections::HashSet<String> =
             (0..4).filter_map(|_| r.pick("orders").map(|(e, _)| e)).collect();
         assert_eq!(picks.len(), 2, "rotates across instances");
-        assert!(r.deregister("orders", "http://127.0.0.1:7002"));
-        assert!(!r.deregister("orders", "http://127.0.0.1:7001"), "static entries stay");
+        assert!(r.deregister("orders", "http://127.0.0.1:7002").await.unwrap_or(false));
+        assert!(!r.deregister("orders", "http://127.0.0.1:7001").await.unwrap_or(true), "static entries stay");
         assert_eq!(r.list(None).len(), 1);
         assert!(r.pick("nobody").is_none());
     }
@@ -285,7 +371,7 @@ mod tests {
     #[tokio::test]
     async fn an_instance_that_fails_is_skipped_while_another_is_up() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok());
         r.report("http://127.0.0.1:7001", false);
         for _ in 0..4 {
             assert_eq!(r.pick("orders").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7002"));
@@ -300,26 +386,53 @@ mod tests {
     async fn registrations_are_bounded_and_pruned() {
         let r = reg();
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
-            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000).is_ok());
+            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000).await.is_ok());
         }
-        let over = r.register("many", "http://127.0.0.1:9999", 5_000);
+        let over = r.register("many", "http://127.0.0.1:9999", 5_000).await;
         assert!(matches!(over, Err(Error::LimitExceeded(_))), "{over:?}");
-        assert!(r.register("many", "http://127.0.0.1:10000", 5_000).is_ok(), "renewing stays allowed");
+        assert!(r.register("many", "http://127.0.0.1:10000", 5_000).await.is_ok(), "renewing stays allowed");
         let _ = r.pick("many");
         assert_eq!(lock(&r.channels).len(), 1, "one pick, one channel");
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
-            assert!(r.deregister("many", &format!("http://127.0.0.1:{}", 10_000 + i)));
+            assert!(r.deregister("many", &format!("http://127.0.0.1:{}", 10_000 + i)).await.unwrap_or(false));
         }
-        assert!(r.register("many", "http://127.0.0.1:9999", 5_000).is_ok(), "room again");
+        assert!(r.register("many", "http://127.0.0.1:9999", 5_000).await.is_ok(), "room again");
         assert_eq!(lock(&r.channels).len(), 0, "channels of removed instances dropped");
     }
 
-    #[test]
-    fn bad_registrations_are_refused() {
+    #[tokio::test]
+    async fn bad_registrations_are_refused() {
         let r = reg();
-        assert!(r.register("", "http://127.0.0.1:1", 0).is_err());
-        assert!(r.register("a", "ftp://x:1", 0).is_err());
-        assert!(r.register("a", "http://127.0.0.1:1", 10).is_err(), "lease too short");
-        assert!(r.register("a", "http://127.0.0.1:1", 0).is_ok());
+        assert!(r.register("", "http://127.0.0.1:1", 0).await.is_err());
+        assert!(r.register("a", "ftp://x:1", 0).await.is_err());
+        assert!(r.register("a", "http://127.0.0.1:1", 10).await.is_err(), "lease too short");
+        assert!(r.register("a", "http://127.0.0.1:1", 0).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn registrations_are_stored_and_outlive_the_registry() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let first = on(store.clone(), clock.clone());
+        assert!(first.register("bank", "http://127.0.0.1:7100", 5_000).await.is_ok());
+        assert!(first.register("bank", "http://127.0.0.1:7101", 60_000).await.is_ok());
+        drop(first);
+
+        // A restart: a new registry on the same store.
+        let second = on(store.clone(), clock.clone());
+        assert!(second.pick("bank").is_none(), "nothing before loading");
+        assert!(second.load().await.is_ok());
+        assert_eq!(second.list(Some("bank")).len(), 2, "both registrations back");
+        // The short lease runs out: dropped here and from the store.
+        clock.advance(10_000);
+        assert!(second.load().await.is_ok());
+        let left: Vec<String> = second.list(Some("bank")).into_iter().map(|e| e.endpoint).collect();
+        assert_eq!(left, vec!["http://127.0.0.1:7101".to_string()]);
+        assert_eq!(store.endpoints().await.map(|e| e.len()).unwrap_or(0), 1, "expired one removed from the store");
+        // Deregistered through another coordinator: gone at the next load.
+        assert!(store.remove_endpoint("bank", "http://127.0.0.1:7101").await.unwrap_or(false));
+        assert!(second.load().await.is_ok());
+        assert!(second.pick("bank").is_none());
+        assert_eq!(second.list(None).len(), 1, "the static entry stays");
     }
 }

@@ -95,25 +95,40 @@ impl Engine {
 
     /// The pending phase-2 work of a transaction, or `None` if it is not
     /// delivering (finished, or already collected: another node may have
-    /// finished it and its retention passed).
+    /// finished it and its retention passed), or if another live
+    /// coordinator delivers it (a cluster store: see [`Store::claim`]).
+    ///
+    /// [`Store::claim`]: crate::store::Store::claim
     pub async fn delivery_plan(&self, id: TxnId) -> Result<Option<DeliveryPlan>> {
         let live = match self.find(id).await {
             Ok(Found::Live(live)) => live,
             Ok(Found::Finished(_)) | Err(Error::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let txn = live.record.lock().await;
-        let Some(decision) = txn.state.decision().filter(|_| txn.state.is_delivering()) else {
-            return Ok(None);
-        };
-        let pending = txn
-            .participants
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.status == Phase2Status::Pending)
-            .map(|(i, p)| (i, p.clone()))
-            .collect();
-        Ok(Some(DeliveryPlan { txn: id, decision, pending }))
+        let mut guard = live.record.lock().await;
+        until_no_conflict!(
+            self,
+            &live,
+            guard,
+            async {
+                let Some(decision) = guard.state.decision().filter(|_| guard.state.is_delivering()) else {
+                    return Ok(None);
+                };
+                match self.store.claim(&guard).await? {
+                    Some(version) => guard.version = version,
+                    None => return Ok(None),
+                }
+                let pending = guard
+                    .participants
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.status == Phase2Status::Pending)
+                    .map(|(i, p)| (i, p.clone()))
+                    .collect();
+                Ok(Some(DeliveryPlan { txn: id, decision, pending }))
+            }
+            .await
+        )
     }
 
     /// Records phase-2 progress (acknowledgements, failed attempts, giving

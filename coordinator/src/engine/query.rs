@@ -8,6 +8,12 @@ use crate::error::Result;
 use crate::model::{TxnId, TxnRecord, TxnState};
 use crate::store::{ListPage, ListQuery};
 
+/// First poll of a waiter on a shared store.
+pub const POLL_FIRST: Duration = Duration::from_millis(5);
+
+/// Longest interval between polls of a waiter on a shared store.
+pub const POLL_MAX: Duration = Duration::from_millis(200);
+
 impl Engine {
     /// Reads a transaction.
     /// While an operation holds it, that is (after the operation's write)
@@ -24,10 +30,38 @@ impl Engine {
 
     /// Waits until the transaction leaves CONFIRMING/CANCELLING or `wait`
     /// passes, then returns it.
+    ///
+    /// This engine's own writes wake the waiter at once. With a store
+    /// shared by several coordinators, another one may deliver the
+    /// transaction (a decision taken there, or a takeover), so the waiter
+    /// also polls the store, every [`POLL_FIRST`] doubling to
+    /// [`POLL_MAX`]. Polling rather than LISTEN/NOTIFY: nothing to
+    /// re-subscribe after a database restart and no notification to lose,
+    /// at a cost of a few indexed reads per second per waiter, and only for
+    /// waiters whose transaction another coordinator delivers (the one
+    /// that decides delivers itself, and wakes its waiters directly).
     pub async fn wait_settled(&self, id: TxnId, wait: Duration) -> Result<TxnRecord> {
+        let shared = self.store.node().is_some();
         if let Found::Live(live) = self.find(id).await? {
             let mut rx = live.state.subscribe();
-            let _ = tokio::time::timeout(wait, rx.wait_for(|s| !s.is_delivering())).await;
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut poll = POLL_FIRST;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let step = if shared { poll.min(left) } else { left };
+                if tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() || left == step {
+                    break;
+                }
+                match self.store.get_txn(id).await? {
+                    Some(txn) if !txn.state.is_delivering() => return Ok(txn),
+                    Some(_) => poll = (poll * 2).min(POLL_MAX),
+                    None => return Err(not_found(id)),
+                }
+            }
+        }
+        if shared {
+            // What this engine holds may be older than what another wrote.
+            return self.store.get_txn(id).await?.ok_or_else(|| not_found(id));
         }
         self.get(id).await
     }

@@ -226,3 +226,16 @@ pub struct AppendReceipt {
     /// every command), so a key reused for another batch is detected.
     pub digest: u64,
 }
+
+/// A participant endpoint registered through `Registry.Register`, with its
+/// lease. Stored, so that a restart keeps it and every coordinator of a
+/// cluster sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The participant's service name.
+    pub service: String,
+    /// Where an instance of it listens (http(s)://host:port).
+    pub endpoint: String,
+    /// When the lease ends unless renewed (unix ms).
+    pub expires_ms: i64,
+}

@@ -20,13 +20,15 @@ use std::sync::Arc;
 use super::{AppendBatch, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::model::{
-    AppendReceipt, CommandRecord, Event, PartialId, ParticipantRecord, TxnId, TxnRecord, TxnState, apply,
+    AppendReceipt, CommandRecord, Event, PartialId, ParticipantRecord, Registration, TxnId, TxnRecord, TxnState,
+    apply,
 };
 
 /// Opens a store; every call opens the same underlying storage.
-pub trait Harness {
+#[async_trait::async_trait]
+pub trait Harness: Sync {
     /// Opens the storage (again). The previous store is dropped first.
-    fn open(&self) -> Result<Arc<dyn Store>>;
+    async fn open(&self) -> Result<Arc<dyn Store>>;
 }
 
 /// Expands to one `#[tokio::test]` per conformance check, each with a fresh
@@ -48,7 +50,8 @@ macro_rules! store_conformance_tests {
             idempotency_receipts, read_topic_paging, list_is_ordered_filtered_and_paged,
             delete_removes_everything_of_one_txn, survives_reopen, concurrent_writers_share_flushes,
             stale_and_skipped_versions_are_refused, concurrent_writers_of_one_version_have_one_winner,
-            a_refused_append_stores_nothing, a_stale_delete_is_refused, due_work_queries_follow_the_records);
+            a_refused_append_stores_nothing, a_stale_delete_is_refused, due_work_queries_follow_the_records,
+            registrations_are_stored_renewed_and_removed);
     };
 }
 
@@ -123,7 +126,7 @@ async fn finish(s: &dyn Store, t: &mut TxnRecord, at: i64) -> Result<()> {
 /// A written record reads back equal, with its version; a missing one is
 /// `None`.
 pub async fn create_get_update_round_trip<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a", "b"]);
     s.create_txn(&t).await?;
     check(s.get_txn(t.id).await? == Some(t.clone()), "record reads back")?;
@@ -140,7 +143,7 @@ pub async fn create_get_update_round_trip<H: Harness>(h: &H) -> Result<()> {
 
 /// Every participant's partial id, including enlisted ones, finds its txn.
 pub async fn partial_index_follows_participants<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a"]);
     s.create_txn(&t).await?;
     let p = PartialId::new();
@@ -157,7 +160,7 @@ pub async fn partial_index_follows_participants<H: Harness>(h: &H) -> Result<()>
 
 /// Appended commands come back in order, with the record's counters.
 pub async fn append_is_ordered_and_counted<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a", "b"]);
     s.create_txn(&t).await?;
     append_n(&*s, &mut t, 0, 3, None).await?;
@@ -174,7 +177,7 @@ pub async fn append_is_ordered_and_counted<H: Harness>(h: &H) -> Result<()> {
 
 /// A receipt stored with an append is found by its key, and only there.
 pub async fn idempotency_receipts<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a", "b"]);
     s.create_txn(&t).await?;
     let r = append_n(&*s, &mut t, 0, 2, Some("key-1")).await?;
@@ -187,7 +190,7 @@ pub async fn idempotency_receipts<H: Harness>(h: &H) -> Result<()> {
 
 /// `read_topic` honours `from` and `limit`.
 pub async fn read_topic_paging<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a"]);
     s.create_txn(&t).await?;
     append_n(&*s, &mut t, 0, 10, None).await?;
@@ -218,7 +221,7 @@ async fn list_all(s: &dyn Store, states: &[TxnState], created_until_ms: i64, pag
 /// creation time record by record (a "young" record in the middle does not
 /// end the listing), in pages.
 pub async fn list_is_ordered_filtered_and_paged<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut all = Vec::new();
     for i in 0..25 {
         // Every fifth record claims to be from the future (clock skew).
@@ -248,7 +251,7 @@ pub async fn list_is_ordered_filtered_and_paged<H: Harness>(h: &H) -> Result<()>
 /// `delete_txn` removes the record, index entries, topics and receipts of one
 /// transaction and nothing of another.
 pub async fn delete_removes_everything_of_one_txn<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut gone = txn(&["a", "b"]);
     let mut kept = txn(&["a"]);
     for t in [&mut gone, &mut kept] {
@@ -277,11 +280,11 @@ pub async fn delete_removes_everything_of_one_txn<H: Harness>(h: &H) -> Result<(
 pub async fn survives_reopen<H: Harness>(h: &H) -> Result<()> {
     let mut t = txn(&["a"]);
     {
-        let s = h.open()?;
+        let s = h.open().await?;
         s.create_txn(&t).await?;
         append_n(&*s, &mut t, 0, 4, Some("k")).await?;
     }
-    let s = h.open()?;
+    let s = h.open().await?;
     check(s.get_txn(t.id).await? == Some(t.clone()), "record (and version) after reopen")?;
     let p = t.participants[0].partial_id;
     check(s.read_topic(p, 1, 10).await? == commands(1, 4), "topic after reopen")?;
@@ -298,7 +301,7 @@ pub async fn survives_reopen<H: Harness>(h: &H) -> Result<()> {
 /// Many concurrent writers all complete (group commit must not lose or hang
 /// a waiter; sled's own `flush_async` hangs at eight).
 pub async fn concurrent_writers_share_flushes<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let s = s.clone();
@@ -321,7 +324,7 @@ pub async fn concurrent_writers_share_flushes<H: Harness>(h: &H) -> Result<()> {
 /// A second create, a write based on an old version, and a write that skips
 /// a version are all conflicts, and leave the stored record as it was.
 pub async fn stale_and_skipped_versions_are_refused<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a"]);
     s.create_txn(&t).await?;
     check(is_conflict(&s.create_txn(&t).await), "create over an existing record")?;
@@ -351,7 +354,7 @@ pub async fn stale_and_skipped_versions_are_refused<H: Harness>(h: &H) -> Result
 
 /// Writers racing from the same version: exactly one lands.
 pub async fn concurrent_writers_of_one_version_have_one_winner<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     for round in 0..10 {
         let base = txn(&["a", "b"]);
         s.create_txn(&base).await?;
@@ -380,7 +383,7 @@ pub async fn concurrent_writers_of_one_version_have_one_winner<H: Harness>(h: &H
 
 /// An append based on a stale version stores neither commands nor receipt.
 pub async fn a_refused_append_stores_nothing<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a"]);
     s.create_txn(&t).await?;
     let stale = t.clone();
@@ -397,7 +400,7 @@ pub async fn a_refused_append_stores_nothing<H: Harness>(h: &H) -> Result<()> {
 
 /// A delete based on an old version is refused and deletes nothing.
 pub async fn a_stale_delete_is_refused<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut t = txn(&["a"]);
     s.create_txn(&t).await?;
     append_n(&*s, &mut t, 0, 1, None).await?;
@@ -412,7 +415,7 @@ pub async fn a_stale_delete_is_refused<H: Harness>(h: &H) -> Result<()> {
 /// deliveries of decided ones by their earliest pending participant, GC
 /// candidates by finish time, unfinished ones in id order.
 pub async fn due_work_queries_follow_the_records<H: Harness>(h: &H) -> Result<()> {
-    let s = h.open()?;
+    let s = h.open().await?;
     let mut a = txn(&["x"]);
     a.deadline_ms = 5_000;
     let mut b = txn(&["x", "y"]);
@@ -450,4 +453,33 @@ pub async fn due_work_queries_follow_the_records<H: Harness>(h: &H) -> Result<()
     let (gc, _) = s.collectable(8_100, 10).await?;
     check(gc.iter().map(|t| t.id).collect::<Vec<_>>() == vec![b.id], "collectable from its finish time")?;
     check(gc.first().map(|t| t.version) == Some(b.version), "with its version (for the conditional delete)")
+}
+
+/// Registrations are stored by service and endpoint, renewed in place,
+/// removed one by one, and survive a reopen.
+pub async fn registrations_are_stored_renewed_and_removed<H: Harness>(h: &H) -> Result<()> {
+    let reg = |service: &str, endpoint: &str, expires_ms| Registration {
+        service: service.into(),
+        endpoint: endpoint.into(),
+        expires_ms,
+    };
+    {
+        let s = h.open().await?;
+        check(s.endpoints().await?.is_empty(), "none at first")?;
+        s.put_endpoint(&reg("orders", "http://127.0.0.1:7002", 5_000)).await?;
+        s.put_endpoint(&reg("orders", "http://127.0.0.1:7001", 5_000)).await?;
+        s.put_endpoint(&reg("bank", "http://127.0.0.1:7003", 5_000)).await?;
+        s.put_endpoint(&reg("orders", "http://127.0.0.1:7002", 9_000)).await?;
+    }
+    let s = h.open().await?;
+    let want = vec![
+        reg("bank", "http://127.0.0.1:7003", 5_000),
+        reg("orders", "http://127.0.0.1:7001", 5_000),
+        reg("orders", "http://127.0.0.1:7002", 9_000),
+    ];
+    check(s.endpoints().await? == want, "ordered by service and endpoint, renewed in place, after reopen")?;
+    check(s.remove_endpoint("orders", "http://127.0.0.1:7001").await?, "removed")?;
+    check(!s.remove_endpoint("orders", "http://127.0.0.1:7001").await?, "removing again finds none")?;
+    check(!s.remove_endpoint("bank", "http://127.0.0.1:7002").await?, "another service's endpoint is not removed")?;
+    check(s.endpoints().await?.len() == 2, "the others stay")
 }

@@ -12,7 +12,7 @@ use super::index::TxnIndex;
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::lock;
-use crate::model::{AppendReceipt, CommandRecord, PartialId, TxnId, TxnRecord};
+use crate::model::{AppendReceipt, CommandRecord, PartialId, Registration, TxnId, TxnRecord};
 
 #[derive(Default)]
 struct Inner {
@@ -20,6 +20,7 @@ struct Inner {
     partials: HashMap<PartialId, TxnId>,
     topics: BTreeMap<(PartialId, u64), CommandRecord>,
     receipts: HashMap<(PartialId, String), AppendReceipt>,
+    endpoints: BTreeMap<(String, String), Registration>,
     index: TxnIndex,
 }
 
@@ -173,5 +174,18 @@ impl Store for MemStore {
         let s = lock(&self.inner);
         let (ids, next) = s.index.collectable(finished_until_ms, limit);
         Ok((ids.iter().filter_map(|id| s.txns.get(id).cloned()).collect(), next))
+    }
+
+    async fn put_endpoint(&self, r: &Registration) -> Result<()> {
+        lock(&self.inner).endpoints.insert((r.service.clone(), r.endpoint.clone()), r.clone());
+        Ok(())
+    }
+
+    async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool> {
+        Ok(lock(&self.inner).endpoints.remove(&(service.to_string(), endpoint.to_string())).is_some())
+    }
+
+    async fn endpoints(&self) -> Result<Vec<Registration>> {
+        Ok(lock(&self.inner).endpoints.values().cloned().collect())
     }
 }

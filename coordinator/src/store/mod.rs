@@ -37,19 +37,49 @@
 //!   [`Error::Corrupt`](crate::error::Error::Corrupt) naming the key, never
 //!   skipped.
 //!
+//! * **Registrations.** Endpoints registered through `Registry.Register`
+//!   are stored with their lease ([`Store::put_endpoint`]), so a restart
+//!   keeps them and every coordinator sharing the store sees them.
+//!
+//! ## Cluster stores: work ownership and fencing
+//! A store shared by several coordinators ([`postgres::PgStore`]) adds
+//! three rules, so that background work (deadlines, phase-2 delivery, GC)
+//! is done by one coordinator at a time and a coordinator that was paused
+//! cannot overwrite what another did meanwhile:
+//!
+//! 1. **Leases.** Each coordinator holds a lease in the store under its
+//!    node id ([`Store::node`]), renewed well before it lapses. A lapsed
+//!    lease is never renewed: the coordinator joins again under a new id.
+//! 2. **Fenced writes.** Every write checks, inside its own atomic step and
+//!    by the store's clock, that the writer's lease is live; otherwise it
+//!    writes nothing and fails with
+//!    [`Error::Fenced`](crate::error::Error::Fenced).
+//! 3. **Owners.** Every write of a transaction makes the writer its owner.
+//!    A transaction that is being delivered (CONFIRMING/CANCELLING) may be
+//!    written only by its owner, or by anyone once the owner's lease has
+//!    lapsed. The due-work queries return only the caller's own
+//!    transactions and those whose owner's lease lapsed, and delivery
+//!    starts with [`Store::claim`]. So when a coordinator dies, the others
+//!    take over its work one lease period later, and never before.
+//!
+//! A single-process store ([`Store::node`] is `None`) owns everything and
+//! needs none of this.
+//!
 //! Backends: [`sled::SledStore`] is the embedded default, made durable by a
 //! write-ahead [`journal`] with group commit; [`memory::MemStore`] keeps
-//! everything in memory (tests and the simulation); a PostgreSQL store fits
-//! the same trait (one SQL transaction per method, `WHERE version = $n`).
+//! everything in memory (tests and the simulation); [`postgres::PgStore`]
+//! is shared by a cluster of coordinators (one SQL statement per write,
+//! `WHERE version = $n` and the rules above).
 
 pub mod conformance;
 pub mod index;
 pub mod journal;
 pub mod memory;
+pub mod postgres;
 pub mod sled;
 
 use crate::error::Result;
-use crate::model::{AppendReceipt, CommandRecord, PartialId, TxnId, TxnRecord, TxnState};
+use crate::model::{AppendReceipt, CommandRecord, PartialId, Registration, TxnId, TxnRecord, TxnState};
 
 /// One append: the commands (already numbered) and the optional key.
 #[derive(Clone, Debug)]
@@ -148,4 +178,33 @@ pub trait Store: Send + Sync + 'static {
     /// `finished_until_ms`, earliest first; and the earliest finish time
     /// after it, if any.
     async fn collectable(&self, finished_until_ms: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)>;
+
+    /// Stores (or renews) a registration, keyed by service and endpoint.
+    async fn put_endpoint(&self, registration: &Registration) -> Result<()>;
+
+    /// Removes a registration; whether there was one.
+    async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool>;
+
+    /// Every stored registration (expired ones included), by service and
+    /// endpoint.
+    async fn endpoints(&self) -> Result<Vec<Registration>>;
+
+    /// This coordinator's node id in a store shared by several (see
+    /// "Cluster stores"); `None` for a single-process store.
+    fn node(&self) -> Option<uuid::Uuid> {
+        None
+    }
+
+    /// Before delivering `txn` (as read, at `txn.version`): makes this
+    /// coordinator its owner unless another live one is. Returns the
+    /// record's version afterwards (one more if ownership moved), or `None`
+    /// if another live coordinator owns it. A single-process store owns
+    /// everything: `Some(txn.version)`.
+    async fn claim(&self, txn: &TxnRecord) -> Result<Option<u64>> {
+        Ok(Some(txn.version))
+    }
+
+    /// Gives up this coordinator's lease (graceful shutdown), so the others
+    /// take over its work at once instead of one lease period later.
+    async fn close(&self) {}
 }

@@ -9,6 +9,7 @@
 //! | 0x02 | partial id (16)                      | txn id (16 raw bytes) |
 //! | 0x03 | partial id (16), sequence (u64 BE)   | `CommandRecord`       |
 //! | 0x04 | partial id (16), idempotency key     | `AppendReceipt`       |
+//! | 0x05 | service, 0x00, endpoint              | `Registration`        |
 //!
 //! Values are one format byte ([`FORMAT`]) followed by postcard; a
 //! transaction record is [`FORMAT_VERSIONED`], its version (u64 LE), then
@@ -48,7 +49,7 @@ use super::journal::{Journal, Versioning, Write};
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::lock;
-use crate::model::{AppendReceipt, CommandRecord, PartialId, TxnId, TxnRecord};
+use crate::model::{AppendReceipt, CommandRecord, PartialId, Registration, TxnId, TxnRecord};
 
 /// The value format byte of commands and receipts.
 pub const FORMAT: u8 = 1;
@@ -63,6 +64,7 @@ const KIND_TXN: u8 = 0x01;
 const KIND_PARTIAL: u8 = 0x02;
 const KIND_COMMAND: u8 = 0x03;
 const KIND_RECEIPT: u8 = 0x04;
+const KIND_ENDPOINT: u8 = 0x05;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
@@ -290,6 +292,36 @@ impl Store for SledStore {
         let (ids, next) = lock(&self.index).collectable(finished_until_ms, limit);
         Ok((self.read_all(&ids)?, next))
     }
+
+    async fn put_endpoint(&self, r: &Registration) -> Result<()> {
+        self.check()?;
+        let mut write = Write::default();
+        write.insert(&endpoint_key(&r.service, &r.endpoint), &encode(r)?);
+        self.journal.submit(write)?.durable().await
+    }
+
+    async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool> {
+        self.check()?;
+        let key = endpoint_key(service, endpoint);
+        if !self.tree.contains_key(&key).map_err(sled_error)? {
+            return Ok(false);
+        }
+        let mut write = Write::default();
+        write.remove(&key);
+        self.journal.submit(write)?.durable().await?;
+        Ok(true)
+    }
+
+    async fn endpoints(&self) -> Result<Vec<Registration>> {
+        self.check()?;
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([KIND_ENDPOINT]) {
+            let (k, v) = item.map_err(sled_error)?;
+            let key = || format!("registration {}", String::from_utf8_lossy(&k[1..]).replace('\0', " "));
+            out.push(decode(&v).map_err(|cause| Error::Corrupt { key: key(), cause })?);
+        }
+        Ok(out)
+    }
 }
 
 fn sled_error(e: sled::Error) -> Error {
@@ -375,6 +407,15 @@ fn receipt_prefix(p: PartialId) -> [u8; 17] {
 fn receipt_key(p: PartialId, key: &str) -> Vec<u8> {
     let mut k = receipt_prefix(p).to_vec();
     k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn endpoint_key(service: &str, endpoint: &str) -> Vec<u8> {
+    // Service names never contain 0x00 (validated), so the key is unique.
+    let mut k = vec![KIND_ENDPOINT];
+    k.extend_from_slice(service.as_bytes());
+    k.push(0);
+    k.extend_from_slice(endpoint.as_bytes());
     k
 }
 

@@ -40,7 +40,7 @@ use tcc_coordinator::delivery::Delivery;
 use tcc_coordinator::delivery::transport::{CallError, Phase2Call, Transport};
 use tcc_coordinator::engine::{Engine, sweeper};
 use tcc_coordinator::error::{Error, Result};
-use tcc_coordinator::model::{AppendReceipt, CommandRecord, Decision, PartialId, TxnId, TxnRecord, TxnState};
+use tcc_coordinator::model::{AppendReceipt, CommandRecord, Decision, PartialId, Registration, TxnId, TxnRecord, TxnState};
 use tcc_coordinator::store::memory::MemStore;
 use tcc_coordinator::store::{AppendBatch, ListPage, ListQuery, Store};
 use tokio::task::JoinHandle;
@@ -478,6 +478,15 @@ impl Store for SimStore {
     async fn collectable(&self, until: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)> {
         self.inner.collectable(until, limit).await
     }
+    async fn put_endpoint(&self, r: &Registration) -> Result<()> {
+        self.inner.put_endpoint(r).await
+    }
+    async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool> {
+        self.inner.remove_endpoint(service, endpoint).await
+    }
+    async fn endpoints(&self) -> Result<Vec<Registration>> {
+        self.inner.endpoints().await
+    }
 }
 
 /// One coordinator: the real engine, delivery driver and sweeper.
@@ -624,7 +633,7 @@ impl World {
             Error::IllegalTransition { .. } => "FAILED_PRECONDITION",
             Error::LimitExceeded(_) => "RESOURCE_EXHAUSTED",
             Error::Conflict { .. } => "ABORTED",
-            Error::Unavailable(_) => "UNAVAILABLE",
+            Error::Unavailable(_) | Error::Fenced(_) => "UNAVAILABLE",
             Error::Corrupt { .. } => "DATA_LOSS",
             Error::Storage(_) => "INTERNAL",
         };

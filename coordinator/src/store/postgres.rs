@@ -1,0 +1,756 @@
+//! The cluster store, on PostgreSQL: several coordinators share one
+//! database, and any of them answers any request.
+//!
+//! ## Tables
+//! | table          | key                  | holds                                          |
+//! |----------------|----------------------|------------------------------------------------|
+//! | `tcc_schema`   |                      | the schema version ([`SCHEMA_VERSION`])        |
+//! | `tcc_txn`      | `id`                 | version, owner, query columns, the record      |
+//! | `tcc_partial`  | `partial`            | the transaction of a partial id                |
+//! | `tcc_command`  | `partial, seq`       | one command of a topic                         |
+//! | `tcc_receipt`  | `partial, key`       | an append's idempotency receipt                |
+//! | `tcc_endpoint` | `service, endpoint`  | a registration and its lease                   |
+//! | `tcc_node`     | `id`                 | a coordinator's lease (`expires_at`)           |
+//!
+//! A transaction record is stored as postcard (`record`), beside the
+//! columns the queries filter and sort by (state, deadline of an ACTIVE
+//! one, due time of a delivering one, finish time of a finished one), each
+//! with a partial index. Commands are plain columns, so an operator can
+//! read a topic with `psql`.
+//!
+//! ## One statement per write
+//! Each write method is one SQL statement (data-modifying CTEs), so it is
+//! one implicit transaction: atomic, one round trip, one commit, durable
+//! on return (`synchronous_commit` is the server's; keep it `on`). Its
+//! conditions are in its `WHERE`: the version it replaces, the writer's
+//! lease (`FENCE`), and for a transaction being delivered, the owner
+//! (`OWNER_FREE`). Rows it would write under a failed condition are
+//! never written: every dependent insert or delete is guarded by
+//! `EXISTS (SELECT 1 FROM t)`, `t` being the conditional update. Row locks
+//! serialise concurrent writers of one transaction; under READ COMMITTED a
+//! waiting `UPDATE ... WHERE version = $n` re-reads the row after the
+//! first commits, finds the version moved, and writes nothing. So
+//! operations on one transaction are serialised across nodes and exactly
+//! one decision wins.
+//!
+//! ## Leases, fencing and ownership
+//! The scheme of the store module ("Cluster stores") with the database's
+//! clock (`clock_timestamp()`), so the coordinators' clocks play no part in
+//! who may write: a coordinator inserts its `tcc_node` row at start and a
+//! background task renews it every third of the lease; renewal only extends
+//! a lease that has not lapsed (`WHERE expires_at > clock_timestamp()`), so
+//! a coordinator that finds its lease lapsed takes a new node id (its
+//! in-flight writes under the old id are refused). Graceful shutdown ends
+//! the lease at once ([`Store::close`]).
+//!
+//! ## Faults
+//! A database that cannot be reached, restarts or refuses connections gives
+//! [`Error::Unavailable`] naming the database; the pool reconnects by
+//! itself when it is back. A connection lost while a write was in flight
+//! (during its commit, say) leaves its outcome unknown: the error says so,
+//! and that retrying is safe (decisions and enlistments are idempotent,
+//! appends with an idempotency key are, and a write that did land makes
+//! the retry find the next version).
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::{AppendBatch, ListPage, ListQuery, Store};
+use crate::error::{Error, Result};
+use crate::lock;
+use crate::model::{AppendReceipt, CommandRecord, PartialId, Registration, TxnId, TxnRecord, TxnState};
+
+/// The schema version this coordinator creates and understands.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Connections per coordinator. PostgreSQL commits concurrent transactions
+/// with one WAL flush (group commit), so throughput grows with the number
+/// of writers in flight.
+const POOL_SIZE: usize = 32;
+
+/// How long a request waits for a connection, and for a new connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Key of the advisory lock that serialises migrations of coordinators
+/// starting together.
+const MIGRATION_LOCK: i64 = 0x7463_635f_6d69_67; // "tcc_mig"
+
+/// The migrations, in order: entry `i` brings the schema to version `i + 1`.
+const MIGRATIONS: [&str; 1] = [r#"
+CREATE TABLE tcc_txn (
+    id uuid PRIMARY KEY,
+    version bigint NOT NULL,
+    state smallint NOT NULL,
+    owner uuid,
+    created_ms bigint NOT NULL,
+    deadline_ms bigint,
+    due_ms bigint,
+    finished_ms bigint,
+    record bytea NOT NULL
+);
+CREATE INDEX tcc_txn_deadline ON tcc_txn (deadline_ms) WHERE deadline_ms IS NOT NULL;
+CREATE INDEX tcc_txn_due ON tcc_txn (due_ms) WHERE due_ms IS NOT NULL;
+CREATE INDEX tcc_txn_finished ON tcc_txn (finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE INDEX tcc_txn_unfinished ON tcc_txn (id) WHERE state NOT IN (2, 4);
+CREATE TABLE tcc_partial (partial uuid PRIMARY KEY, txn uuid NOT NULL);
+CREATE TABLE tcc_command (
+    partial uuid NOT NULL,
+    seq bigint NOT NULL,
+    kind text NOT NULL,
+    key text NOT NULL,
+    payload bytea NOT NULL,
+    PRIMARY KEY (partial, seq)
+);
+CREATE TABLE tcc_receipt (
+    partial uuid NOT NULL,
+    key text NOT NULL,
+    first_seq bigint NOT NULL,
+    last_seq bigint NOT NULL,
+    bytes bigint NOT NULL,
+    digest bigint NOT NULL,
+    PRIMARY KEY (partial, key)
+);
+CREATE TABLE tcc_endpoint (
+    service text NOT NULL,
+    endpoint text NOT NULL,
+    expires_ms bigint NOT NULL,
+    PRIMARY KEY (service, endpoint)
+);
+CREATE TABLE tcc_node (
+    id uuid PRIMARY KEY,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at timestamptz NOT NULL
+);
+"#];
+
+/// The writer's lease is live (`$2` is the writer's node id).
+const FENCE: &str = "EXISTS (SELECT 1 FROM tcc_node WHERE id = $2::uuid AND expires_at > clock_timestamp())";
+
+/// The owner of `t` is no live coordinator.
+const OWNER_LAPSED: &str =
+    "NOT EXISTS (SELECT 1 FROM tcc_node n WHERE n.id = t.owner AND n.expires_at > clock_timestamp())";
+
+/// Stable codes of the states in the `state` column.
+fn state_code(s: TxnState) -> i16 {
+    match s {
+        TxnState::Active => 0,
+        TxnState::Confirming => 1,
+        TxnState::Confirmed => 2,
+        TxnState::Cancelling => 3,
+        TxnState::Cancelled => 4,
+        TxnState::FailedToConfirm => 5,
+        TxnState::FailedToCancel => 6,
+    }
+}
+
+/// This coordinator's identity in the cluster.
+struct Node {
+    id: Mutex<Uuid>,
+    lease: Duration,
+}
+
+impl Node {
+    fn id(&self) -> Uuid {
+        *lock(&self.id)
+    }
+}
+
+/// The PostgreSQL [`Store`]. See the module docs.
+pub struct PgStore {
+    pool: Pool,
+    node: Arc<Node>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+/// The query columns of a record, as bound parameters.
+struct Columns {
+    state: i16,
+    deadline: Option<i64>,
+    due: Option<i64>,
+    finished: Option<i64>,
+    record: Vec<u8>,
+}
+
+impl Columns {
+    fn of(txn: &TxnRecord) -> Result<Self> {
+        Ok(Columns {
+            state: state_code(txn.state),
+            deadline: (txn.state == TxnState::Active).then_some(txn.deadline_ms),
+            due: txn.delivery_due_ms(),
+            finished: txn.state.is_finished().then_some(txn.finished_ms),
+            record: postcard::to_stdvec(txn).map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?,
+        })
+    }
+}
+
+impl PgStore {
+    /// Connects to `url`, creates or migrates the schema, and takes a lease
+    /// of `lease` under a new node id (renewed in the background until the
+    /// store is dropped).
+    pub async fn connect(url: &str, lease: Duration) -> Result<Self> {
+        let mut config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| Error::invalid(format!("the database URL is not a valid PostgreSQL URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("tcc-coordinator");
+        }
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Storage(format!("cannot set up the database connection pool: {e}")))?;
+        migrate(&pool).await?;
+        let node = Arc::new(Node { id: Mutex::new(Uuid::new_v4()), lease });
+        join(&pool, &node).await?;
+        let renewal = tokio::spawn(renew(pool.clone(), node.clone()));
+        Ok(PgStore { pool, node, renewal })
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Runs a write statement whose result is the number of rows the
+    /// conditional part wrote (0 or 1).
+    async fn write(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
+        let row = client.query_one(&stmt, params).await.map_err(write_error)?;
+        let n: i64 = row.try_get(0).map_err(read_error)?;
+        Ok(n > 0)
+    }
+
+    /// Why a conditional write of `id` by `node` wrote nothing.
+    async fn refusal(&self, id: TxnId, node: Uuid, expected: u64) -> Error {
+        let sql = "SELECT (SELECT version FROM tcc_txn WHERE id = $1), \
+                   EXISTS (SELECT 1 FROM tcc_node WHERE id = $2 AND expires_at > clock_timestamp()), \
+                   (SELECT owner FROM tcc_txn WHERE id = $1)";
+        let found = async {
+            let client = self.client().await?;
+            let row = client.query_one(sql, &[&id.0, &node]).await.map_err(read_error)?;
+            let version: Option<i64> = row.try_get(0).map_err(read_error)?;
+            let live: bool = row.try_get(1).map_err(read_error)?;
+            let owner: Option<Uuid> = row.try_get(2).map_err(read_error)?;
+            Ok::<_, Error>((version.unwrap_or(0) as u64, live, owner))
+        };
+        match found.await {
+            Err(e) => e,
+            Ok((_, false, _)) => lapsed(node),
+            Ok((found, true, _)) if found != expected => Error::Conflict { txn: id, expected, found },
+            Ok((_, true, owner)) => Error::Fenced(format!(
+                "transaction {id} is being delivered by coordinator {}; this one leaves it",
+                owner.map_or_else(|| "?".to_string(), |o| o.to_string())
+            )),
+        }
+    }
+
+    /// The record write shared by update and append: `$1` id, `$2` node,
+    /// `$3` new version, `$4..$8` columns, `$9` partial ids to index.
+    fn update_params<'a>(
+        txn: &'a TxnRecord,
+        node: &'a Uuid,
+        version: &'a i64,
+        c: &'a Columns,
+        partials: &'a Vec<Uuid>,
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
+        vec![&txn.id.0, node, version, &c.state, &c.deadline, &c.due, &c.finished, &c.record, partials]
+    }
+}
+
+/// The conditional record write of update and append, as the CTEs `t`
+/// (the record) and `p` (index entries of enlisted partial ids, `$9`);
+/// see [`PgStore::update_params`].
+fn update_ctes() -> String {
+    format!(
+        "t AS (UPDATE tcc_txn t SET version = $3::bigint, state = $4::smallint, owner = $2::uuid, \
+         deadline_ms = $5::bigint, due_ms = $6::bigint, finished_ms = $7::bigint, record = $8::bytea \
+         WHERE t.id = $1::uuid AND t.version = $3::bigint - 1 AND {FENCE} \
+         AND (t.state NOT IN (1, 3) OR t.owner = $2 OR {OWNER_LAPSED}) RETURNING t.id), \
+         p AS (INSERT INTO tcc_partial (partial, txn) SELECT x, $1 FROM unnest($9::uuid[]) AS x \
+         WHERE EXISTS (SELECT 1 FROM t))"
+    )
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn create_txn(&self, txn: &TxnRecord) -> Result<()> {
+        if txn.version != 1 {
+            return Err(Error::Storage(format!("a new transaction record has version 1, not {}", txn.version)));
+        }
+        let c = Columns::of(txn)?;
+        let node = self.node.id();
+        let partials: Vec<Uuid> = txn.participants.iter().map(|p| p.partial_id.0).collect();
+        let sql = format!(
+            "WITH t AS (INSERT INTO tcc_txn (id, version, state, owner, created_ms, deadline_ms, due_ms, finished_ms, record) \
+             SELECT $1::uuid, 1, $3::smallint, $2::uuid, $4::bigint, $5::bigint, $6::bigint, $7::bigint, $8::bytea \
+             WHERE {FENCE} ON CONFLICT (id) DO NOTHING RETURNING id), \
+             p AS (INSERT INTO tcc_partial (partial, txn) SELECT x, $1 FROM unnest($9::uuid[]) AS x \
+             WHERE EXISTS (SELECT 1 FROM t)) \
+             SELECT count(*) FROM t"
+        );
+        let params: [&(dyn ToSql + Sync); 9] =
+            [&txn.id.0, &node, &c.state, &txn.created_ms, &c.deadline, &c.due, &c.finished, &c.record, &partials];
+        if self.write(&sql, &params).await? { Ok(()) } else { Err(self.refusal(txn.id, node, 0).await) }
+    }
+
+    async fn update_txn(&self, txn: &TxnRecord, enlisted: Option<PartialId>) -> Result<()> {
+        let c = Columns::of(txn)?;
+        let node = self.node.id();
+        let version = txn.version as i64;
+        let partials: Vec<Uuid> = enlisted.map(|p| p.0).into_iter().collect();
+        let sql = format!("WITH {} SELECT count(*) FROM t", update_ctes());
+        let params = Self::update_params(txn, &node, &version, &c, &partials);
+        if self.write(&sql, &params).await? {
+            Ok(())
+        } else {
+            Err(self.refusal(txn.id, node, txn.version.saturating_sub(1)).await)
+        }
+    }
+
+    async fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> Result<()> {
+        let c = Columns::of(txn)?;
+        let node = self.node.id();
+        let version = txn.version as i64;
+        let partials: Vec<Uuid> = Vec::new();
+        let seqs: Vec<i64> = batch.commands.iter().map(|c| c.sequence as i64).collect();
+        let kinds: Vec<&str> = batch.commands.iter().map(|c| c.kind.as_str()).collect();
+        let keys: Vec<&str> = batch.commands.iter().map(|c| c.key.as_str()).collect();
+        let payloads: Vec<&[u8]> = batch.commands.iter().map(|c| c.payload.as_slice()).collect();
+        let (key, receipt) = match batch.idempotency {
+            Some((k, r)) => (Some(k), Some(r)),
+            None => (None, None),
+        };
+        let r = |f: fn(&AppendReceipt) -> u64| receipt.as_ref().map_or(0, f) as i64;
+        let (first, last, bytes, digest) =
+            (r(|r| r.first_sequence), r(|r| r.last_sequence), r(|r| r.bytes), r(|r| r.digest));
+        let sql = format!(
+            "WITH {}, \
+             c AS (INSERT INTO tcc_command (partial, seq, kind, key, payload) \
+             SELECT $10::uuid, s, k, ky, pl FROM unnest($11::bigint[], $12::text[], $13::text[], $14::bytea[]) AS x(s, k, ky, pl) \
+             WHERE EXISTS (SELECT 1 FROM t)), \
+             r AS (INSERT INTO tcc_receipt (partial, key, first_seq, last_seq, bytes, digest) \
+             SELECT $10, $15, $16::bigint, $17::bigint, $18::bigint, $19::bigint \
+             WHERE $15::text IS NOT NULL AND EXISTS (SELECT 1 FROM t)) \
+             SELECT count(*) FROM t",
+            update_ctes()
+        );
+        let mut params = Self::update_params(txn, &node, &version, &c, &partials);
+        params.extend_from_slice(&[
+            &batch.partial_id.0,
+            &seqs,
+            &kinds,
+            &keys,
+            &payloads,
+            &key,
+            &first,
+            &last,
+            &bytes,
+            &digest,
+        ]);
+        let written = self.write(&sql, &params).await?;
+        crate::failpoint::crash_point("append-unflushed");
+        if written { Ok(()) } else { Err(self.refusal(txn.id, node, txn.version.saturating_sub(1)).await) }
+    }
+
+    async fn delete_txn(&self, txn: &TxnRecord) -> Result<()> {
+        let node = self.node.id();
+        let version = txn.version as i64;
+        let partials: Vec<Uuid> = txn.participants.iter().map(|p| p.partial_id.0).collect();
+        let sql = format!(
+            "WITH t AS (DELETE FROM tcc_txn t WHERE t.id = $1::uuid AND t.version = $3::bigint AND {FENCE} \
+             AND (t.state NOT IN (1, 3) OR t.owner = $2 OR {OWNER_LAPSED}) RETURNING t.id), \
+             p AS (DELETE FROM tcc_partial WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
+             c AS (DELETE FROM tcc_command WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
+             r AS (DELETE FROM tcc_receipt WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)) \
+             SELECT count(*) FROM t"
+        );
+        if self.write(&sql, &[&txn.id.0, &node, &version, &partials]).await? {
+            return Ok(());
+        }
+        match self.refusal(txn.id, node, txn.version).await {
+            Error::Conflict { found: 0, .. } => Ok(()), // already gone
+            e => Err(e),
+        }
+    }
+
+    async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT version, record FROM tcc_txn WHERE id = $1").await.map_err(read_error)?;
+        match client.query_opt(&stmt, &[&id.0]).await.map_err(read_error)? {
+            Some(row) => decode_txn(id, &row, 0).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT txn FROM tcc_partial WHERE partial = $1").await.map_err(read_error)?;
+        let row = client.query_opt(&stmt, &[&partial.0]).await.map_err(read_error)?;
+        row.map(|r| r.try_get(0).map(TxnId).map_err(read_error)).transpose()
+    }
+
+    async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT first_seq, last_seq, bytes, digest FROM tcc_receipt WHERE partial = $1 AND key = $2")
+            .await
+            .map_err(read_error)?;
+        let Some(row) = client.query_opt(&stmt, &[&partial.0, &key]).await.map_err(read_error)? else {
+            return Ok(None);
+        };
+        let get = |i: usize| row.try_get::<_, i64>(i).map(|v| v as u64).map_err(read_error);
+        Ok(Some(AppendReceipt { first_sequence: get(0)?, last_sequence: get(1)?, bytes: get(2)?, digest: get(3)? }))
+    }
+
+    async fn read_topic(&self, partial: PartialId, from: u64, limit: usize) -> Result<Vec<CommandRecord>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT seq, kind, key, payload FROM tcc_command WHERE partial = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            )
+            .await
+            .map_err(read_error)?;
+        let from = from.min(i64::MAX as u64) as i64;
+        let rows = client.query(&stmt, &[&partial.0, &from, &(limit as i64)]).await.map_err(read_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(CommandRecord {
+                    sequence: r.try_get::<_, i64>(0).map_err(read_error)? as u64,
+                    kind: r.try_get(1).map_err(read_error)?,
+                    key: r.try_get(2).map_err(read_error)?,
+                    payload: r.try_get(3).map_err(read_error)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnId>> {
+        let sql = "SELECT id FROM tcc_txn WHERE state NOT IN (2, 4) AND id > $1 ORDER BY id LIMIT $2";
+        self.ids(sql, &[&after.map_or(Uuid::nil(), |a| a.0), &(limit as i64)]).await
+    }
+
+    async fn due_deadlines(&self, now_ms: i64, limit: usize) -> Result<(Vec<TxnId>, Option<i64>)> {
+        let node = self.node.id();
+        let sql = format!(
+            "SELECT id FROM tcc_txn t WHERE deadline_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
+             ORDER BY deadline_ms, id LIMIT $3"
+        );
+        let ids = self.ids(&sql, &[&now_ms, &node, &(limit as i64)]).await?;
+        let next = self.min("SELECT min(deadline_ms) FROM tcc_txn WHERE deadline_ms > $1", now_ms).await?;
+        Ok((ids, next))
+    }
+
+    async fn due_deliveries(&self, until_ms: i64, limit: usize) -> Result<Vec<TxnId>> {
+        let node = self.node.id();
+        let sql = format!(
+            "SELECT id FROM tcc_txn t WHERE due_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
+             ORDER BY due_ms, id LIMIT $3"
+        );
+        self.ids(&sql, &[&until_ms, &node, &(limit as i64)]).await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<ListPage> {
+        let limit = q.limit.max(1);
+        let states: Vec<i16> = q.states.iter().map(|s| state_code(*s)).collect();
+        let after = q.after.map_or(Uuid::nil(), |a| a.0);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT version, record, id FROM tcc_txn WHERE (cardinality($1::smallint[]) = 0 OR state = ANY($1)) \
+                 AND created_ms <= $2 AND id > $3 ORDER BY id LIMIT $4",
+            )
+            .await
+            .map_err(read_error)?;
+        let rows =
+            client.query(&stmt, &[&states, &q.created_until_ms, &after, &(limit as i64)]).await.map_err(read_error)?;
+        let mut page = ListPage::default();
+        for row in &rows {
+            let id = TxnId(row.try_get(2).map_err(read_error)?);
+            page.transactions.push(decode_txn(id, row, 0)?);
+        }
+        if page.transactions.len() == limit {
+            page.next = page.transactions.last().map(|t| t.id);
+        }
+        Ok(page)
+    }
+
+    async fn collectable(&self, finished_until_ms: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)> {
+        let node = self.node.id();
+        let sql = format!(
+            "SELECT version, record, id FROM tcc_txn t WHERE finished_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
+             ORDER BY finished_ms, id LIMIT $3"
+        );
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(read_error)?;
+        let rows = client.query(&stmt, &[&finished_until_ms, &node, &(limit as i64)]).await.map_err(read_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(decode_txn(TxnId(row.try_get(2).map_err(read_error)?), row, 0)?);
+        }
+        drop(client);
+        let next = self.min("SELECT min(finished_ms) FROM tcc_txn WHERE finished_ms > $1", finished_until_ms).await?;
+        Ok((out, next))
+    }
+
+    async fn put_endpoint(&self, r: &Registration) -> Result<()> {
+        let client = self.client().await?;
+        let sql = "INSERT INTO tcc_endpoint (service, endpoint, expires_ms) VALUES ($1, $2, $3) \
+                   ON CONFLICT (service, endpoint) DO UPDATE SET expires_ms = EXCLUDED.expires_ms";
+        client.execute(sql, &[&r.service, &r.endpoint, &r.expires_ms]).await.map_err(write_error)?;
+        Ok(())
+    }
+
+    async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let sql = "DELETE FROM tcc_endpoint WHERE service = $1 AND endpoint = $2";
+        Ok(client.execute(sql, &[&service, &endpoint]).await.map_err(write_error)? > 0)
+    }
+
+    async fn endpoints(&self) -> Result<Vec<Registration>> {
+        let client = self.client().await?;
+        let sql = "SELECT service, endpoint, expires_ms FROM tcc_endpoint ORDER BY service, endpoint";
+        let rows = client.query(sql, &[]).await.map_err(read_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Registration {
+                    service: r.try_get(0).map_err(read_error)?,
+                    endpoint: r.try_get(1).map_err(read_error)?,
+                    expires_ms: r.try_get(2).map_err(read_error)?,
+                })
+            })
+            .collect()
+    }
+
+    fn node(&self) -> Option<Uuid> {
+        Some(self.node.id())
+    }
+
+    async fn claim(&self, txn: &TxnRecord) -> Result<Option<u64>> {
+        let node = self.node.id();
+        let sql = format!(
+            "WITH cur AS (SELECT version, owner FROM tcc_txn WHERE id = $1), \
+             u AS (UPDATE tcc_txn t SET version = t.version + 1, owner = $2 WHERE t.id = $1 AND t.version = $3 \
+             AND t.owner IS DISTINCT FROM $2 AND {FENCE} AND {OWNER_LAPSED} RETURNING t.version) \
+             SELECT (SELECT version FROM cur), (SELECT owner FROM cur), (SELECT version FROM u)"
+        );
+        let version = txn.version as i64;
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(read_error)?;
+        let row = client.query_one(&stmt, &[&txn.id.0, &node, &version]).await.map_err(write_error)?;
+        let found: Option<i64> = row.try_get(0).map_err(read_error)?;
+        let owner: Option<Uuid> = row.try_get(1).map_err(read_error)?;
+        let claimed: Option<i64> = row.try_get(2).map_err(read_error)?;
+        match (claimed, found) {
+            (Some(v), _) => {
+                info!(txn = %txn.id, previous_owner = ?owner, "took over a transaction whose coordinator's lease lapsed");
+                Ok(Some(v as u64))
+            }
+            (None, None) => Ok(None), // gone (collected)
+            (None, Some(f)) if f != version => {
+                Err(Error::Conflict { txn: txn.id, expected: txn.version, found: f as u64 })
+            }
+            (None, Some(_)) if owner == Some(node) => Ok(Some(txn.version)),
+            (None, Some(_)) => Ok(None),
+        }
+    }
+
+    async fn close(&self) {
+        self.renewal.abort();
+        let node = self.node.id();
+        let released = async {
+            let client = self.client().await?;
+            let sql = "UPDATE tcc_node SET expires_at = clock_timestamp() WHERE id = $1";
+            client.execute(sql, &[&node]).await.map_err(write_error)
+        };
+        match released.await {
+            Ok(_) => info!(%node, "lease released; the other coordinators take over this one's work"),
+            Err(e) => warn!(%node, cause = %e, "could not release the lease; the others take over when it lapses"),
+        }
+    }
+}
+
+impl PgStore {
+    async fn ids(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<TxnId>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
+        let rows = client.query(&stmt, params).await.map_err(read_error)?;
+        rows.iter().map(|r| r.try_get(0).map(TxnId).map_err(read_error)).collect()
+    }
+
+    async fn min(&self, sql: &str, after: i64) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
+        let row = client.query_one(&stmt, &[&after]).await.map_err(read_error)?;
+        row.try_get(0).map_err(read_error)
+    }
+}
+
+/// Creates the schema, or migrates it to [`SCHEMA_VERSION`], under an
+/// advisory lock; refuses a schema newer than this coordinator's.
+async fn migrate(pool: &Pool) -> Result<()> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(read_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(read_error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS tcc_schema (version integer NOT NULL)").await.map_err(read_error)?;
+    let row = tx.query_one("SELECT coalesce(max(version), 0) FROM tcc_schema", &[]).await.map_err(read_error)?;
+    let current: i32 = row.try_get(0).map_err(read_error)?;
+    if current > SCHEMA_VERSION {
+        return Err(Error::Storage(format!(
+            "the database schema is version {current}, newer than this coordinator understands \
+             (version {SCHEMA_VERSION}): a newer tcc-coordinator migrated it; run that version (or newer)"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        let version = i as i32 + 1;
+        tx.batch_execute(sql).await.map_err(read_error)?;
+        tx.execute("DELETE FROM tcc_schema", &[]).await.map_err(read_error)?;
+        tx.execute("INSERT INTO tcc_schema (version) VALUES ($1)", &[&version]).await.map_err(read_error)?;
+        info!(version, "database schema migrated");
+    }
+    tx.commit().await.map_err(read_error)
+}
+
+/// Inserts this node's lease row.
+async fn join(pool: &Pool, node: &Node) -> Result<()> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let id = node.id();
+    let ms = node.lease.as_millis().min(i64::MAX as u128) as i64;
+    let sql = "INSERT INTO tcc_node (id, expires_at) VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond')";
+    client.execute(sql, &[&id, &(ms as f64)]).await.map_err(write_error)?;
+    info!(node = %id, lease_ms = ms, "joined the cluster");
+    Ok(())
+}
+
+/// Renews the lease every third of its length. A lapsed lease is never
+/// renewed: the node joins again under a new id. Lapsed nodes' rows are
+/// dropped after an hour (a missing owner counts as lapsed).
+async fn renew(pool: Pool, node: Arc<Node>) {
+    let ms = node.lease.as_millis().min(i64::MAX as u128) as f64;
+    loop {
+        tokio::time::sleep(node.lease / 3).await;
+        let id = node.id();
+        let renewed = async {
+            let client = pool.get().await.map_err(pool_error)?;
+            let sql = "UPDATE tcc_node SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
+                       WHERE id = $1 AND expires_at > clock_timestamp()";
+            let n = client.execute(sql, &[&id, &ms]).await.map_err(write_error)?;
+            let prune = "DELETE FROM tcc_node WHERE expires_at < clock_timestamp() - interval '1 hour'";
+            client.execute(prune, &[]).await.map_err(write_error)?;
+            Ok::<_, Error>(n > 0)
+        };
+        match renewed.await {
+            Ok(true) => {}
+            Ok(false) => {
+                let fresh = Uuid::new_v4();
+                warn!(old = %id, new = %fresh,
+                    "this coordinator's lease lapsed (paused, or cut off from the database, for longer than the lease); \
+                     its late writes are refused and others may have taken over its work; joining again under a new id");
+                *lock(&node.id) = fresh;
+                if let Err(e) = join(&pool, &node).await {
+                    warn!(cause = %e, "cannot join the cluster again; will retry");
+                }
+            }
+            Err(e) => warn!(node = %id, cause = %e, "cannot renew the lease; will retry"),
+        }
+    }
+}
+
+fn decode_txn(id: TxnId, row: &tokio_postgres::Row, first: usize) -> Result<TxnRecord> {
+    let version: i64 = row.try_get(first).map_err(read_error)?;
+    let bytes: &[u8] = row.try_get(first + 1).map_err(read_error)?;
+    let corrupt = |cause: String| Error::Corrupt { key: format!("transaction {id}"), cause };
+    let (mut txn, tail): (TxnRecord, _) = postcard::take_from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if !tail.is_empty() {
+        return Err(corrupt(format!("{} trailing bytes", tail.len())));
+    }
+    if txn.id != id {
+        return Err(corrupt(format!("the record holds id {}", txn.id)));
+    }
+    txn.version = version as u64;
+    Ok(txn)
+}
+
+/// The error text of a PostgreSQL error with its causes.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether an error means the database could not be reached or is not
+/// serving (rather than a statement this coordinator got wrong).
+fn is_unavailable(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        // 08 connection, 53 resources, 57 operator intervention (shutdown),
+        // 40 transaction rollback (serialization, deadlock).
+        Some(db) => ["08", "53", "57", "40"].iter().any(|class| db.code().code().starts_with(class)),
+        None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
+    }
+}
+
+/// A failed read or a failed statement preparation.
+fn read_error(e: tokio_postgres::Error) -> Error {
+    if is_unavailable(&e) {
+        Error::Unavailable(format!("the database is unavailable: {}", describe(&e)))
+    } else {
+        Error::Storage(format!("database error: {}", describe(&e)))
+    }
+}
+
+/// A failed write: if the connection went away while it was in flight, its
+/// outcome is unknown, and the message says that a retry is safe.
+fn write_error(e: tokio_postgres::Error) -> Error {
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        Error::Unavailable(format!(
+            "the database connection was lost while a write was in flight ({}); it may or may not have been \
+             applied; retrying is safe (appends: with the same idempotency key)",
+            describe(&e)
+        ))
+    } else {
+        read_error(e)
+    }
+}
+
+fn pool_error(e: PoolError) -> Error {
+    let cause = match &e {
+        PoolError::Backend(pg) => describe(pg),
+        other => other.to_string(),
+    };
+    Error::Unavailable(format!("the database is unavailable: cannot get a connection: {cause}"))
+}
+
+fn lapsed(node: Uuid) -> Error {
+    Error::Fenced(format!(
+        "this coordinator's lease in the database lapsed (node {node}: paused, or cut off from the database, for \
+         longer than the lease); the write was refused so as not to overwrite another coordinator's work; retry"
+    ))
+}

@@ -1,0 +1,244 @@
+//! The store conformance suite on PostgreSQL (a real server per test), and
+//! what only a shared store has: leases, fencing and ownership between two
+//! coordinators' stores, schema versions, and a database that restarts.
+//!
+//! Skipped, loudly, where PostgreSQL is not installed (see `tcc_tests::pg`);
+//! required in CI.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use tcc_coordinator::error::Error;
+use tcc_coordinator::model::{Event, PartialId, ParticipantRecord, TxnId, TxnRecord, apply};
+use tcc_coordinator::store::Store;
+use tcc_coordinator::store::conformance::{self, Harness};
+use tcc_coordinator::store::postgres::PgStore;
+use tcc_tests::pg::Postgres;
+
+/// Every open is a coordinator starting: the previous one is gone (its
+/// lease is lapsed here, as if it had died and the lease run out), and the
+/// new one takes over its work.
+struct PgHarness(Postgres);
+
+#[async_trait::async_trait]
+impl Harness for PgHarness {
+    async fn open(&self) -> tcc_coordinator::error::Result<Arc<dyn Store>> {
+        let lapse = async {
+            let c = self.0.client().await?;
+            c.execute("UPDATE tcc_node SET expires_at = clock_timestamp() WHERE expires_at > clock_timestamp()", &[])
+                .await
+                .map(|_| ())
+                .or_else(|e| if e.code().is_some() { Ok(()) } else { Err(e) }) // no table yet
+                .map_err(anyhow::Error::from)
+        };
+        lapse.await.map_err(|e| Error::Storage(e.to_string()))?;
+        Ok(Arc::new(PgStore::connect(&self.0.url(), Duration::from_secs(30)).await?))
+    }
+}
+
+macro_rules! conformance_on_postgres {
+    ($($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() -> Result<()> {
+            let Some(pg) = Postgres::start().await? else { return Ok(()) };
+            let h = PgHarness(pg);
+            conformance::$name(&h).await.map_err(|e| anyhow::anyhow!("{e}; postgres log:\n{}", h.0.logs()))
+        }
+    )*};
+}
+
+conformance_on_postgres!(
+    create_get_update_round_trip,
+    partial_index_follows_participants,
+    append_is_ordered_and_counted,
+    idempotency_receipts,
+    read_topic_paging,
+    list_is_ordered_filtered_and_paged,
+    delete_removes_everything_of_one_txn,
+    survives_reopen,
+    concurrent_writers_share_flushes,
+    stale_and_skipped_versions_are_refused,
+    concurrent_writers_of_one_version_have_one_winner,
+    a_refused_append_stores_nothing,
+    a_stale_delete_is_refused,
+    due_work_queries_follow_the_records,
+    registrations_are_stored_renewed_and_removed
+);
+
+fn txn(services: &[&str]) -> TxnRecord {
+    let parts = services.iter().map(|s| ParticipantRecord::new(s.to_string(), PartialId::new())).collect();
+    let mut t = TxnRecord::new(TxnId::new(), parts, 1_000, 31_000);
+    t.version = 1;
+    t
+}
+
+/// The next version of `t` after `event`.
+fn next(t: &TxnRecord, event: Event) -> Result<TxnRecord> {
+    let mut n = t.clone();
+    apply(&mut n, event, 2_000)?;
+    n.version += 1;
+    Ok(n)
+}
+
+async fn lapse(pg: &Postgres, store: &PgStore) -> Result<()> {
+    let node = store.node().context("a cluster store has a node id")?;
+    let c = pg.client().await?;
+    let n = c.execute("UPDATE tcc_node SET expires_at = clock_timestamp() WHERE id = $1", &[&node]).await?;
+    ensure!(n == 1, "the node's lease row exists");
+    Ok(())
+}
+
+/// A coordinator whose lease lapsed (it was paused, say) writes nothing
+/// more; another takes its delivering transaction over, and the first,
+/// back, is refused: nothing it does lands over the new owner's work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lapsed_lease_fences_every_write_and_the_work_is_taken_over() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let lease = Duration::from_secs(60);
+    let a = PgStore::connect(&pg.url(), lease).await?;
+    let b = PgStore::connect(&pg.url(), lease).await?;
+    ensure!(a.node() != b.node(), "two coordinators, two node ids");
+
+    let t = txn(&["x", "y"]);
+    a.create_txn(&t).await?;
+    let decided = next(&t, Event::Confirm)?;
+    a.update_txn(&decided, None).await?;
+    ensure!(b.due_deliveries(i64::MAX, 10).await?.is_empty(), "b leaves a's delivery alone while a's lease is live");
+    ensure!(b.claim(&decided).await? == None, "b cannot claim it either");
+    let progress = next(&decided, Event::Delivered { participant: 0 })?;
+    match b.update_txn(&progress, None).await {
+        Err(Error::Fenced(m)) => ensure!(m.contains("being delivered by"), "{m}"),
+        other => bail!("b's write of a's delivering transaction: {other:?}"),
+    }
+    ensure!(a.claim(&decided).await? == Some(decided.version), "a already owns it: no write");
+
+    // a is paused past its lease.
+    lapse(&pg, &a).await?;
+    match a.update_txn(&progress, None).await {
+        Err(Error::Fenced(m)) => ensure!(m.contains("lease") && m.contains("lapsed"), "{m}"),
+        other => bail!("a write under a lapsed lease: {other:?}"),
+    }
+    let other = txn(&["z"]);
+    ensure!(matches!(a.create_txn(&other).await, Err(Error::Fenced(_))), "no write at all, new records included");
+    ensure!(b.get_txn(other.id).await?.is_none(), "the refused create stored nothing");
+    ensure!(b.get_txn(t.id).await? == Some(decided.clone()), "the refused progress stored nothing");
+
+    // b takes over: the transaction is due for b now, and b claims it.
+    ensure!(b.due_deliveries(i64::MAX, 10).await? == vec![t.id], "orphaned delivery is b's to do");
+    let claimed = b.claim(&decided).await?.context("b claims the orphan")?;
+    ensure!(claimed == decided.version + 1, "a claim is a write");
+    let mut by_b = decided.clone();
+    by_b.version = claimed;
+    let by_b = next(&by_b, Event::Delivered { participant: 1 })?;
+    b.update_txn(&by_b, None).await?;
+
+    // a, back under a new id (as its renewal task does), is still refused:
+    // its write is based on the version before b's.
+    let a2 = PgStore::connect(&pg.url(), lease).await?;
+    match a2.update_txn(&progress, None).await {
+        Err(Error::Conflict { expected, found, .. }) => ensure!(expected == 2 && found == 4, "{expected} {found}"),
+        other => bail!("a stale write after the takeover: {other:?}"),
+    }
+    ensure!(a2.claim(&by_b).await? == None, "b is live and owns it");
+    ensure!(b.get_txn(t.id).await? == Some(by_b), "b's work stands");
+    Ok(())
+}
+
+/// Deadlines and GC follow the same ownership as delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deadlines_and_collection_are_the_owners_until_its_lease_lapses() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let lease = Duration::from_secs(60);
+    let a = PgStore::connect(&pg.url(), lease).await?;
+    let b = PgStore::connect(&pg.url(), lease).await?;
+    let active = txn(&["x"]);
+    a.create_txn(&active).await?;
+    let mut done = txn(&["x"]);
+    a.create_txn(&done).await?;
+    done = next(&done, Event::Cancel { reason: "r".into() })?;
+    done.version -= 1;
+    apply(&mut done, Event::Delivered { participant: 0 }, 3_000)?;
+    done.version += 1;
+    a.update_txn(&done, None).await?;
+
+    ensure!(a.due_deadlines(i64::MAX, 10).await?.0 == vec![active.id], "a sweeps its own deadline");
+    ensure!(b.due_deadlines(i64::MAX, 10).await?.0.is_empty(), "b does not");
+    ensure!(a.collectable(i64::MAX, 10).await?.0.len() == 1, "a collects its own");
+    ensure!(b.collectable(i64::MAX, 10).await?.0.is_empty(), "b does not");
+    lapse(&pg, &a).await?;
+    ensure!(b.due_deadlines(i64::MAX, 10).await?.0 == vec![active.id], "b sweeps a's deadline once a's lease lapsed");
+    let (gc, _) = b.collectable(i64::MAX, 10).await?;
+    ensure!(gc.len() == 1, "and collects a's finished transaction");
+    b.delete_txn(&gc[0]).await?;
+    ensure!(b.get_txn(done.id).await?.is_none(), "collected");
+    Ok(())
+}
+
+/// A database migrated by a newer coordinator is refused with a message
+/// that says so; an up-to-date one is used as is by every coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_newer_schema_is_refused_with_a_clear_message() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let first = PgStore::connect(&pg.url(), Duration::from_secs(10)).await?;
+    drop(first);
+    let again = PgStore::connect(&pg.url(), Duration::from_secs(10)).await;
+    ensure!(again.is_ok(), "the same schema version is accepted: {:?}", again.err());
+    let c = pg.client().await?;
+    c.execute("UPDATE tcc_schema SET version = 99", &[]).await?;
+    match PgStore::connect(&pg.url(), Duration::from_secs(10)).await {
+        Err(e) => {
+            let m = e.to_string();
+            ensure!(m.contains("schema is version 99") && m.contains("newer"), "{m}");
+        }
+        Ok(_) => bail!("a newer schema was accepted"),
+    }
+    Ok(())
+}
+
+/// Coordinators starting together against an empty database: the schema is
+/// created once, and all of them come up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_starts_migrate_once() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let url = pg.url();
+    let starts = (0..4).map(|_| PgStore::connect(&url, Duration::from_secs(10)));
+    for s in futures::future::join_all(starts).await {
+        s?;
+    }
+    let c = pg.client().await?;
+    let rows = c.query("SELECT version FROM tcc_schema", &[]).await?;
+    ensure!(rows.len() == 1 && rows[0].get::<_, i32>(0) == 1, "one schema row at version 1");
+    Ok(())
+}
+
+/// Unreachable database: UNAVAILABLE naming the database; back by itself
+/// once the database is, and nothing acknowledged before is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_restart_is_unavailable_then_recovered_without_a_restart() -> Result<()> {
+    let Some(mut pg) = Postgres::start().await? else { return Ok(()) };
+    let s = PgStore::connect(&pg.url(), Duration::from_secs(30)).await?;
+    let t = txn(&["x"]);
+    s.create_txn(&t).await?;
+    pg.crash().await?;
+    match s.get_txn(t.id).await {
+        Err(Error::Unavailable(m)) => ensure!(m.contains("database"), "{m}"),
+        other => bail!("a read while the database is down: {other:?}"),
+    }
+    match s.create_txn(&txn(&["y"])).await {
+        Err(Error::Unavailable(m)) => ensure!(m.contains("database"), "{m}"),
+        other => bail!("a write while the database is down: {other:?}"),
+    }
+    pg.start_again().await?;
+    let back = tcc_tests::eventually("the store to work again", Duration::from_secs(20), || async {
+        Ok(s.get_txn(t.id).await.ok())
+    })
+    .await?;
+    ensure!(back == Some(t.clone()), "the acknowledged create survived the crash");
+    let decided = next(&t, Event::Confirm)?;
+    s.update_txn(&decided, None).await?;
+    ensure!(s.get_txn(t.id).await? == Some(decided), "writes work again");
+    Ok(())
+}
