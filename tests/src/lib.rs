@@ -388,6 +388,14 @@ impl Coordinator {
         self.process.restart().await
     }
 
+    /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the running process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("not running")?;
+        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
     /// Restarts it with extra environment variables (e.g. `TCC_CRASH_AT`).
     pub async fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         self.process.restart_with_env(env).await

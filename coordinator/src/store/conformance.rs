@@ -198,6 +198,7 @@ pub async fn read_topic_paging<H: Harness>(h: &H) -> Result<()> {
     check(s.read_topic(p, 4, 3).await? == commands(4, 3), "from 4, 3 commands")?;
     check(s.read_topic(p, 9, 100).await? == commands(9, 2), "tail")?;
     check(s.read_topic(p, 11, 100).await?.is_empty(), "past the end")?;
+    check(s.read_topic(p, 1, usize::MAX).await? == commands(1, 10), "no limit")?;
     check(s.read_topic(PartialId::new(), 1, 100).await?.is_empty(), "unknown topic is empty")
 }
 

@@ -431,7 +431,7 @@ impl Store for PgStore {
             .await
             .map_err(read_error)?;
         let from = from.min(i64::MAX as u64) as i64;
-        let rows = client.query(&stmt, &[&partial.0, &from, &(limit as i64)]).await.map_err(read_error)?;
+        let rows = client.query(&stmt, &[&partial.0, &from, &sql_limit(limit)]).await.map_err(read_error)?;
         rows.iter()
             .map(|r| {
                 Ok(CommandRecord {
@@ -446,7 +446,7 @@ impl Store for PgStore {
 
     async fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnId>> {
         let sql = "SELECT id FROM tcc_txn WHERE state NOT IN (2, 4) AND id > $1 ORDER BY id LIMIT $2";
-        self.ids(sql, &[&after.map_or(Uuid::nil(), |a| a.0), &(limit as i64)]).await
+        self.ids(sql, &[&after.map_or(Uuid::nil(), |a| a.0), &sql_limit(limit)]).await
     }
 
     async fn due_deadlines(&self, now_ms: i64, limit: usize) -> Result<(Vec<TxnId>, Option<i64>)> {
@@ -455,7 +455,7 @@ impl Store for PgStore {
             "SELECT id FROM tcc_txn t WHERE deadline_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
              ORDER BY deadline_ms, id LIMIT $3"
         );
-        let ids = self.ids(&sql, &[&now_ms, &node, &(limit as i64)]).await?;
+        let ids = self.ids(&sql, &[&now_ms, &node, &sql_limit(limit)]).await?;
         let next = self.min("SELECT min(deadline_ms) FROM tcc_txn WHERE deadline_ms > $1", now_ms).await?;
         Ok((ids, next))
     }
@@ -466,7 +466,7 @@ impl Store for PgStore {
             "SELECT id FROM tcc_txn t WHERE due_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
              ORDER BY due_ms, id LIMIT $3"
         );
-        self.ids(&sql, &[&until_ms, &node, &(limit as i64)]).await
+        self.ids(&sql, &[&until_ms, &node, &sql_limit(limit)]).await
     }
 
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
@@ -482,7 +482,7 @@ impl Store for PgStore {
             .await
             .map_err(read_error)?;
         let rows =
-            client.query(&stmt, &[&states, &q.created_until_ms, &after, &(limit as i64)]).await.map_err(read_error)?;
+            client.query(&stmt, &[&states, &q.created_until_ms, &after, &sql_limit(limit)]).await.map_err(read_error)?;
         let mut page = ListPage::default();
         for row in &rows {
             let id = TxnId(row.try_get(2).map_err(read_error)?);
@@ -502,7 +502,7 @@ impl Store for PgStore {
         );
         let client = self.client().await?;
         let stmt = client.prepare_cached(&sql).await.map_err(read_error)?;
-        let rows = client.query(&stmt, &[&finished_until_ms, &node, &(limit as i64)]).await.map_err(read_error)?;
+        let rows = client.query(&stmt, &[&finished_until_ms, &node, &sql_limit(limit)]).await.map_err(read_error)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             out.push(decode_txn(TxnId(row.try_get(2).map_err(read_error)?), row, 0)?);
@@ -673,6 +673,11 @@ async fn renew(pool: Pool, node: Arc<Node>) {
             Err(e) => warn!(node = %id, cause = %e, "cannot renew the lease; will retry"),
         }
     }
+}
+
+/// A `LIMIT` from a count (callers may pass `usize::MAX` for "all").
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
 fn decode_txn(id: TxnId, row: &tokio_postgres::Row, first: usize) -> Result<TxnRecord> {
