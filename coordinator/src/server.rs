@@ -130,9 +130,8 @@ pub async fn run(
 async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
     if let Some(url) = &config.database_url {
         let place = format!("the database {}", redact(url));
-        let store = PgStore::connect(url, config.lease())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
+        let store =
+            PgStore::connect(url, config.lease()).await.map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
         info!(node = ?store.node(), lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
         return Ok((Arc::new(store), place));
     }
@@ -158,16 +157,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(super::redact("postgres://tcc:secret@db:5432/tcc"), "postgres://tcc:***@db:5432/tcc");
-        assert_eq!(super::redact("postgres://tcc@db/tcc"), "postgres://tcc@db/tcc");
-        assert_eq!(super::redact("postgres://db/tcc"), "postgres://db/tcc");
-    }
-}
-
 /// Reflection over the services this server actually serves (the
 /// descriptor also holds `tcc.v1.Participant`, which domain services
 /// implement; it stays describable but is not listed).
@@ -186,4 +175,14 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         builder = builder.with_service_name(name);
     }
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(super::redact("postgres://tcc:secret@db:5432/tcc"), "postgres://tcc:***@db:5432/tcc");
+        assert_eq!(super::redact("postgres://tcc@db/tcc"), "postgres://tcc@db/tcc");
+        assert_eq!(super::redact("postgres://db/tcc"), "postgres://db/tcc");
+    }
 }

@@ -472,6 +472,9 @@ impl Service {
         kind: &'static str,
         req: v1::PhaseTwoRequest,
     ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        // The delay is read before the call is recorded: a test that sees
+        // the call and then changes the delay does not change this call's.
+        let delay = self.0.behaviour.delay_ms.load(Ordering::SeqCst);
         // Recorded on arrival, so a call the caller gave up on still shows.
         let index = {
             let mut calls = self.0.calls.lock().unwrap();
@@ -486,7 +489,6 @@ impl Service {
         };
         self.0.changed.send_modify(|n| *n += 1);
         let b = &self.0.behaviour;
-        let delay = b.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }

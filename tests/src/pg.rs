@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -75,7 +74,7 @@ fn chown_to_postgres(path: &Path) -> Result<()> {
 
 /// The cluster every server starts from (made once; see the module docs).
 async fn template(bin: &Path) -> Result<PathBuf> {
-    static MAKING: Mutex<()> = Mutex::new(());
+    static MAKING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let version = bin.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap_or("pg").to_string();
     let root = std::env::temp_dir().join(format!("tcc-pg-template-{version}"));
     let done = root.join("data").join("PG_VERSION");
@@ -83,7 +82,7 @@ async fn template(bin: &Path) -> Result<PathBuf> {
         return Ok(root.join("data"));
     }
     // One process at a time makes it; others use what it made.
-    let _making = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    let _making = MAKING.lock().await;
     if done.is_file() {
         return Ok(root.join("data"));
     }

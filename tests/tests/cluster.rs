@@ -139,11 +139,7 @@ async fn decisions_raced_across_nodes_have_one_winner() -> Result<()> {
         let partial = t.partials[0].partial_id.clone();
         n[(round + 1) % 3].append(&partial, vec![command("svc.Do", "k", b"x")], "").await?;
         let id = t.transaction_id.clone();
-        let (a, b, c) = tokio::join!(
-            confirm(&n[0], &id, false),
-            cancel(&n[1], &id),
-            confirm(&n[2], &id, false)
-        );
+        let (a, b, c) = tokio::join!(confirm(&n[0], &id, false), cancel(&n[1], &id), confirm(&n[2], &id, false));
         let outcomes: Vec<i32> = [a, b, c].into_iter().filter_map(|r| r.ok().map(|d| d.state)).collect();
         ensure!(!outcomes.is_empty(), "round {round}: some call succeeded");
         let decided = get(&n[round % 3], &id).await?.state;

@@ -107,7 +107,7 @@ async fn a_lapsed_lease_fences_every_write_and_the_work_is_taken_over() -> Resul
     let decided = next(&t, Event::Confirm)?;
     a.update_txn(&decided, None).await?;
     ensure!(b.due_deliveries(i64::MAX, 10).await?.is_empty(), "b leaves a's delivery alone while a's lease is live");
-    ensure!(b.claim(&decided).await? == None, "b cannot claim it either");
+    ensure!(b.claim(&decided).await?.is_none(), "b cannot claim it either");
     let progress = next(&decided, Event::Delivered { participant: 0 })?;
     match b.update_txn(&progress, None).await {
         Err(Error::Fenced(m)) => ensure!(m.contains("being delivered by"), "{m}"),
@@ -142,7 +142,7 @@ async fn a_lapsed_lease_fences_every_write_and_the_work_is_taken_over() -> Resul
         Err(Error::Conflict { expected, found, .. }) => ensure!(expected == 2 && found == 4, "{expected} {found}"),
         other => bail!("a stale write after the takeover: {other:?}"),
     }
-    ensure!(a2.claim(&by_b).await? == None, "b is live and owns it");
+    ensure!(a2.claim(&by_b).await?.is_none(), "b is live and owns it");
     ensure!(b.get_txn(t.id).await? == Some(by_b), "b's work stands");
     Ok(())
 }

@@ -20,8 +20,7 @@ use std::sync::Arc;
 use super::{AppendBatch, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::model::{
-    AppendReceipt, CommandRecord, Event, PartialId, ParticipantRecord, Registration, TxnId, TxnRecord, TxnState,
-    apply,
+    AppendReceipt, CommandRecord, Event, PartialId, ParticipantRecord, Registration, TxnId, TxnRecord, TxnState, apply,
 };
 
 /// Opens a store; every call opens the same underlying storage.

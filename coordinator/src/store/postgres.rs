@@ -80,7 +80,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Key of the advisory lock that serialises migrations of coordinators
 /// starting together.
-const MIGRATION_LOCK: i64 = 0x7463_635f_6d69_67; // "tcc_mig"
+const MIGRATION_LOCK: i64 = 0x0074_6363_5f6d_6967; // "tcc_mig"
 
 /// The migrations, in order: entry `i` brings the schema to version `i + 1`.
 const MIGRATIONS: [&str; 1] = [r#"
@@ -209,8 +209,7 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tcc-coordinator");
         }
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CONNECT_TIMEOUT))
@@ -395,7 +394,8 @@ impl Store for PgStore {
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT version, record FROM tcc_txn WHERE id = $1").await.map_err(read_error)?;
+        let stmt =
+            client.prepare_cached("SELECT version, record FROM tcc_txn WHERE id = $1").await.map_err(read_error)?;
         match client.query_opt(&stmt, &[&id.0]).await.map_err(read_error)? {
             Some(row) => decode_txn(id, &row, 0).map(Some),
             None => Ok(None),
@@ -412,7 +412,9 @@ impl Store for PgStore {
     async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT first_seq, last_seq, bytes, digest FROM tcc_receipt WHERE partial = $1 AND key = $2")
+            .prepare_cached(
+                "SELECT first_seq, last_seq, bytes, digest FROM tcc_receipt WHERE partial = $1 AND key = $2",
+            )
             .await
             .map_err(read_error)?;
         let Some(row) = client.query_opt(&stmt, &[&partial.0, &key]).await.map_err(read_error)? else {
@@ -481,8 +483,10 @@ impl Store for PgStore {
             )
             .await
             .map_err(read_error)?;
-        let rows =
-            client.query(&stmt, &[&states, &q.created_until_ms, &after, &sql_limit(limit)]).await.map_err(read_error)?;
+        let rows = client
+            .query(&stmt, &[&states, &q.created_until_ms, &after, &sql_limit(limit)])
+            .await
+            .map_err(read_error)?;
         let mut page = ListPage::default();
         for row in &rows {
             let id = TxnId(row.try_get(2).map_err(read_error)?);

@@ -40,7 +40,9 @@ use tcc_coordinator::delivery::Delivery;
 use tcc_coordinator::delivery::transport::{CallError, Phase2Call, Transport};
 use tcc_coordinator::engine::{Engine, sweeper};
 use tcc_coordinator::error::{Error, Result};
-use tcc_coordinator::model::{AppendReceipt, CommandRecord, Decision, PartialId, Registration, TxnId, TxnRecord, TxnState};
+use tcc_coordinator::model::{
+    AppendReceipt, CommandRecord, Decision, PartialId, Registration, TxnId, TxnRecord, TxnState,
+};
 use tcc_coordinator::store::memory::MemStore;
 use tcc_coordinator::store::{AppendBatch, ListPage, ListQuery, Store};
 use tokio::task::JoinHandle;
