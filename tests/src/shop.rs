@@ -18,8 +18,12 @@ pub const FAST: &[&str] = &["--retry-initial-ms", "20", "--retry-max-ms", "200",
 
 /// The running shop and what was seeded.
 pub struct Shop {
-    /// The coordinator process.
+    /// The coordinator process (in a cluster: the first; the shop and the
+    /// orders service use it).
     pub coordinator: Coordinator,
+    /// In a cluster: the other coordinators (customers uses the first of
+    /// them, inventory the second). Empty otherwise.
+    pub peers: Vec<Coordinator>,
     /// The customers process.
     pub customers: Process,
     /// The inventory process.
@@ -86,7 +90,16 @@ impl Shop {
             orders.url(),
         ];
         let shop = Process::start("shop", "shop", shop_args, tmp).await?;
-        Ok(Shop { coordinator, customers, inventory, orders, shop, credit: BTreeMap::new(), stock: BTreeMap::new() })
+        Ok(Shop {
+            coordinator,
+            peers: Vec::new(),
+            customers,
+            inventory,
+            orders,
+            shop,
+            credit: BTreeMap::new(),
+            stock: BTreeMap::new(),
+        })
     }
 
     /// Starts all five processes on fixed loopback ports, so that any of
@@ -116,7 +129,62 @@ impl Shop {
         let orders = procs.pop().ok_or_else(|| anyhow::anyhow!("orders"))?;
         let inventory = procs.pop().ok_or_else(|| anyhow::anyhow!("inventory"))?;
         let customers = procs.pop().ok_or_else(|| anyhow::anyhow!("customers"))?;
-        Ok(Shop { coordinator, customers, inventory, orders, shop, credit: BTreeMap::new(), stock: BTreeMap::new() })
+        Ok(Shop {
+            coordinator,
+            peers: Vec::new(),
+            customers,
+            inventory,
+            orders,
+            shop,
+            credit: BTreeMap::new(),
+            stock: BTreeMap::new(),
+        })
+    }
+
+    /// The shop on a cluster: three coordinators sharing the PostgreSQL
+    /// database at `database_url` (lease 2 s), every process on a fixed
+    /// loopback port. The shop and orders use the first coordinator,
+    /// customers the second, inventory the third, so every transaction
+    /// crosses nodes.
+    pub async fn start_cluster(database_url: &str, shop_extra: &[&str]) -> Result<Self> {
+        let mut addrs = Vec::new();
+        for _ in 0..7 {
+            addrs.push(format!("127.0.0.1:{}", crate::free_port()?));
+        }
+        let mut coordinators = Vec::new();
+        for addr in &addrs[..3] {
+            let mut args: Vec<&str> = FAST.to_vec();
+            args.extend(["--listen", addr.as_str(), "--database-url", database_url, "--lease-ms", "2000"]);
+            coordinators.push(Coordinator::start(&args).await?);
+        }
+        let tmp = coordinators[0].tmp();
+        let mut procs = Vec::new();
+        for (i, (name, c)) in [("customers", 1), ("inventory", 2), ("orders", 0)].into_iter().enumerate() {
+            let a = service_args(&coordinators[c], name, &["--listen", addrs[i + 3].as_str()]);
+            procs.push(Process::start(&format!("shop-{name}"), name, a, tmp.clone()).await?);
+        }
+        let mut shop_args: Vec<String> =
+            vec!["--listen".into(), addrs[6].clone(), "--coordinator".into(), coordinators[0].url()];
+        for (flag, p) in [("--customers", &procs[0]), ("--inventory", &procs[1]), ("--orders", &procs[2])] {
+            shop_args.extend([flag.to_string(), p.url()]);
+        }
+        shop_args.extend(shop_extra.iter().map(|s| s.to_string()));
+        let shop = Process::start("shop", "shop", shop_args, tmp).await?;
+        let orders = procs.pop().ok_or_else(|| anyhow::anyhow!("orders"))?;
+        let inventory = procs.pop().ok_or_else(|| anyhow::anyhow!("inventory"))?;
+        let customers = procs.pop().ok_or_else(|| anyhow::anyhow!("customers"))?;
+        let mut coordinators = coordinators.into_iter();
+        let coordinator = coordinators.next().ok_or_else(|| anyhow::anyhow!("coordinator"))?;
+        Ok(Shop {
+            coordinator,
+            peers: coordinators.collect(),
+            customers,
+            inventory,
+            orders,
+            shop,
+            credit: BTreeMap::new(),
+            stock: BTreeMap::new(),
+        })
     }
 
     /// See the module docs.

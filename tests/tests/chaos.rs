@@ -4,7 +4,12 @@
 //! stock conserved, every order with exactly one debit and one stock
 //! movement, no hold left, no transaction stuck outside a terminal state.
 //!
-//! The CI configuration runs 8 s of chaos. A longer run by hand:
+//! The same on a cluster: three coordinators on one PostgreSQL database
+//! (each shop service talks to a different one), coordinators and services
+//! killed at random, and the database itself crashed and restarted once in
+//! the middle of the run.
+//!
+//! The CI configuration runs 8 s of chaos each. A longer run by hand:
 //! `TCC_CHAOS_SECS=300 cargo test --workspace --test chaos -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tcc_domain_sdk::proto::{self as v1, TransactionState as S};
 use tcc_tests::eventually;
+use tcc_tests::pg::Postgres;
 use tcc_tests::shop::Shop;
 use tokio::sync::Mutex;
 
@@ -34,15 +40,33 @@ impl Rng {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()> {
+fn settings() -> (u64, u64) {
     let secs: u64 = std::env::var("TCC_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let seed: u64 = std::env::var("TCC_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64 | 1).unwrap_or(7)
     });
     println!("chaos: {secs} s, seed {seed} (TCC_CHAOS_SEED={seed} replays the schedule)");
+    (secs, seed)
+}
 
-    let mut shop = Shop::start_on_fixed_ports(&[], &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()> {
+    let (secs, seed) = settings();
+    let shop = Shop::start_on_fixed_ports(&[], &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+    chaos(shop, secs, seed, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_on_a_cluster_keeps_its_invariants_while_coordinators_and_the_database_fail() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let (secs, seed) = settings();
+    let shop = Shop::start_cluster(&pg.url(), &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+    chaos(shop, secs, seed, Some(pg)).await
+}
+
+/// Runs the load and the kills for `secs`, with the database (if any)
+/// crashed and restarted once halfway; then settles and checks.
+async fn chaos(mut shop: Shop, secs: u64, seed: u64, mut db: Option<Postgres>) -> Result<()> {
     let customers: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
     let skus = ["s0", "s1", "s2", "s3"];
     let seeded_customers: Vec<(&str, i64)> = customers.iter().map(|c| (c.as_str(), 500)).collect();
@@ -94,12 +118,30 @@ async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()
     // Chaos: kill -9 and restart a random process, bounded by the deadline.
     let mut rng = Rng(seed);
     let mut kills = BTreeMap::<&str, u64>::new();
+    let victims: &[&str] = if shop.lock().await.peers.is_empty() {
+        &["coordinator", "customers", "inventory", "orders"]
+    } else {
+        &["coordinator", "coordinator-2", "coordinator-3", "customers", "inventory", "orders"]
+    };
+    let db_restart_at = Instant::now() + Duration::from_secs(secs) / 2;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(600))).await;
-        let victim = ["coordinator", "customers", "inventory", "orders"][rng.below(4) as usize];
+        if let Some(pg) = db.as_mut()
+            && Instant::now() >= db_restart_at
+            && !kills.contains_key("database")
+        {
+            pg.crash().await?;
+            tokio::time::sleep(Duration::from_millis(100 + rng.below(300))).await;
+            pg.start_again().await?;
+            kills.insert("database", 1);
+            continue;
+        }
+        let victim = victims[rng.below(victims.len() as u64) as usize];
         let mut s = shop.lock().await;
         match victim {
             "coordinator" => s.coordinator.kill9().await?,
+            "coordinator-2" => s.peers[0].kill9().await?,
+            "coordinator-3" => s.peers[1].kill9().await?,
             "customers" => s.customers.kill9().await?,
             "inventory" => s.inventory.kill9().await?,
             _ => s.orders.kill9().await?,
@@ -109,11 +151,16 @@ async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()
         let mut s = shop.lock().await;
         match victim {
             "coordinator" => s.coordinator.restart().await?,
+            "coordinator-2" => s.peers[0].restart().await?,
+            "coordinator-3" => s.peers[1].restart().await?,
             "customers" => s.customers.restart().await?,
             "inventory" => s.inventory.restart().await?,
             _ => s.orders.restart().await?,
         }
         *kills.entry(victim).or_default() += 1;
+    }
+    if db.is_some() {
+        anyhow::ensure!(kills.contains_key("database"), "the database was restarted once");
     }
     stop.store(true, Ordering::Relaxed);
     for b in buyers {
