@@ -371,3 +371,29 @@ async fn registrations_survive_a_cluster_restart() -> Result<()> {
     ensure!(r.state == S::Confirmed as i32, "delivered {r:?}\n{}", other.logs());
     Ok(())
 }
+
+/// Finished transactions are garbage-collected from the database after the
+/// retention, with their topics, receipts and partial index entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_transactions_are_collected_from_the_database() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let c = node(&pg, &["--retention-secs", "1"]).await?;
+    let p = TestParticipant::start().await?;
+    c.register("svc", &p).await?;
+    let t = c.begin(&["svc"], 10_000).await?;
+    c.append(&t.partials[0].partial_id, vec![command("svc.Do", "k", b"x")], "key").await?;
+    ensure!(confirm(&c, &t.transaction_id, true).await?.state == S::Confirmed as i32, "confirmed");
+    eventually("the transaction to be collected", Duration::from_secs(10), || async {
+        match get(&c, &t.transaction_id).await {
+            Err(e) => Ok(e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == Code::NotFound).then_some(())),
+            Ok(_) => Ok(None),
+        }
+    })
+    .await?;
+    let db = pg.client().await?;
+    for table in ["tcc_txn", "tcc_partial", "tcc_command", "tcc_receipt"] {
+        let n: i64 = db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get(0);
+        ensure!(n == 0, "{table} still has {n} rows");
+    }
+    Ok(())
+}

@@ -2,6 +2,8 @@
 //! the operator's retry. Each operation reads the record, applies its
 //! events, and writes the next version (reloading on a conflict).
 
+use std::sync::atomic::Ordering;
+
 use tracing::info;
 
 use super::{Engine, Found, How, until_no_conflict, validate};
@@ -30,7 +32,9 @@ impl Engine {
         txn.version = 1;
         self.store.create_txn(&txn).await?;
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
-        self.schedule_changed.notify_one();
+        if txn.deadline_ms < self.next_sweep_ms.load(Ordering::SeqCst) {
+            self.schedule_changed.notify_one();
+        }
         Ok(txn)
     }
 
@@ -114,9 +118,14 @@ impl Engine {
                 let Some(decision) = guard.state.decision().filter(|_| guard.state.is_delivering()) else {
                     return Ok(None);
                 };
-                match self.store.claim(&guard).await? {
-                    Some(version) => guard.version = version,
-                    None => return Ok(None),
+                if live.owned.load(Ordering::SeqCst) != guard.version {
+                    match self.store.claim(&guard).await? {
+                        Some(version) => {
+                            guard.version = version;
+                            live.owned.store(version, Ordering::SeqCst);
+                        }
+                        None => return Ok(None),
+                    }
                 }
                 let pending = guard
                     .participants

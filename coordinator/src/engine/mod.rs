@@ -47,7 +47,7 @@ pub mod validate;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,6 +75,11 @@ struct Live {
     /// engine's map, so that the last holder's check-and-remove cannot
     /// race a new holder (an `Arc` count could: it drops after the lock).
     holders: AtomicUsize,
+    /// The version of the record this engine last wrote or claimed (0:
+    /// none). A cluster store makes the writer the owner, so while the
+    /// record is at that version this engine owns it: delivery need not
+    /// claim it, and waiters need not poll the store eagerly.
+    owned: AtomicU64,
 }
 
 /// Counts of what recovery found.
@@ -104,8 +109,13 @@ pub struct Engine {
     limits: Limits,
     retention_ms: i64,
     live: Mutex<HashMap<TxnId, Arc<Live>>>,
-    /// Wakes the sweeper when a transaction with a deadline begins.
+    /// Wakes the sweeper when a transaction begins whose deadline is before
+    /// the sweeper's next pass.
     pub(crate) schedule_changed: Notify,
+    /// When the sweeper's next pass is due (unix ms; 0 = now, i64::MAX =
+    /// not planned). A begin with an earlier deadline wakes it; others do
+    /// not, so a busy coordinator does not sweep once per begin.
+    pub(crate) next_sweep_ms: AtomicI64,
     to_deliver: mpsc::UnboundedSender<TxnId>,
 }
 
@@ -193,6 +203,7 @@ impl Engine {
             retention_ms: retention.as_millis().min(i64::MAX as u128) as i64,
             live: Mutex::default(),
             schedule_changed: Notify::new(),
+            next_sweep_ms: AtomicI64::new(0),
             to_deliver: tx,
         };
         (Arc::new(engine), rx)
@@ -268,7 +279,12 @@ impl Engine {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(v) => {
                 let (state, _) = watch::channel(txn.state);
-                let live = Live { record: tokio::sync::Mutex::new(txn), state, holders: AtomicUsize::new(0) };
+                let live = Live {
+                    record: tokio::sync::Mutex::new(txn),
+                    state,
+                    holders: AtomicUsize::new(0),
+                    owned: AtomicU64::new(0),
+                };
                 v.insert(Arc::new(live)).clone()
             }
         };
@@ -282,6 +298,7 @@ impl Engine {
             How::Update(enlisted) => self.store.update_txn(&next, enlisted).await?,
             How::Append(batch) => self.store.append(&next, batch).await?,
         }
+        live.owned.store(next.version, Ordering::SeqCst);
         self.publish(live, guard, next);
         Ok(())
     }

@@ -37,9 +37,10 @@ impl Engine {
     /// also polls the store, every [`POLL_FIRST`] doubling to
     /// [`POLL_MAX`]. Polling rather than LISTEN/NOTIFY: nothing to
     /// re-subscribe after a database restart and no notification to lose,
-    /// at a cost of a few indexed reads per second per waiter, and only for
-    /// waiters whose transaction another coordinator delivers (the one
-    /// that decides delivers itself, and wakes its waiters directly).
+    /// at a cost of a few indexed reads per second per waiter. When this
+    /// engine delivers the transaction itself (it took the decision, the
+    /// usual case), its own writes wake the waiter, and the store is polled
+    /// only every [`POLL_MAX`], in case another coordinator takes over.
     pub async fn wait_settled(&self, id: TxnId, wait: Duration) -> Result<TxnRecord> {
         let shared = self.store.node().is_some();
         if let Found::Live(live) = self.find(id).await? {
@@ -47,6 +48,9 @@ impl Engine {
             let deadline = tokio::time::Instant::now() + wait;
             let mut poll = POLL_FIRST;
             loop {
+                if live.owned.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                    poll = POLL_MAX;
+                }
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let step = if shared { poll.min(left) } else { left };
                 if tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() || left == step {

@@ -4,8 +4,8 @@
 //!
 //! Shaped like mini-redis's purge task: do what is due, sleep until the
 //! earliest due time (at most [`MAX_SLEEP`], so a clock step or work
-//! another writer added is noticed), wake early when a transaction begins,
-//! stop on shutdown. Every pass asks the store what is due; nothing is
+//! another writer added is noticed), wake early when a transaction begins
+//! whose deadline comes before the planned wake-up, stop on shutdown. Every pass asks the store what is due; nothing is
 //! scheduled in memory, so a restart or a second writer loses nothing.
 
 use std::sync::Arc;
@@ -123,13 +123,11 @@ impl Engine {
                 }
             };
             let full = due.len() == BATCH;
-            for txn in due {
-                match self.store.delete_txn(&txn).await {
-                    Ok(()) => n += 1,
-                    Err(e) => {
-                        warn!(txn = %txn.id, cause = %e, "garbage collection failed; will retry");
-                        return (n, Some(now + 1000));
-                    }
+            match self.store.delete_txns(&due).await {
+                Ok(deleted) => n += deleted,
+                Err(e) => {
+                    warn!(count = due.len(), cause = %e, "garbage collection failed; will retry");
+                    return (n, Some(now + 1000));
                 }
             }
             if !full {
@@ -150,6 +148,8 @@ pub async fn run(engine: Arc<Engine>, shutdown: CancellationToken) {
             Some(t) => Duration::from_millis(t.saturating_sub(engine.now_ms()).max(0) as u64).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
+        let wake = engine.now_ms().saturating_add(sleep.as_millis() as i64);
+        engine.next_sweep_ms.store(wake, std::sync::atomic::Ordering::SeqCst);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,

@@ -272,7 +272,24 @@ pub async fn delete_removes_everything_of_one_txn<H: Harness>(h: &H) -> Result<(
     check(s.find_receipt(kp, "k").await?.is_some(), "other receipt kept")?;
     let (collectable, _) = s.collectable(i64::MAX, 10).await?;
     check(collectable.iter().map(|t| t.id).collect::<Vec<_>>() == vec![kept.id], "deleted leaves the GC index")?;
-    s.delete_txn(&gone).await // deleting again is fine
+    s.delete_txn(&gone).await?; // deleting again is fine
+
+    // In a batch: the current one goes, a stale one and a gone one are
+    // skipped.
+    let mut stale = txn(&["a"]);
+    s.create_txn(&stale).await?;
+    finish(&*s, &mut stale, 4_500).await?;
+    let old = stale.clone();
+    let mut moved = stale.clone();
+    moved.version += 1;
+    s.update_txn(&moved, None).await?;
+    check(s.delete_txns(&[kept.clone(), old, gone.clone()]).await? == 1, "a batch deletes only current ones")?;
+    check(s.get_txn(kept.id).await?.is_none(), "the current one is gone")?;
+    check(s.read_topic(kp, 1, 10).await?.is_empty(), "with its topic")?;
+    check(s.find_receipt(kp, "k").await?.is_none(), "and its receipt")?;
+    check(s.find_partial(kp).await?.is_none(), "and its index entry")?;
+    check(s.get_txn(moved.id).await? == Some(moved), "the changed one stays")?;
+    Ok(())
 }
 
 /// What was acknowledged is there after the store is closed and reopened,

@@ -145,6 +145,25 @@ pub trait Store: Send + Sync + 'static {
     /// `txn.version`. Deleting a missing transaction is not an error.
     async fn delete_txn(&self, txn: &TxnRecord) -> Result<()>;
 
+    /// Garbage collection: deletes those of `txns` whose stored record is
+    /// still at their version, as [`Store::delete_txn`] does, and skips the
+    /// others (changed since, or gone). Returns how many were deleted.
+    /// Backends may do it in one write.
+    async fn delete_txns(&self, txns: &[TxnRecord]) -> Result<usize> {
+        let mut n = 0;
+        for txn in txns {
+            if self.get_txn(txn.id).await?.is_none() {
+                continue;
+            }
+            match self.delete_txn(txn).await {
+                Ok(()) => n += 1,
+                Err(crate::error::Error::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
     /// Reads a transaction record.
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>>;
 

@@ -100,6 +100,7 @@ CREATE INDEX tcc_txn_due ON tcc_txn (due_ms) WHERE due_ms IS NOT NULL;
 CREATE INDEX tcc_txn_finished ON tcc_txn (finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE INDEX tcc_txn_unfinished ON tcc_txn (id) WHERE state NOT IN (2, 4);
 CREATE TABLE tcc_partial (partial uuid PRIMARY KEY, txn uuid NOT NULL);
+CREATE INDEX tcc_partial_txn ON tcc_partial (txn);
 CREATE TABLE tcc_command (
     partial uuid NOT NULL,
     seq bigint NOT NULL,
@@ -390,6 +391,36 @@ impl Store for PgStore {
             Error::Conflict { found: 0, .. } => Ok(()), // already gone
             e => Err(e),
         }
+    }
+
+    async fn delete_txns(&self, txns: &[TxnRecord]) -> Result<usize> {
+        let node = self.node.id();
+        let ids: Vec<Uuid> = txns.iter().map(|t| t.id.0).collect();
+        let versions: Vec<i64> = txns.iter().map(|t| t.version as i64).collect();
+        let sql = format!(
+            "WITH v AS (SELECT * FROM unnest($1::uuid[], $3::bigint[]) AS v(id, version)), \
+             t AS (DELETE FROM tcc_txn t USING v WHERE t.id = v.id AND t.version = v.version AND {FENCE} \
+             AND (t.state NOT IN (1, 3) OR t.owner = $2 OR {OWNER_LAPSED}) RETURNING t.id), \
+             c AS (DELETE FROM tcc_command WHERE partial IN \
+             (SELECT partial FROM tcc_partial WHERE txn IN (SELECT id FROM t))), \
+             r AS (DELETE FROM tcc_receipt WHERE partial IN \
+             (SELECT partial FROM tcc_partial WHERE txn IN (SELECT id FROM t))), \
+             p AS (DELETE FROM tcc_partial WHERE txn IN (SELECT id FROM t)) \
+             SELECT count(*) FROM t"
+        );
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(read_error)?;
+        let row = client.query_one(&stmt, &[&ids, &node, &versions]).await.map_err(write_error)?;
+        let n: i64 = row.try_get(0).map_err(read_error)?;
+        if n == 0 && !txns.is_empty() {
+            // Nothing deleted: say why if it is this node's lease.
+            let sql = "SELECT EXISTS (SELECT 1 FROM tcc_node WHERE id = $1 AND expires_at > clock_timestamp())";
+            let live = client.query_one(sql, &[&node]).await;
+            if live.is_ok_and(|r| !r.get::<_, bool>(0)) {
+                return Err(lapsed(node));
+            }
+        }
+        Ok(n as usize)
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {

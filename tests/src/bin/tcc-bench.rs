@@ -22,6 +22,15 @@
 //! `--active N` measures holding N ACTIVE transactions instead: resident
 //! memory with them open, then the time to recover after `kill -9`.
 //!
+//! `--postgres` runs cluster mode instead: a throwaway PostgreSQL server
+//! (from `/usr/lib/postgresql/*/bin`, durable commits) and `--nodes`
+//! coordinators on it, the workers spread over them. It reports the
+//! database's write transactions per composite transaction (the change of
+//! `txid_current()`, which only writing transactions advance) and its WAL
+//! syncs, and in the same run measures the database's own floor: `pgbench
+//! -N` (simple update) at the same concurrency on the same server. The
+//! ratio is then `tps x writes per transaction / pgbench TPS`.
+//!
 //! Every loop is bounded by `--duration-secs` or `--count`; only loopback
 //! addresses are used.
 
@@ -86,6 +95,12 @@ struct Args {
     /// gRPC channels (HTTP/2 connections) the workers share.
     #[arg(long, default_value_t = 4)]
     channels: usize,
+    /// Cluster mode: coordinators on a throwaway PostgreSQL server.
+    #[arg(long)]
+    postgres: bool,
+    /// Cluster mode: how many coordinators.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Extra flags for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
@@ -135,11 +150,12 @@ struct Clients {
     topics: Vec<TopicsClient<Channel>>,
 }
 
-async fn clients(c: &Coordinator, n: usize) -> Result<Clients> {
+/// `n` channels to each of `nodes`, interleaved.
+async fn clients(nodes: &[Coordinator], n: usize) -> Result<Clients> {
     let mut tx = Vec::new();
     let mut topics = Vec::new();
-    for _ in 0..n.max(1) {
-        let ch = c.channel().await?;
+    for i in 0..n.max(1) * nodes.len() {
+        let ch = nodes[i % nodes.len()].channel().await?;
         tx.push(TransactionsClient::new(ch.clone()));
         topics.push(TopicsClient::new(ch));
     }
@@ -204,12 +220,12 @@ async fn one_transaction(
 }
 
 async fn run_load(
-    c: &Coordinator,
+    nodes: &[Coordinator],
     args: &Args,
     services: &[String],
     measure_for: Duration,
 ) -> Result<(u64, u64, Stats, Duration)> {
-    let clients = clients(c, args.channels).await?;
+    let clients = clients(nodes, args.channels).await?;
     let payload = vec![0x5a_u8; args.payload];
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -352,7 +368,7 @@ fn ms(us: u64) -> f64 {
 async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
     let pid = c.pid().context("coordinator pid")?;
     let rss_before = memory_mib(pid, "VmRSS:").unwrap_or(0.0);
-    let clients = clients(c, args.channels).await?;
+    let clients = clients(std::slice::from_ref(c), args.channels).await?;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -401,22 +417,81 @@ async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// The database's counters: write transactions so far (`txid_current()`,
+/// which itself is one), WAL syncs, and every transaction (reads
+/// included; the statistics are flushed within a second, so this is read
+/// after a pause).
+async fn db_counters(db: &tokio_postgres::Client) -> Result<(i64, i64, i64)> {
+    let row = db
+        .query_one(
+            "SELECT txid_current(), (SELECT wal_sync FROM pg_stat_wal), \
+             (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+/// `pgbench -N` (simple update) on the same server at the same
+/// concurrency: the database's floor. Returns its TPS.
+async fn pgbench(pg: &tcc_tests::pg::Postgres, args: &Args) -> Result<f64> {
+    let bin = pg.bin().join("pgbench");
+    let port = pg.port().to_string();
+    let common = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "tcc"];
+    let init =
+        tokio::process::Command::new(&bin).args(common).args(["-i", "-q", "-s", "10", "postgres"]).output().await?;
+    anyhow::ensure!(init.status.success(), "pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    let clients = args.concurrency.clamp(1, 64).to_string();
+    let secs = args.floor_secs.max(3).to_string();
+    let run = tokio::process::Command::new(&bin)
+        .args(common)
+        .args(["-N", "-c", clients.as_str(), "-j", "2", "-T", secs.as_str(), "postgres"])
+        .output()
+        .await?;
+    let out = String::from_utf8_lossy(&run.stdout);
+    anyhow::ensure!(run.status.success(), "pgbench failed: {out}{}", String::from_utf8_lossy(&run.stderr));
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .context("no tps line in pgbench's output")?;
+    Ok(tps)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
     args.apply_scenario()?;
-    let mut coordinator_args: Vec<&str> = vec!["--retention-secs", "5"];
-    coordinator_args.extend(args.coordinator_args.iter().map(|s| s.as_str()));
-    let mut c = Coordinator::start_logged(&coordinator_args, "warn").await?;
-    let pid = c.pid().context("coordinator pid")?;
-    eprintln!("coordinator pid {pid} on {}; {:?}", c.addr(), args);
+    let pg = if args.postgres {
+        Some(
+            tcc_tests::pg::Postgres::start()
+                .await?
+                .context("--postgres needs PostgreSQL: apt-get install -y postgresql")?,
+        )
+    } else {
+        None
+    };
+    let mut coordinator_args: Vec<String> = Vec::new();
+    if !args.coordinator_args.iter().any(|a| a.starts_with("--retention-secs")) {
+        coordinator_args.extend(["--retention-secs".into(), "5".into()]);
+    }
+    if let Some(pg) = &pg {
+        coordinator_args.extend(["--database-url".into(), pg.url()]);
+    }
+    coordinator_args.extend(args.coordinator_args.iter().cloned());
+    let coordinator_args: Vec<&str> = coordinator_args.iter().map(|s| s.as_str()).collect();
+    let mut nodes = Vec::new();
+    for _ in 0..if pg.is_some() { args.nodes.max(1) } else { 1 } {
+        nodes.push(Coordinator::start_logged(&coordinator_args, "warn").await?);
+    }
+    let pids: Vec<u32> = nodes.iter().filter_map(|c| c.pid()).collect();
+    eprintln!("coordinator pids {pids:?}; {:?}", args);
 
     if args.active > 0 {
         println!("| measure | value |\n|---|---|");
-        return run_active(&mut c, &args).await;
+        return run_active(&mut nodes[0], &args).await;
     }
 
-    let mut registry = RegistryClient::new(c.channel().await?);
+    let mut registry = RegistryClient::new(nodes[0].channel().await?);
     let mut services = Vec::new();
     for i in 0..args.participants {
         let name = format!("bench-{i}");
@@ -424,18 +499,45 @@ async fn main() -> Result<()> {
         registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
         services.push(name);
     }
+    if pg.is_some() {
+        // Registrations reach the other nodes within a refresh (1 s).
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
 
     if args.warmup_secs > 0 {
         let warm = Args { count: 0, ..args.clone() };
-        run_load(&c, &warm, &services, Duration::from_secs(args.warmup_secs)).await?;
+        run_load(&nodes, &warm, &services, Duration::from_secs(args.warmup_secs)).await?;
     }
-    let cpu0 = cpu_seconds(pid).unwrap_or(0.0);
+    let db = match &pg {
+        Some(pg) => Some(pg.client().await?),
+        None => None,
+    };
+    let db0 = match &db {
+        Some(db) => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            Some(db_counters(db).await?)
+        }
+        None => None,
+    };
+    let cpu0: f64 = pids.iter().filter_map(|p| cpu_seconds(*p)).sum();
     let measure = if args.count > 0 { Duration::from_secs(3600) } else { Duration::from_secs(args.duration_secs) };
-    let (done, errors, stats, elapsed) = run_load(&c, &args, &services, measure).await?;
-    let cpu = cpu_seconds(pid).unwrap_or(0.0) - cpu0;
-    let peak = memory_mib(pid, "VmHWM:").unwrap_or(0.0);
-    let floor_rps = if args.floor_secs > 0 { floor(&c, &args).await? } else { 0.0 };
-    let latency = if args.floor_secs > 0 { Some(latency_floor(&c, 500).await?) } else { None };
+    let (done, errors, stats, elapsed) = run_load(&nodes, &args, &services, measure).await?;
+    let cpu = pids.iter().filter_map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+    let db1 = match &db {
+        Some(db) => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            Some(db_counters(db).await?)
+        }
+        None => None,
+    };
+    let peak = pids.iter().filter_map(|p| memory_mib(*p, "VmHWM:")).fold(0.0, f64::max);
+    let c = &nodes[0];
+    let floor_rps = if args.floor_secs > 0 { floor(c, &args).await? } else { 0.0 };
+    let latency = if args.floor_secs > 0 && pg.is_none() { Some(latency_floor(c, 500).await?) } else { None };
+    let pgbench_tps = match &pg {
+        Some(pg) => Some(pgbench(pg, &args).await?),
+        None => None,
+    };
 
     let tps = done as f64 / elapsed.as_secs_f64();
     let rpcs = 2 + 2 * args.participants as u64;
@@ -468,6 +570,21 @@ async fn main() -> Result<()> {
         println!("| coordinator CPU per transaction | {:.1} µs ({cpu:.2} CPU-s total) |", cpu * 1e6 / done as f64);
     }
     println!("| coordinator peak RSS | {peak:.0} MiB |");
+    if let (Some((x0, w0, a0)), Some((x1, w1, a1))) = (db0, db1) {
+        let n = done.max(1) as f64;
+        let writes = (x1 - x0 - 1) as f64 / n;
+        println!("| coordinators / store | {} on PostgreSQL (durable commits) |", nodes.len());
+        println!("| database write transactions per transaction | {writes:.2} |");
+        println!(
+            "| database statements (transactions, reads included) per transaction | {:.1} |",
+            (a1 - a0) as f64 / n
+        );
+        println!("| database WAL syncs per transaction | {:.2} |", (w1 - w0) as f64 / n);
+        if let Some(floor) = pgbench_tps {
+            println!("| pgbench -N (simple update), same server, same concurrency | {floor:.0} TPS |");
+            println!("| ratio (tx/s x writes per transaction / pgbench TPS) | {:.0} % |", 100.0 * tps * writes / floor);
+        }
+    }
     if floor_rps > 0.0 {
         println!("| raw unary RPC floor (health Check) | {floor_rps:.0} RPC/s |");
         println!("| efficiency (tx/s x {rpcs} RPCs / floor) | {:.0} % |", 100.0 * tps * rpcs as f64 / floor_rps);
