@@ -24,18 +24,16 @@ impl TransactionsApi {
         TransactionsApi { engine }
     }
 
-    /// Optionally waits for the outcome, then answers with the state reached.
-    async fn decided(&self, txn: TxnRecord, wait: bool, wait_ms: u64) -> Result<v1::DecisionResponse> {
-        let txn = if wait && txn.state.is_delivering() {
-            let ms = if wait_ms == 0 { fixed::DEFAULT_WAIT_MS } else { wait_ms.min(fixed::MAX_WAIT_MS) };
-            self.engine.wait_settled(txn.id, Duration::from_millis(ms)).await?
-        } else {
-            txn
-        };
-        Ok(v1::DecisionResponse {
-            state: convert::state(txn.state).into(),
-            transaction: Some(convert::transaction(&txn)),
+    /// How long a decision with `wait` waits (0 = the default), if at all.
+    fn wait(wait: bool, wait_ms: u64) -> Option<Duration> {
+        wait.then(|| {
+            Duration::from_millis(if wait_ms == 0 { fixed::DEFAULT_WAIT_MS } else { wait_ms.min(fixed::MAX_WAIT_MS) })
         })
+    }
+
+    /// The answer to a decision: the state reached, and the transaction.
+    fn decided(txn: TxnRecord) -> v1::DecisionResponse {
+        v1::DecisionResponse { state: convert::state(txn.state).into(), transaction: Some(convert::transaction(&txn)) }
     }
 }
 
@@ -65,15 +63,15 @@ impl Transactions for TransactionsApi {
     async fn confirm(&self, request: Request<v1::ConfirmRequest>) -> Result<Response<v1::DecisionResponse>, Status> {
         let req = request.into_inner();
         let id = TxnId::parse("transaction_id", &req.transaction_id)?;
-        let txn = self.engine.confirm(id).await?;
-        Ok(Response::new(self.decided(txn, req.wait, req.wait_timeout_ms).await?))
+        let txn = self.engine.confirm_waiting(id, Self::wait(req.wait, req.wait_timeout_ms)).await?;
+        Ok(Response::new(Self::decided(txn)))
     }
 
     async fn cancel(&self, request: Request<v1::CancelRequest>) -> Result<Response<v1::DecisionResponse>, Status> {
         let req = request.into_inner();
         let id = TxnId::parse("transaction_id", &req.transaction_id)?;
-        let txn = self.engine.cancel(id, req.reason).await?;
-        Ok(Response::new(self.decided(txn, req.wait, req.wait_timeout_ms).await?))
+        let txn = self.engine.cancel_waiting(id, req.reason, Self::wait(req.wait, req.wait_timeout_ms)).await?;
+        Ok(Response::new(Self::decided(txn)))
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Transaction>, Status> {

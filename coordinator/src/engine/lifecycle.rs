@@ -3,10 +3,11 @@
 //! events, and writes the next version (reloading on a conflict).
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tracing::info;
 
-use super::{Engine, Found, How, until_no_conflict, validate};
+use super::{Engine, Found, Held, How, until_no_conflict, validate};
 use crate::error::{Error, Result};
 use crate::model::{Decision, Event, Outcome, ParticipantRecord, Phase2Status, TxnId, TxnRecord, apply};
 
@@ -31,6 +32,7 @@ impl Engine {
         let mut txn = TxnRecord::new(self.entropy.txn_id(now), parts, now, now.saturating_add(timeout as i64));
         txn.version = 1;
         self.store.create_txn(&txn).await?;
+        self.remember_partials(txn.id, txn.participants.iter().map(|p| p.partial_id));
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
         if txn.deadline_ms < self.next_sweep_ms.load(Ordering::SeqCst) {
             self.schedule_changed.notify_one();
@@ -73,6 +75,7 @@ impl Engine {
                 apply(&mut next, Event::Enlist { service: service.clone(), partial_id }, self.clock.now_ms())?;
                 let participant = next.participants.last().cloned();
                 self.write(&live, &mut guard, next, How::Update(Some(partial_id))).await?;
+                self.remember_partials(id, [partial_id]);
                 info!(txn = %id, partial = %partial_id, %service, "participant enlisted");
                 participant.ok_or_else(|| Error::Storage("enlisted participant missing".into()))
             }
@@ -82,14 +85,41 @@ impl Engine {
 
     /// Decides confirm. Returns the record after the (durable) decision.
     pub async fn confirm(&self, id: TxnId) -> Result<TxnRecord> {
-        self.transition(id, vec![Event::Confirm]).await
+        self.confirm_waiting(id, None).await
     }
 
     /// Decides cancel. Returns the record after the (durable) decision.
     pub async fn cancel(&self, id: TxnId, reason: String) -> Result<TxnRecord> {
+        self.cancel_waiting(id, reason, None).await
+    }
+
+    /// Decides confirm, then, with `wait`, waits (at most that long) until
+    /// the transaction leaves CONFIRMING; returns the record reached.
+    pub async fn confirm_waiting(&self, id: TxnId, wait: Option<Duration>) -> Result<TxnRecord> {
+        self.decide(id, Event::Confirm, wait).await
+    }
+
+    /// Decides cancel, then, with `wait`, waits (at most that long) until
+    /// the transaction leaves CANCELLING; returns the record reached.
+    pub async fn cancel_waiting(&self, id: TxnId, reason: String, wait: Option<Duration>) -> Result<TxnRecord> {
         validate::reason(&reason)?;
         let reason = if reason.is_empty() { "cancelled by request".to_string() } else { reason };
-        self.transition(id, vec![Event::Cancel { reason }]).await
+        self.decide(id, Event::Cancel { reason }, wait).await
+    }
+
+    /// A decision and the wait for its outcome on one hold of the
+    /// transaction, so that this engine's delivery updates the very record
+    /// the waiter watches (no reload from the store, no claim, no polling).
+    async fn decide(&self, id: TxnId, event: Event, wait: Option<Duration>) -> Result<TxnRecord> {
+        let live = match self.find(id).await? {
+            Found::Live(live) => live,
+            Found::Finished(txn) => return self.apply_finished(txn, vec![event]),
+        };
+        let txn = self.transition_on(&live, id, vec![event]).await?;
+        match wait {
+            Some(wait) if txn.state.is_delivering() => self.wait_on(&live, id, wait).await,
+            _ => Ok(txn),
+        }
     }
 
     /// Resumes delivery of a FAILED_TO_* transaction.
@@ -151,10 +181,14 @@ impl Engine {
     /// first if due (client decisions only), apply every event in order,
     /// write once, publish.
     pub(super) async fn transition(&self, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
-        let live = match self.find(id).await? {
-            Found::Live(live) => live,
-            Found::Finished(txn) => return self.apply_finished(txn, events),
-        };
+        match self.find(id).await? {
+            Found::Live(live) => self.transition_on(&live, id, events).await,
+            Found::Finished(txn) => self.apply_finished(txn, events),
+        }
+    }
+
+    /// [`Engine::transition`] on a transaction already held.
+    async fn transition_on(&self, live: &Held<'_>, id: TxnId, events: Vec<Event>) -> Result<TxnRecord> {
         let mut guard = live.record.lock().await;
         let decision = events.iter().any(|e| matches!(e, Event::Confirm | Event::Cancel { .. }));
         until_no_conflict!(
@@ -163,7 +197,7 @@ impl Engine {
             guard,
             async {
                 if decision {
-                    self.expire_if_due(&live, &mut guard).await?;
+                    self.expire_if_due(live, &mut guard).await?;
                 }
                 let mut next = guard.clone();
                 let now = self.clock.now_ms();
@@ -173,7 +207,7 @@ impl Engine {
                 }
                 if changed {
                     let was_active = guard.state == crate::model::TxnState::Active;
-                    self.write(&live, &mut guard, next, How::Update(None)).await?;
+                    self.write(live, &mut guard, next, How::Update(None)).await?;
                     if was_active && guard.state.is_delivering() {
                         crate::failpoint::crash_point("after-decision");
                     }

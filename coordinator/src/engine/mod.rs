@@ -61,6 +61,9 @@ use crate::lock;
 use crate::model::{Event, Outcome, Phase2Status, TxnId, TxnRecord, TxnState, apply};
 use crate::store::{AppendBatch, Store};
 
+/// Most partial ids the engine remembers the transaction of.
+pub const PARTIALS_CACHED: usize = 65_536;
+
 /// Conflicts in a row one operation absorbs (reload and decide again)
 /// before it reports the conflict to its caller.
 pub const CONFLICT_RETRIES: usize = 16;
@@ -109,6 +112,10 @@ pub struct Engine {
     limits: Limits,
     retention_ms: i64,
     live: Mutex<HashMap<TxnId, Arc<Live>>>,
+    /// Partial id -> transaction id, for appends (see `topics::txn_of`):
+    /// filled at begin, enlist and lookup; emptied when it reaches
+    /// [`PARTIALS_CACHED`] entries.
+    partials: Mutex<HashMap<crate::model::PartialId, TxnId>>,
     /// Wakes the sweeper when a transaction begins whose deadline is before
     /// the sweeper's next pass.
     pub(crate) schedule_changed: Notify,
@@ -202,6 +209,7 @@ impl Engine {
             limits,
             retention_ms: retention.as_millis().min(i64::MAX as u128) as i64,
             live: Mutex::default(),
+            partials: Mutex::default(),
             schedule_changed: Notify::new(),
             next_sweep_ms: AtomicI64::new(0),
             to_deliver: tx,
@@ -250,6 +258,17 @@ impl Engine {
     }
 
     // --- internals -----------------------------------------------------------
+
+    /// Remembers which transaction `partials` belong to.
+    fn remember_partials(&self, id: TxnId, partials: impl IntoIterator<Item = crate::model::PartialId>) {
+        let mut cache = lock(&self.partials);
+        for p in partials {
+            if cache.len() >= PARTIALS_CACHED {
+                cache.clear();
+            }
+            cache.insert(p, id);
+        }
+    }
 
     /// The in-memory entry of `id`, loading it from the store if no one
     /// holds it, or its finished record.

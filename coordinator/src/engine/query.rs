@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Engine, Found, not_found};
+use super::{Engine, Found, Held, not_found};
 use crate::config::fixed;
 use crate::error::Result;
 use crate::model::{TxnId, TxnRecord, TxnState};
@@ -42,32 +42,43 @@ impl Engine {
     /// usual case), its own writes wake the waiter, and the store is polled
     /// only every [`POLL_MAX`], in case another coordinator takes over.
     pub async fn wait_settled(&self, id: TxnId, wait: Duration) -> Result<TxnRecord> {
+        match self.find(id).await? {
+            Found::Live(live) => self.wait_on(&live, id, wait).await,
+            Found::Finished(txn) => Ok(txn),
+        }
+    }
+
+    /// [`Engine::wait_settled`] on a transaction already held.
+    pub(super) async fn wait_on(&self, live: &Held<'_>, id: TxnId, wait: Duration) -> Result<TxnRecord> {
         let shared = self.store.node().is_some();
-        if let Found::Live(live) = self.find(id).await? {
-            let mut rx = live.state.subscribe();
-            let deadline = tokio::time::Instant::now() + wait;
-            let mut poll = POLL_FIRST;
-            loop {
-                if live.owned.load(std::sync::atomic::Ordering::SeqCst) != 0 {
-                    poll = POLL_MAX;
-                }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let step = if shared { poll.min(left) } else { left };
-                if tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() || left == step {
-                    break;
-                }
-                match self.store.get_txn(id).await? {
-                    Some(txn) if !txn.state.is_delivering() => return Ok(txn),
-                    Some(_) => poll = (poll * 2).min(POLL_MAX),
-                    None => return Err(not_found(id)),
-                }
+        let mut rx = live.state.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut poll = POLL_FIRST;
+        loop {
+            if live.owned.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+                poll = POLL_MAX;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let step = if shared { poll.min(left) } else { left };
+            if tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() {
+                // Settled here: what this engine wrote is the latest.
+                return Ok(live.record.lock().await.clone());
+            }
+            if left == step {
+                break;
+            }
+            match self.store.get_txn(id).await? {
+                Some(txn) if !txn.state.is_delivering() => return Ok(txn),
+                Some(_) => poll = (poll * 2).min(POLL_MAX),
+                None => return Err(not_found(id)),
             }
         }
         if shared {
-            // What this engine holds may be older than what another wrote.
+            // Timed out: what this engine holds may be older than what
+            // another wrote.
             return self.store.get_txn(id).await?.ok_or_else(|| not_found(id));
         }
-        self.get(id).await
+        Ok(live.record.lock().await.clone())
     }
 
     /// Lists transactions, oldest first, in the given states (all if empty)

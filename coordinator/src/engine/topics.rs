@@ -11,6 +11,7 @@
 use super::{Engine, Found, How, lifecycle::accepted_late, until_no_conflict, validate};
 use crate::config::fixed;
 use crate::error::{Error, Result};
+use crate::lock;
 use crate::model::{AppendReceipt, CommandRecord, Event, PartialId, ParticipantRecord, TxnId, TxnRecord, apply};
 use crate::store::AppendBatch;
 use validate::NewCommand;
@@ -31,7 +32,13 @@ impl Engine {
         let digest = validate::digest(&commands);
         let n = commands.len() as u64;
         let id = self.txn_of(partial).await?;
-        let live = match self.find(id).await? {
+        let found = self.find(id).await.map_err(|e| match e {
+            Error::NotFound(_) => {
+                Error::NotFound(format!("partial transaction {partial} not found (transaction {id} was collected)"))
+            }
+            other => other,
+        });
+        let live = match found? {
             Found::Live(live) => live,
             Found::Finished(txn) => {
                 if let Some(key) = key
@@ -133,12 +140,21 @@ impl Engine {
         self.store.read_topic(partial, 1, usize::MAX).await
     }
 
-    /// The transaction a partial id belongs to.
+    /// The transaction a partial id belongs to: from [`Engine::partials`]
+    /// (a partial id never moves to another transaction, so a cached
+    /// answer is never wrong; one of a collected transaction leads to
+    /// NOT_FOUND when the record is read), else from the store.
     async fn txn_of(&self, partial: PartialId) -> Result<TxnId> {
-        self.store
+        if let Some(id) = lock(&self.partials).get(&partial) {
+            return Ok(*id);
+        }
+        let id = self
+            .store
             .find_partial(partial)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))
+            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
+        self.remember_partials(id, [partial]);
+        Ok(id)
     }
 }
 
