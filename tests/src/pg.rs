@@ -129,11 +129,18 @@ impl Postgres {
                      (install them with `apt-get install -y postgresql`, or set TCC_PG_BIN)"
                 );
             }
-            eprintln!(
-                "\n*** SKIPPED: this test needs PostgreSQL, which is not installed.\n\
-                 *** Install it with `apt-get install -y postgresql` (or point TCC_PG_BIN at its bin directory)\n\
-                 *** to run the cluster tests; CI (.ci/run) installs it and requires them.\n"
-            );
+            // Written to stderr directly, past the test harness's capture
+            // (which would hide it for a passing test); once per process.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\n*** SKIPPED: the PostgreSQL tests of this binary, because PostgreSQL is not installed.\n\
+                     *** Install it with `apt-get install -y postgresql` (or point TCC_PG_BIN at its bin directory)\n\
+                     *** to run the cluster tests; CI (.ci/run) installs it and requires them.\n"
+                );
+            });
             return Ok(None);
         };
         let template = template(&bin).await?;

@@ -23,18 +23,11 @@ const LEASE_MS: u64 = 2_000;
 async fn node(pg: &Postgres, extra: &[&str]) -> Result<Coordinator> {
     let url = pg.url();
     let lease = LEASE_MS.to_string();
-    let mut args = vec![
-        "--database-url",
-        url.as_str(),
-        "--lease-ms",
-        lease.as_str(),
-        "--retry-initial-ms",
-        "20",
-        "--retry-max-ms",
-        "200",
-        "--call-timeout-ms",
-        "2000",
-    ];
+    let mut args = vec!["--database-url", url.as_str()];
+    if !extra.contains(&"--lease-ms") {
+        args.extend(["--lease-ms", lease.as_str()]);
+    }
+    args.extend(["--retry-initial-ms", "20", "--retry-max-ms", "200", "--call-timeout-ms", "2000"]);
     args.extend_from_slice(extra);
     Coordinator::start(&args).await
 }
@@ -395,5 +388,32 @@ async fn finished_transactions_are_collected_from_the_database() -> Result<()> {
         let n: i64 = db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await?.get(0);
         ensure!(n == 0, "{table} still has {n} rows");
     }
+    Ok(())
+}
+
+/// A coordinator stopped gracefully (SIGTERM) gives its lease up: another
+/// takes over its deliveries at once, long before the lease would lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_hands_the_work_over_at_once() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    // A lease far longer than the bound checked below.
+    let mut a = node(&pg, &["--lease-ms", "60000"]).await?;
+    let b = node(&pg, &["--lease-ms", "60000"]).await?;
+    let p = TestParticipant::start().await?;
+    a.register("svc", &p).await?;
+    sees_endpoint(&b, "svc", &p.url()).await?;
+    let t = a.begin(&["svc"], 30_000).await?;
+    let partial = t.partials[0].partial_id.clone();
+    p.fail_transiently(u32::MAX); // a keeps retrying: the delivery stays a's
+    confirm(&a, &t.transaction_id, false).await?;
+    p.wait_for("a's first commit", |c| c.iter().any(|c| c.kind == "commit")).await?;
+    a.terminate().await?;
+    ensure!(a.logs().contains("lease released"), "a says it released its lease");
+    let stopped = Instant::now();
+    p.fail_transiently(0);
+    p.wait_for("b's commit", |c| acked(c, "commit", &partial) == 1).await?;
+    let took = stopped.elapsed();
+    ensure!(took < Duration::from_secs(5), "taken over after {took:?}; the lease is 60 s");
+    eprintln!("takeover after SIGTERM: {} ms (lease 60 s)", took.as_millis());
     Ok(())
 }

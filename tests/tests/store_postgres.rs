@@ -242,3 +242,46 @@ async fn a_database_restart_is_unavailable_then_recovered_without_a_restart() ->
     ensure!(s.get_txn(t.id).await? == Some(decided), "writes work again");
     Ok(())
 }
+
+/// A write whose connection is lost while it is in flight (here: while it
+/// waits for a row lock, then its backend is terminated) fails UNAVAILABLE,
+/// saying that its outcome is unknown and a retry is safe; the retry then
+/// lands exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_cut_off_in_flight_is_reported_as_unknown_and_safe_to_retry() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let s = Arc::new(PgStore::connect(&pg.url(), Duration::from_secs(30)).await?);
+    let t = txn(&["x"]);
+    s.create_txn(&t).await?;
+    let blocker = pg.client().await?;
+    blocker.batch_execute(&format!("BEGIN; SELECT 1 FROM tcc_txn WHERE id = '{}' FOR UPDATE", t.id.0)).await?;
+    let decided = next(&t, Event::Confirm)?;
+    let write = tokio::spawn({
+        let (s, decided) = (s.clone(), decided.clone());
+        async move { s.update_txn(&decided, None).await }
+    });
+    let killer = pg.client().await?;
+    let waiting =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'tcc-coordinator' AND wait_event_type = 'Lock'";
+    tcc_tests::eventually("the write to wait for the row lock", Duration::from_secs(10), || async {
+        Ok((!killer.query(waiting, &[]).await?.is_empty()).then_some(()))
+    })
+    .await?;
+    killer.execute(&format!("SELECT pg_terminate_backend(pid) FROM ({waiting}) w"), &[]).await?;
+    match write.await? {
+        Err(Error::Unavailable(m)) => {
+            ensure!(m.contains("may or may not have been applied") && m.contains("retrying is safe"), "{m}")
+        }
+        other => bail!("a write cut off in flight: {other:?}"),
+    }
+    blocker.batch_execute("ROLLBACK").await?;
+    // The pool replaces the dead connection; the retry lands once.
+    let retried = tcc_tests::eventually("the retry to land", Duration::from_secs(10), || async {
+        Ok(s.update_txn(&decided, None).await.ok())
+    })
+    .await;
+    ensure!(retried.is_ok(), "retry: {retried:?}");
+    ensure!(s.get_txn(t.id).await? == Some(decided.clone()), "applied once, at version 2");
+    ensure!(matches!(s.update_txn(&decided, None).await, Err(Error::Conflict { .. })), "a second retry conflicts");
+    Ok(())
+}

@@ -769,7 +769,14 @@ fn read_error(e: tokio_postgres::Error) -> Error {
 /// outcome is unknown, and the message says that a retry is safe.
 fn write_error(e: tokio_postgres::Error) -> Error {
     let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-    if e.is_closed() || io {
+    // The connection failed or the server ended the session (shutdown,
+    // crash, terminated backend): whether the write committed before that
+    // is not known here.
+    let cut = e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("08") || code.starts_with("57P")
+    });
+    if e.is_closed() || io || cut {
         Error::Unavailable(format!(
             "the database connection was lost while a write was in flight ({}); it may or may not have been \
              applied; retrying is safe (appends: with the same idempotency key)",
