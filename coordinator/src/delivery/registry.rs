@@ -68,6 +68,9 @@ pub struct Registry {
     connect_timeout: Duration,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    /// Registrations and deregistrations made through this registry (see
+    /// [`Registry::load`]).
+    changes: AtomicUsize,
 }
 
 /// Checks an endpoint URI: http(s)://host:port, bounded length.
@@ -106,6 +109,7 @@ impl Registry {
             connect_timeout,
             store,
             clock,
+            changes: AtomicUsize::new(0),
         };
         for entry in static_entries {
             let Some((service, uri)) = entry.split_once('=') else {
@@ -133,31 +137,43 @@ impl Registry {
     }
 
     /// Reads the stored registrations: live ones are added or renewed,
-    /// registrations no longer stored are dropped (deregistered elsewhere),
-    /// and expired ones are removed from the store.
+    /// registrations no longer stored are dropped (deregistered through
+    /// another coordinator), and expired ones are removed from the store.
+    /// A read that raced a registration or deregistration through this
+    /// registry is not applied (the next load is): it could undo it.
     pub async fn load(&self) -> Result<()> {
+        let changes = self.changes.load(Ordering::SeqCst);
         let stored = self.store.endpoints().await?;
         let now = self.clock.now_ms();
-        let (live, expired): (Vec<Registration>, Vec<Registration>) =
-            stored.into_iter().partition(|r| r.expires_ms > now);
-        // Static entries stay; registrations are what the store holds now
-        // (a deregistration through another coordinator drops one here).
-        // An instance's down mark is kept across the reload.
+        let live: Vec<Registration> = stored.into_iter().filter(|r| r.expires_ms > now).collect();
         {
             let mut services = lock(&self.services);
+            if self.changes.load(Ordering::SeqCst) != changes {
+                return Ok(());
+            }
+            // Static entries stay; registrations are what the store holds
+            // (an instance's down mark is kept across the reload).
             for (name, list) in services.iter_mut() {
                 list.retain(|i| {
                     i.expires.is_none() || live.iter().any(|r| &r.service == name && r.endpoint == i.endpoint)
                 });
             }
-        }
-        for r in &live {
-            self.upsert(&r.service, &r.endpoint, Some(r.expires_ms));
+            for r in &live {
+                let list = services.entry(r.service.clone()).or_default();
+                match list.iter_mut().find(|i| i.endpoint == r.endpoint) {
+                    Some(i) if i.expires.is_some() => i.expires = Some(r.expires_ms),
+                    Some(_) => {} // static
+                    None => list.push(Instance {
+                        endpoint: r.endpoint.clone(),
+                        expires: Some(r.expires_ms),
+                        down_until: None,
+                        failures: 0,
+                    }),
+                }
+            }
         }
         self.prune();
-        for r in expired {
-            self.store.remove_endpoint(&r.service, &r.endpoint).await?;
-        }
+        self.store.remove_expired_endpoints(now).await?;
         Ok(())
     }
 
@@ -198,13 +214,17 @@ impl Registry {
         }
         let expires_ms = self.clock.now_ms().saturating_add(ttl as i64);
         let registration = Registration { service: service.to_string(), endpoint: endpoint.to_string(), expires_ms };
+        // Counted before and after, so a load overlapping any of it skips.
+        self.changes.fetch_add(1, Ordering::SeqCst);
         self.store.put_endpoint(&registration).await?;
         self.upsert(service, endpoint, Some(expires_ms));
+        self.changes.fetch_add(1, Ordering::SeqCst);
         Ok(Duration::from_millis(ttl))
     }
 
     /// Removes a registered instance, durably. Static instances stay.
     pub async fn deregister(&self, service: &str, endpoint: &str) -> Result<bool> {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         let stored = self.store.remove_endpoint(service, endpoint).await?;
         let removed = {
             let mut services = lock(&self.services);
@@ -217,6 +237,7 @@ impl Registry {
                 None => false,
             }
         };
+        self.changes.fetch_add(1, Ordering::SeqCst);
         self.prune();
         Ok(stored || removed)
     }
@@ -434,5 +455,99 @@ mod tests {
         assert!(second.load().await.is_ok());
         assert!(second.pick("bank").is_none());
         assert_eq!(second.list(None).len(), 1, "the static entry stays");
+    }
+
+    /// A store whose `endpoints` answers what it read before a pause, so a
+    /// load can be made to overlap a registration.
+    struct Paused {
+        inner: MemStore,
+        read: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Paused {
+        async fn create_txn(&self, t: &crate::model::TxnRecord) -> Result<()> {
+            self.inner.create_txn(t).await
+        }
+        async fn update_txn(&self, t: &crate::model::TxnRecord, p: Option<crate::model::PartialId>) -> Result<()> {
+            self.inner.update_txn(t, p).await
+        }
+        async fn append(&self, t: &crate::model::TxnRecord, b: crate::store::AppendBatch<'_>) -> Result<()> {
+            self.inner.append(t, b).await
+        }
+        async fn delete_txn(&self, t: &crate::model::TxnRecord) -> Result<()> {
+            self.inner.delete_txn(t).await
+        }
+        async fn get_txn(&self, id: crate::model::TxnId) -> Result<Option<crate::model::TxnRecord>> {
+            self.inner.get_txn(id).await
+        }
+        async fn find_partial(&self, p: crate::model::PartialId) -> Result<Option<crate::model::TxnId>> {
+            self.inner.find_partial(p).await
+        }
+        async fn find_receipt(
+            &self,
+            p: crate::model::PartialId,
+            k: &str,
+        ) -> Result<Option<crate::model::AppendReceipt>> {
+            self.inner.find_receipt(p, k).await
+        }
+        async fn read_topic(
+            &self,
+            p: crate::model::PartialId,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<crate::model::CommandRecord>> {
+            self.inner.read_topic(p, from, limit).await
+        }
+        async fn unfinished(&self, a: Option<crate::model::TxnId>, l: usize) -> Result<Vec<crate::model::TxnId>> {
+            self.inner.unfinished(a, l).await
+        }
+        async fn due_deadlines(&self, n: i64, l: usize) -> Result<(Vec<crate::model::TxnId>, Option<i64>)> {
+            self.inner.due_deadlines(n, l).await
+        }
+        async fn due_deliveries(&self, u: i64, l: usize) -> Result<Vec<crate::model::TxnId>> {
+            self.inner.due_deliveries(u, l).await
+        }
+        async fn list(&self, q: &crate::store::ListQuery) -> Result<crate::store::ListPage> {
+            self.inner.list(q).await
+        }
+        async fn collectable(&self, u: i64, l: usize) -> Result<(Vec<crate::model::TxnRecord>, Option<i64>)> {
+            self.inner.collectable(u, l).await
+        }
+        async fn put_endpoint(&self, r: &Registration) -> Result<()> {
+            self.inner.put_endpoint(r).await
+        }
+        async fn remove_endpoint(&self, s: &str, e: &str) -> Result<bool> {
+            self.inner.remove_endpoint(s, e).await
+        }
+        async fn endpoints(&self) -> Result<Vec<Registration>> {
+            let read = self.inner.endpoints().await;
+            self.read.notify_one();
+            self.go.notified().await;
+            read
+        }
+        async fn remove_expired_endpoints(&self, until: i64) -> Result<usize> {
+            self.inner.remove_expired_endpoints(until).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_load_that_overlaps_a_registration_does_not_undo_it() {
+        let store = Arc::new(Paused {
+            inner: MemStore::new(),
+            read: tokio::sync::Notify::new(),
+            go: tokio::sync::Notify::new(),
+        });
+        let r = Arc::new(on(store.clone(), Arc::new(ManualClock::at(1_000_000))));
+        let loading = tokio::spawn({
+            let r = r.clone();
+            async move { r.load().await }
+        });
+        store.read.notified().await; // the load read the store: no registration yet
+        assert!(r.register("bank", "http://127.0.0.1:7100", 60_000).await.is_ok());
+        store.go.notify_one();
+        assert!(matches!(loading.await, Ok(Ok(()))));
+        assert_eq!(r.pick("bank").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7100"), "still registered");
     }
 }

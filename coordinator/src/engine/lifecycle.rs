@@ -2,7 +2,6 @@
 //! the operator's retry. Each operation reads the record, applies its
 //! events, and writes the next version (reloading on a conflict).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tracing::info;
@@ -34,7 +33,7 @@ impl Engine {
         self.store.create_txn(&txn).await?;
         self.remember_partials(txn.id, txn.participants.iter().map(|p| p.partial_id));
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
-        if txn.deadline_ms < self.next_sweep_ms.load(Ordering::SeqCst) {
+        if txn.deadline_ms < self.next_sweep_ms.load(std::sync::atomic::Ordering::SeqCst) {
             self.schedule_changed.notify_one();
         }
         Ok(txn)
@@ -148,11 +147,11 @@ impl Engine {
                 let Some(decision) = guard.state.decision().filter(|_| guard.state.is_delivering()) else {
                     return Ok(None);
                 };
-                if live.owned.load(Ordering::SeqCst) != guard.version {
+                if !self.owns(&live, guard.version) {
                     match self.store.claim(&guard).await? {
                         Some(version) => {
                             guard.version = version;
-                            live.owned.store(version, Ordering::SeqCst);
+                            *crate::lock(&live.owned) = Some((version, self.store.node()));
                         }
                         None => return Ok(None),
                     }

@@ -47,7 +47,7 @@ pub mod validate;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -78,11 +78,13 @@ struct Live {
     /// engine's map, so that the last holder's check-and-remove cannot
     /// race a new holder (an `Arc` count could: it drops after the lock).
     holders: AtomicUsize,
-    /// The version of the record this engine last wrote or claimed (0:
-    /// none). A cluster store makes the writer the owner, so while the
-    /// record is at that version this engine owns it: delivery need not
-    /// claim it, and waiters need not poll the store eagerly.
-    owned: AtomicU64,
+    /// The version of the record this engine last wrote or claimed, with
+    /// the store's node id at the time (`None`: not yet). A cluster store
+    /// makes the writer the owner, so while the record is at that version
+    /// and the node id has not changed (a lapsed lease changes it), this
+    /// engine owns it: delivery need not claim it, and waiters need not
+    /// poll the store eagerly.
+    owned: Mutex<Option<(u64, Option<uuid::Uuid>)>>,
 }
 
 /// Counts of what recovery found.
@@ -259,6 +261,11 @@ impl Engine {
 
     // --- internals -----------------------------------------------------------
 
+    /// Whether this engine owns `live` at `version` (see [`Live::owned`]).
+    fn owns(&self, live: &Live, version: u64) -> bool {
+        *lock(&live.owned) == Some((version, self.store.node()))
+    }
+
     /// Remembers which transaction `partials` belong to.
     fn remember_partials(&self, id: TxnId, partials: impl IntoIterator<Item = crate::model::PartialId>) {
         let mut cache = lock(&self.partials);
@@ -302,7 +309,7 @@ impl Engine {
                     record: tokio::sync::Mutex::new(txn),
                     state,
                     holders: AtomicUsize::new(0),
-                    owned: AtomicU64::new(0),
+                    owned: Mutex::new(None),
                 };
                 v.insert(Arc::new(live)).clone()
             }
@@ -317,7 +324,7 @@ impl Engine {
             How::Update(enlisted) => self.store.update_txn(&next, enlisted).await?,
             How::Append(batch) => self.store.append(&next, batch).await?,
         }
-        live.owned.store(next.version, Ordering::SeqCst);
+        *lock(&live.owned) = Some((next.version, self.store.node()));
         self.publish(live, guard, next);
         Ok(())
     }

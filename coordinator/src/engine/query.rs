@@ -17,8 +17,13 @@ pub const POLL_MAX: Duration = Duration::from_millis(200);
 impl Engine {
     /// Reads a transaction.
     /// While an operation holds it, that is (after the operation's write)
-    /// the record in memory; otherwise what the store holds.
+    /// the record in memory; otherwise what the store holds. With a store
+    /// shared by several coordinators, always what the store holds:
+    /// another one may have written since this one's operation did.
     pub async fn get(&self, id: TxnId) -> Result<TxnRecord> {
+        if self.store.node().is_some() {
+            return self.store.get_txn(id).await?.ok_or_else(|| not_found(id));
+        }
         match self.held(id) {
             Some(held) => {
                 let txn = held.record.lock().await.clone();
@@ -48,14 +53,16 @@ impl Engine {
         }
     }
 
-    /// [`Engine::wait_settled`] on a transaction already held.
+    /// [`Engine::wait_settled`] on a transaction already held. A failed
+    /// poll of the store is logged and the wait goes on: the caller's
+    /// decision is durable already, and its outcome is still to come.
     pub(super) async fn wait_on(&self, live: &Held<'_>, id: TxnId, wait: Duration) -> Result<TxnRecord> {
         let shared = self.store.node().is_some();
         let mut rx = live.state.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         let mut poll = POLL_FIRST;
         loop {
-            if live.owned.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            if crate::lock(&live.owned).is_some() {
                 poll = POLL_MAX;
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -67,16 +74,20 @@ impl Engine {
             if left == step {
                 break;
             }
-            match self.store.get_txn(id).await? {
-                Some(txn) if !txn.state.is_delivering() => return Ok(txn),
-                Some(_) => poll = (poll * 2).min(POLL_MAX),
-                None => return Err(not_found(id)),
+            match self.store.get_txn(id).await {
+                Ok(Some(txn)) if !txn.state.is_delivering() => return Ok(txn),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(not_found(id)),
+                Err(e) => tracing::warn!(txn = %id, cause = %e, "waiting for an outcome: cannot poll the store"),
             }
+            poll = (poll * 2).min(POLL_MAX);
         }
         if shared {
             // Timed out: what this engine holds may be older than what
-            // another wrote.
-            return self.store.get_txn(id).await?.ok_or_else(|| not_found(id));
+            // another wrote; if the store cannot say, what this engine has.
+            if let Ok(Some(txn)) = self.store.get_txn(id).await {
+                return Ok(txn);
+            }
         }
         Ok(live.record.lock().await.clone())
     }

@@ -498,5 +498,9 @@ pub async fn registrations_are_stored_renewed_and_removed<H: Harness>(h: &H) -> 
     check(s.remove_endpoint("orders", "http://127.0.0.1:7001").await?, "removed")?;
     check(!s.remove_endpoint("orders", "http://127.0.0.1:7001").await?, "removing again finds none")?;
     check(!s.remove_endpoint("bank", "http://127.0.0.1:7002").await?, "another service's endpoint is not removed")?;
-    check(s.endpoints().await?.len() == 2, "the others stay")
+    check(s.endpoints().await?.len() == 2, "the others stay")?;
+    // bank's lease ended at 5_000, orders' at 9_000.
+    check(s.remove_expired_endpoints(4_999).await? == 0, "nothing expired before 5_000")?;
+    check(s.remove_expired_endpoints(5_000).await? == 1, "bank's lease ended at 5_000")?;
+    check(s.endpoints().await? == vec![reg("orders", "http://127.0.0.1:7002", 9_000)], "the live one stays")
 }

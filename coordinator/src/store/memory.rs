@@ -188,4 +188,11 @@ impl Store for MemStore {
     async fn endpoints(&self) -> Result<Vec<Registration>> {
         Ok(lock(&self.inner).endpoints.values().cloned().collect())
     }
+
+    async fn remove_expired_endpoints(&self, until_ms: i64) -> Result<usize> {
+        let mut s = lock(&self.inner);
+        let before = s.endpoints.len();
+        s.endpoints.retain(|_, r| r.expires_ms > until_ms);
+        Ok(before - s.endpoints.len())
+    }
 }

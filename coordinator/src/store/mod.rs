@@ -208,6 +208,11 @@ pub trait Store: Send + Sync + 'static {
     /// endpoint.
     async fn endpoints(&self) -> Result<Vec<Registration>>;
 
+    /// Removes the registrations whose lease ended at or before
+    /// `until_ms` (checked at the time of the write, so one renewed
+    /// meanwhile stays). Returns how many were removed.
+    async fn remove_expired_endpoints(&self, until_ms: i64) -> Result<usize>;
+
     /// This coordinator's node id in a store shared by several (see
     /// "Cluster stores"); `None` for a single-process store.
     fn node(&self) -> Option<uuid::Uuid> {

@@ -210,7 +210,21 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tcc-coordinator");
         }
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        // A dead database host or a partition is noticed within seconds
+        // (not the kernel's 15 minutes), and no statement waits forever.
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_idle(Duration::from_secs(5));
+            config.keepalives_interval(Duration::from_secs(2));
+            config.keepalives_retries(3);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(10));
+        }
+        if config.get_options().is_none() {
+            config.options("-c statement_timeout=30000");
+        }
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CONNECT_TIMEOUT))
@@ -221,8 +235,9 @@ impl PgStore {
             .map_err(|e| Error::Storage(format!("cannot set up the database connection pool: {e}")))?;
         migrate(&pool).await?;
         let node = Arc::new(Node { id: Mutex::new(Uuid::new_v4()), lease });
-        join(&pool, &node).await?;
-        let renewal = tokio::spawn(renew(pool.clone(), node.clone()));
+        let lease_client = lease_connection(&config).await?;
+        join(&lease_client, &node).await?;
+        let renewal = tokio::spawn(renew(config, Some(lease_client), node.clone()));
         Ok(PgStore { pool, node, renewal })
     }
 
@@ -576,6 +591,12 @@ impl Store for PgStore {
             .collect()
     }
 
+    async fn remove_expired_endpoints(&self, until_ms: i64) -> Result<usize> {
+        let client = self.client().await?;
+        let sql = "DELETE FROM tcc_endpoint WHERE expires_ms <= $1";
+        Ok(client.execute(sql, &[&until_ms]).await.map_err(write_error)? as usize)
+    }
+
     fn node(&self) -> Option<Uuid> {
         Some(self.node.id())
     }
@@ -666,8 +687,7 @@ async fn migrate(pool: &Pool) -> Result<()> {
 }
 
 /// Inserts this node's lease row.
-async fn join(pool: &Pool, node: &Node) -> Result<()> {
-    let client = pool.get().await.map_err(pool_error)?;
+async fn join(client: &tokio_postgres::Client, node: &Node) -> Result<()> {
     let id = node.id();
     let ms = node.lease.as_millis().min(i64::MAX as u128) as i64;
     let sql = "INSERT INTO tcc_node (id, expires_at) VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond')";
@@ -676,36 +696,80 @@ async fn join(pool: &Pool, node: &Node) -> Result<()> {
     Ok(())
 }
 
-/// Renews the lease every third of its length. A lapsed lease is never
-/// renewed: the node joins again under a new id. Lapsed nodes' rows are
-/// dropped after an hour (a missing owner counts as lapsed).
-async fn renew(pool: Pool, node: Arc<Node>) {
+/// A connection of its own for the lease, so that requests holding every
+/// pooled connection cannot delay a renewal.
+async fn lease_connection(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client> {
+    let (client, connection) = config.connect(NoTls).await.map_err(read_error)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(cause = %describe(&e), "the lease connection to the database closed");
+        }
+    });
+    Ok(client)
+}
+
+/// One renewal: extends the lease if it has not lapsed (returns whether
+/// it had not), and drops the rows of nodes lapsed for an hour (a missing
+/// owner counts as lapsed). Reconnects first if needed.
+async fn renew_once(
+    client: &mut Option<tokio_postgres::Client>,
+    config: &tokio_postgres::Config,
+    node: &Node,
+) -> Result<bool> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = Some(lease_connection(config).await?);
+    }
+    let c = client.as_ref().ok_or_else(|| Error::Unavailable("no lease connection".into()))?;
     let ms = node.lease.as_millis().min(i64::MAX as u128) as f64;
+    let sql = "UPDATE tcc_node SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
+               WHERE id = $1 AND expires_at > clock_timestamp()";
+    let n = c.execute(sql, &[&node.id(), &ms]).await.map_err(write_error)?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let prune = "DELETE FROM tcc_node WHERE expires_at < clock_timestamp() - interval '1 hour'";
+    c.execute(prune, &[]).await.map_err(write_error)?;
+    Ok(true)
+}
+
+/// Renews the lease every third of its length (a failed attempt is
+/// retried after a tenth), each attempt bounded by a third of the lease. A
+/// lapsed lease is never renewed: the node joins again under a new id.
+async fn renew(config: tokio_postgres::Config, mut client: Option<tokio_postgres::Client>, node: Arc<Node>) {
+    let mut pause = node.lease / 3;
     loop {
-        tokio::time::sleep(node.lease / 3).await;
+        tokio::time::sleep(pause).await;
+        pause = node.lease / 10;
         let id = node.id();
-        let renewed = async {
-            let client = pool.get().await.map_err(pool_error)?;
-            let sql = "UPDATE tcc_node SET expires_at = clock_timestamp() + $2 * interval '1 millisecond' \
-                       WHERE id = $1 AND expires_at > clock_timestamp()";
-            let n = client.execute(sql, &[&id, &ms]).await.map_err(write_error)?;
-            let prune = "DELETE FROM tcc_node WHERE expires_at < clock_timestamp() - interval '1 hour'";
-            client.execute(prune, &[]).await.map_err(write_error)?;
-            Ok::<_, Error>(n > 0)
+        let renewed = match tokio::time::timeout(node.lease / 3, renew_once(&mut client, &config, &node)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!("no answer within {} ms", (node.lease / 3).as_millis()))),
         };
-        match renewed.await {
-            Ok(true) => {}
+        match renewed {
+            Ok(true) => pause = node.lease / 3,
             Ok(false) => {
                 let fresh = Uuid::new_v4();
                 warn!(old = %id, new = %fresh,
                     "this coordinator's lease lapsed (paused, or cut off from the database, for longer than the lease); \
                      its late writes are refused and others may have taken over its work; joining again under a new id");
                 *lock(&node.id) = fresh;
-                if let Err(e) = join(&pool, &node).await {
-                    warn!(cause = %e, "cannot join the cluster again; will retry");
+                let joined = match client.as_ref() {
+                    Some(c) => tokio::time::timeout(node.lease / 3, join(c, &node))
+                        .await
+                        .unwrap_or_else(|_| Err(Error::Unavailable("no answer".into()))),
+                    None => Err(Error::Unavailable("no lease connection".into())),
+                };
+                match joined {
+                    Ok(()) => pause = node.lease / 3,
+                    // Under the new id, with no row: the next renewal finds
+                    // none, which is a lapse again, and joins again.
+                    Err(e) => warn!(cause = %e, "cannot join the cluster again; will retry"),
                 }
             }
-            Err(e) => warn!(node = %id, cause = %e, "cannot renew the lease; will retry"),
+            Err(e) => {
+                warn!(node = %id, cause = %e, "cannot renew the lease; will retry");
+                client = None; // reconnect
+            }
         }
     }
 }
@@ -751,7 +815,11 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
         // 08 connection, 53 resources, 57 operator intervention (shutdown),
         // 40 transaction rollback (serialization, deadlock).
-        Some(db) => ["08", "53", "57", "40"].iter().any(|class| db.code().code().starts_with(class)),
+        // 25006: read-only transaction (a standby after a failover).
+        Some(db) => {
+            ["08", "53", "57", "40"].iter().any(|class| db.code().code().starts_with(class))
+                || db.code().code() == "25006"
+        }
         None => e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()),
     }
 }

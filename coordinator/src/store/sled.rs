@@ -322,6 +322,24 @@ impl Store for SledStore {
         }
         Ok(out)
     }
+
+    async fn remove_expired_endpoints(&self, until_ms: i64) -> Result<usize> {
+        // Not atomic (a read, then a write): on sled, registrations come
+        // only through this process's registry, which removes expired ones
+        // when it loads them at start, before serving, so nothing renews
+        // meanwhile.
+        let expired: Vec<Registration> =
+            self.endpoints().await?.into_iter().filter(|r| r.expires_ms <= until_ms).collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut write = Write::default();
+        for r in &expired {
+            write.remove(&endpoint_key(&r.service, &r.endpoint));
+        }
+        self.journal.submit(write)?.durable().await?;
+        Ok(expired.len())
+    }
 }
 
 fn sled_error(e: sled::Error) -> Error {

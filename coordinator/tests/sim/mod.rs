@@ -489,6 +489,9 @@ impl Store for SimStore {
     async fn endpoints(&self) -> Result<Vec<Registration>> {
         self.inner.endpoints().await
     }
+    async fn remove_expired_endpoints(&self, until_ms: i64) -> Result<usize> {
+        self.inner.remove_expired_endpoints(until_ms).await
+    }
 }
 
 /// One coordinator: the real engine, delivery driver and sweeper.
