@@ -37,16 +37,21 @@
 //! The scheme of the store module ("Cluster stores") with the database's
 //! clock (`clock_timestamp()`), so the coordinators' clocks play no part in
 //! who may write: a coordinator inserts its `tcc_node` row at start and a
-//! background task renews it every third of the lease; renewal only extends
-//! a lease that has not lapsed (`WHERE expires_at > clock_timestamp()`), so
-//! a coordinator that finds its lease lapsed takes a new node id (its
-//! in-flight writes under the old id are refused). Graceful shutdown ends
-//! the lease at once ([`Store::close`]).
+//! background task renews it every third of the lease, on a connection of
+//! its own (requests holding every pooled connection cannot delay it),
+//! each attempt bounded by a third of the lease and a failed one retried
+//! after a tenth; renewal only extends a lease that has not lapsed (`WHERE
+//! expires_at > clock_timestamp()`), so a coordinator that finds its lease
+//! lapsed takes a new node id (its in-flight writes under the old id are
+//! refused). Graceful shutdown ends the lease at once ([`Store::close`]).
 //!
 //! ## Faults
 //! A database that cannot be reached, restarts or refuses connections gives
 //! [`Error::Unavailable`] naming the database; the pool reconnects by
-//! itself when it is back. A connection lost while a write was in flight
+//! itself when it is back. Unless the URL says otherwise, connections use
+//! TCP keepalives (a dead peer is noticed in about 11 s), a 10 s TCP user
+//! timeout and a 30 s `statement_timeout`, so no call waits on a dead
+//! database host for the kernel's 15 minutes. A connection lost while a write was in flight
 //! (during its commit, say) leaves its outcome unknown: the error says so,
 //! and that retrying is safe (decisions and enlistments are idempotent,
 //! appends with an idempotency key are, and a write that did land makes
