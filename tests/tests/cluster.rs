@@ -417,3 +417,22 @@ async fn a_graceful_stop_hands_the_work_over_at_once() -> Result<()> {
     eprintln!("takeover after SIGTERM: {} ms (lease 60 s)", took.as_millis());
     Ok(())
 }
+
+/// A coordinator that cannot use its database does not start, and says
+/// which database and why (no PostgreSQL needed: nothing listens there).
+#[tokio::test]
+async fn an_unreachable_or_malformed_database_url_stops_the_start_with_a_clear_message() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = tcc_tests::free_port()?;
+    let url = format!("postgres://tcc:secret@127.0.0.1:{port}/tcc");
+    let (status, stderr) = Coordinator::start_failing(dir.path(), &["--database-url", &url]).await?;
+    ensure!(!status.success(), "started without its database");
+    ensure!(stderr.contains(&format!("cannot use the database postgres://tcc:***@127.0.0.1:{port}/tcc")), "{stderr}");
+    ensure!(stderr.contains("unavailable"), "says why: {stderr}");
+    ensure!(!stderr.contains("secret"), "the password is not shown: {stderr}");
+    let (status, stderr) = Coordinator::start_failing(dir.path(), &["--database-url", "postgres://tcc@:x:y/"]).await?;
+    ensure!(!status.success() && stderr.contains("not a valid PostgreSQL URL"), "{stderr}");
+    let (status, stderr) = Coordinator::start_failing(dir.path(), &["--database-url", "mysql://x"]).await?;
+    ensure!(!status.success() && stderr.contains("--database-url"), "{stderr}");
+    Ok(())
+}
