@@ -24,7 +24,7 @@ pub struct Config {
     pub data_dir: PathBuf,
 
     /// PostgreSQL database shared by a cluster of coordinators, as
-    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (cluster mode). Without it
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (cluster mode). Without it
     /// the coordinator runs alone on the embedded store in --data-dir.
     #[arg(long, env = "TCC_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,

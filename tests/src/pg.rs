@@ -215,11 +215,6 @@ impl Postgres {
         self.signal("-QUIT").await
     }
 
-    /// Stops the server (fast shutdown: SIGINT) and waits for it to exit.
-    pub async fn stop(&mut self) -> Result<()> {
-        self.signal("-INT").await
-    }
-
     async fn signal(&mut self, signal: &str) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
@@ -230,13 +225,8 @@ impl Postgres {
         Ok(())
     }
 
-    /// Starts the server again on the same data and port.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.stop().await?;
-        self.launch().await
-    }
-
-    /// Starts a stopped (or killed) server again.
+    /// Starts the server again after [`Postgres::crash`], on the same data
+    /// and port.
     pub async fn start_again(&mut self) -> Result<()> {
         self.launch().await
     }

@@ -105,40 +105,9 @@ impl Shop {
     /// Starts all five processes on fixed loopback ports, so that any of
     /// them can be killed and restarted where the others expect it.
     pub async fn start_on_fixed_ports(coordinator_extra: &[&str], shop_extra: &[&str]) -> Result<Self> {
-        let mut addrs = Vec::new();
-        for _ in 0..5 {
-            addrs.push(format!("127.0.0.1:{}", crate::free_port()?));
-        }
         let mut args: Vec<&str> = FAST.to_vec();
-        args.extend(["--listen", addrs[0].as_str()]);
         args.extend(coordinator_extra);
-        let coordinator = Coordinator::start(&args).await?;
-        let tmp = coordinator.tmp();
-        let mut procs = Vec::new();
-        for (i, name) in ["customers", "inventory", "orders"].into_iter().enumerate() {
-            let a = service_args(&coordinator, name, &["--listen", addrs[i + 1].as_str()]);
-            procs.push(Process::start(&format!("shop-{name}"), name, a, tmp.clone()).await?);
-        }
-        let mut shop_args: Vec<String> =
-            vec!["--listen".into(), addrs[4].clone(), "--coordinator".into(), coordinator.url()];
-        for (flag, p) in [("--customers", &procs[0]), ("--inventory", &procs[1]), ("--orders", &procs[2])] {
-            shop_args.extend([flag.to_string(), p.url()]);
-        }
-        shop_args.extend(shop_extra.iter().map(|s| s.to_string()));
-        let shop = Process::start("shop", "shop", shop_args, tmp).await?;
-        let orders = procs.pop().ok_or_else(|| anyhow::anyhow!("orders"))?;
-        let inventory = procs.pop().ok_or_else(|| anyhow::anyhow!("inventory"))?;
-        let customers = procs.pop().ok_or_else(|| anyhow::anyhow!("customers"))?;
-        Ok(Shop {
-            coordinator,
-            peers: Vec::new(),
-            customers,
-            inventory,
-            orders,
-            shop,
-            credit: BTreeMap::new(),
-            stock: BTreeMap::new(),
-        })
+        Self::start_fixed(1, &args, [0, 0, 0], shop_extra).await
     }
 
     /// The shop on a cluster: three coordinators sharing the PostgreSQL
@@ -147,24 +116,38 @@ impl Shop {
     /// customers the second, inventory the third, so every transaction
     /// crosses nodes.
     pub async fn start_cluster(database_url: &str, shop_extra: &[&str]) -> Result<Self> {
+        let mut args: Vec<&str> = FAST.to_vec();
+        args.extend(["--database-url", database_url, "--lease-ms", "2000"]);
+        Self::start_fixed(3, &args, [1, 2, 0], shop_extra).await
+    }
+
+    /// `coordinators` coordinators with `coordinator_args`, then customers,
+    /// inventory and orders, each on the coordinator `uses` names, and the
+    /// shop on the first; every process on a fixed loopback port.
+    async fn start_fixed(
+        coordinators: usize,
+        coordinator_args: &[&str],
+        uses: [usize; 3],
+        shop_extra: &[&str],
+    ) -> Result<Self> {
         let mut addrs = Vec::new();
-        for _ in 0..7 {
+        for _ in 0..coordinators + 4 {
             addrs.push(format!("127.0.0.1:{}", crate::free_port()?));
         }
-        let mut coordinators = Vec::new();
-        for addr in &addrs[..3] {
-            let mut args: Vec<&str> = FAST.to_vec();
-            args.extend(["--listen", addr.as_str(), "--database-url", database_url, "--lease-ms", "2000"]);
-            coordinators.push(Coordinator::start(&args).await?);
+        let mut nodes = Vec::new();
+        for addr in &addrs[..coordinators] {
+            let mut args = coordinator_args.to_vec();
+            args.extend(["--listen", addr.as_str()]);
+            nodes.push(Coordinator::start(&args).await?);
         }
-        let tmp = coordinators[0].tmp();
+        let tmp = nodes[0].tmp();
         let mut procs = Vec::new();
-        for (i, (name, c)) in [("customers", 1), ("inventory", 2), ("orders", 0)].into_iter().enumerate() {
-            let a = service_args(&coordinators[c], name, &["--listen", addrs[i + 3].as_str()]);
+        for (i, (name, c)) in ["customers", "inventory", "orders"].into_iter().zip(uses).enumerate() {
+            let a = service_args(&nodes[c], name, &["--listen", addrs[coordinators + i].as_str()]);
             procs.push(Process::start(&format!("shop-{name}"), name, a, tmp.clone()).await?);
         }
         let mut shop_args: Vec<String> =
-            vec!["--listen".into(), addrs[6].clone(), "--coordinator".into(), coordinators[0].url()];
+            vec!["--listen".into(), addrs[coordinators + 3].clone(), "--coordinator".into(), nodes[0].url()];
         for (flag, p) in [("--customers", &procs[0]), ("--inventory", &procs[1]), ("--orders", &procs[2])] {
             shop_args.extend([flag.to_string(), p.url()]);
         }
@@ -173,11 +156,11 @@ impl Shop {
         let orders = procs.pop().ok_or_else(|| anyhow::anyhow!("orders"))?;
         let inventory = procs.pop().ok_or_else(|| anyhow::anyhow!("inventory"))?;
         let customers = procs.pop().ok_or_else(|| anyhow::anyhow!("customers"))?;
-        let mut coordinators = coordinators.into_iter();
-        let coordinator = coordinators.next().ok_or_else(|| anyhow::anyhow!("coordinator"))?;
+        let mut nodes = nodes.into_iter();
+        let coordinator = nodes.next().ok_or_else(|| anyhow::anyhow!("coordinator"))?;
         Ok(Shop {
             coordinator,
-            peers: coordinators.collect(),
+            peers: nodes.collect(),
             customers,
             inventory,
             orders,

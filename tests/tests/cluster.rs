@@ -40,6 +40,20 @@ async fn nodes(pg: &Postgres, n: usize) -> Result<Vec<Coordinator>> {
     Ok(out)
 }
 
+/// A fresh PostgreSQL server, `k` nodes on it, and a participant
+/// registered as "svc" through the first node and known to all of them;
+/// `None` where PostgreSQL is not installed.
+async fn cluster_with_svc(k: usize) -> Result<Option<(Postgres, Vec<Coordinator>, TestParticipant)>> {
+    let Some(pg) = Postgres::start().await? else { return Ok(None) };
+    let n = nodes(&pg, k).await?;
+    let p = TestParticipant::start().await?;
+    n[0].register("svc", &p).await?;
+    for c in &n {
+        sees_endpoint(c, "svc", &p.url()).await?;
+    }
+    Ok(Some((pg, n, p)))
+}
+
 async fn get(c: &Coordinator, id: &str) -> Result<v1::Transaction> {
     Ok(c.transactions().await?.get(v1::GetRequest { transaction_id: id.into() }).await?.into_inner())
 }
@@ -118,13 +132,7 @@ async fn any_node_answers_any_call() -> Result<()> {
 /// every node reports it, and the participants get only that one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn decisions_raced_across_nodes_have_one_winner() -> Result<()> {
-    let Some(pg) = Postgres::start().await? else { return Ok(()) };
-    let n = nodes(&pg, 3).await?;
-    let p = TestParticipant::start().await?;
-    n[0].register("svc", &p).await?;
-    for c in &n {
-        sees_endpoint(c, "svc", &p.url()).await?;
-    }
+    let Some((_pg, n, p)) = cluster_with_svc(3).await? else { return Ok(()) };
     let mut confirmed = Vec::new();
     let mut cancelled = Vec::new();
     for round in 0..20 {
@@ -164,11 +172,7 @@ async fn decisions_raced_across_nodes_have_one_winner() -> Result<()> {
 /// call; another node takes over once its lease lapses, and finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_killed_mid_delivery_is_taken_over_within_its_lease() -> Result<()> {
-    let Some(pg) = Postgres::start().await? else { return Ok(()) };
-    let mut n = nodes(&pg, 2).await?;
-    let p = TestParticipant::start().await?;
-    n[0].register("svc", &p).await?;
-    sees_endpoint(&n[1], "svc", &p.url()).await?;
+    let Some((_pg, mut n, p)) = cluster_with_svc(2).await? else { return Ok(()) };
     let t = n[0].begin(&["svc"], 30_000).await?;
     let partial = t.partials[0].partial_id.clone();
     n[0].append(&partial, vec![command("svc.Do", "k", b"x")], "").await?;
@@ -200,11 +204,7 @@ async fn a_node_killed_mid_delivery_is_taken_over_within_its_lease() -> Result<(
 /// the record untouched), and then serves again under a new node id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_paused_past_its_lease_is_fenced() -> Result<()> {
-    let Some(pg) = Postgres::start().await? else { return Ok(()) };
-    let n = nodes(&pg, 2).await?;
-    let p = TestParticipant::start().await?;
-    n[0].register("svc", &p).await?;
-    sees_endpoint(&n[1], "svc", &p.url()).await?;
+    let Some((pg, n, p)) = cluster_with_svc(2).await? else { return Ok(()) };
     let t = n[0].begin(&["svc"], 30_000).await?;
     let partial = t.partials[0].partial_id.clone();
     n[0].append(&partial, vec![command("svc.Do", "k", b"x")], "").await?;
@@ -251,11 +251,7 @@ async fn a_node_paused_past_its_lease_is_fenced() -> Result<()> {
 /// themselves, and every acknowledged decision is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_database_restarting_under_load_loses_nothing() -> Result<()> {
-    let Some(mut pg) = Postgres::start().await? else { return Ok(()) };
-    let n = nodes(&pg, 2).await?;
-    let p = TestParticipant::start().await?;
-    n[0].register("svc", &p).await?;
-    sees_endpoint(&n[1], "svc", &p.url()).await?;
+    let Some((mut pg, n, p)) = cluster_with_svc(2).await? else { return Ok(()) };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut clients = Vec::new();
     for i in 0..4 {

@@ -73,6 +73,20 @@ pub struct Registry {
     changes: AtomicUsize,
 }
 
+/// Adds an instance, or renews a registered one's lease (a static entry
+/// stays static).
+fn upsert(services: &mut HashMap<String, Vec<Instance>>, service: &str, endpoint: &str, expires: Option<i64>) {
+    let list = services.entry(service.to_string()).or_default();
+    match list.iter_mut().find(|i| i.endpoint == endpoint) {
+        Some(i) => {
+            if i.expires.is_some() {
+                i.expires = expires;
+            }
+        }
+        None => list.push(Instance { endpoint: endpoint.to_string(), expires, down_until: None, failures: 0 }),
+    }
+}
+
 /// Checks an endpoint URI: http(s)://host:port, bounded length.
 pub fn parse_endpoint(uri: &str) -> Result<Endpoint> {
     if uri.len() > fixed::MAX_ENDPOINT {
@@ -123,17 +137,7 @@ impl Registry {
     }
 
     fn upsert(&self, service: &str, endpoint: &str, expires: Option<i64>) {
-        let mut services = lock(&self.services);
-        let list = services.entry(service.to_string()).or_default();
-        match list.iter_mut().find(|i| i.endpoint == endpoint) {
-            // A static entry stays static; a registration renews its lease.
-            Some(i) => {
-                if i.expires.is_some() {
-                    i.expires = expires;
-                }
-            }
-            None => list.push(Instance { endpoint: endpoint.to_string(), expires, down_until: None, failures: 0 }),
-        }
+        upsert(&mut lock(&self.services), service, endpoint, expires);
     }
 
     /// Reads the stored registrations: live ones are added or renewed,
@@ -159,17 +163,7 @@ impl Registry {
                 });
             }
             for r in &live {
-                let list = services.entry(r.service.clone()).or_default();
-                match list.iter_mut().find(|i| i.endpoint == r.endpoint) {
-                    Some(i) if i.expires.is_some() => i.expires = Some(r.expires_ms),
-                    Some(_) => {} // static
-                    None => list.push(Instance {
-                        endpoint: r.endpoint.clone(),
-                        expires: Some(r.expires_ms),
-                        down_until: None,
-                        failures: 0,
-                    }),
-                }
+                upsert(&mut services, &r.service, &r.endpoint, Some(r.expires_ms));
             }
         }
         self.prune();

@@ -3,7 +3,7 @@
 //! [`Store`] before anyone is told about it.
 //!
 //! ## Writes: conditional, reloaded on conflict
-//! Every change is computed with [`apply`](crate::model::apply) from the
+//! Every change is computed with [`apply`] from the
 //! record as last read, and written as the next version of that record
 //! (the store refuses it if the stored version moved on: see
 //! [`crate::store`]). On [`Error::Conflict`] the engine reloads the record
@@ -14,7 +14,7 @@
 //!
 //! ## Memory: only what is in use
 //! A transaction sits in memory only while an operation or a waiter holds
-//! it ([`Held`]): behind its own async mutex, which serialises this
+//! it (`Held`): behind its own async mutex, which serialises this
 //! engine's operations on it (an append and a confirm cannot interleave
 //! here, so this engine never conflicts with itself), with a watch for
 //! waiters. The first operation loads it from the store, the last one to

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Engine, Found, Held, not_found};
+use super::{Engine, Held, not_found};
 use crate::config::fixed;
 use crate::error::Result;
 use crate::model::{TxnId, TxnRecord, TxnState};
@@ -33,8 +33,9 @@ impl Engine {
         }
     }
 
-    /// Waits until the transaction leaves CONFIRMING/CANCELLING or `wait`
-    /// passes, then returns it.
+    /// Waits, on a transaction already held (by the decision that just
+    /// moved it: see `lifecycle::decide`), until it leaves
+    /// CONFIRMING/CANCELLING or `wait` passes, then returns it.
     ///
     /// This engine's own writes wake the waiter at once. With a store
     /// shared by several coordinators, another one may deliver the
@@ -46,16 +47,9 @@ impl Engine {
     /// engine delivers the transaction itself (it took the decision, the
     /// usual case), its own writes wake the waiter, and the store is polled
     /// only every [`POLL_MAX`], in case another coordinator takes over.
-    pub async fn wait_settled(&self, id: TxnId, wait: Duration) -> Result<TxnRecord> {
-        match self.find(id).await? {
-            Found::Live(live) => self.wait_on(&live, id, wait).await,
-            Found::Finished(txn) => Ok(txn),
-        }
-    }
-
-    /// [`Engine::wait_settled`] on a transaction already held. A failed
-    /// poll of the store is logged and the wait goes on: the caller's
-    /// decision is durable already, and its outcome is still to come.
+    /// A failed poll of the store is logged and the wait goes on: the
+    /// caller's decision is durable already, and its outcome is still to
+    /// come.
     pub(super) async fn wait_on(&self, live: &Held<'_>, id: TxnId, wait: Duration) -> Result<TxnRecord> {
         let shared = self.store.node().is_some();
         let mut rx = live.state.subscribe();

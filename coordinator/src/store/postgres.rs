@@ -444,47 +444,27 @@ impl Store for PgStore {
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
-        let client = self.client().await?;
-        let stmt =
-            client.prepare_cached("SELECT version, record FROM tcc_txn WHERE id = $1").await.map_err(read_error)?;
-        match client.query_opt(&stmt, &[&id.0]).await.map_err(read_error)? {
-            Some(row) => decode_txn(id, &row, 0).map(Some),
-            None => Ok(None),
-        }
+        let rows = self.rows("SELECT version, record FROM tcc_txn WHERE id = $1", &[&id.0]).await?;
+        rows.first().map(|row| decode_txn(id, row)).transpose()
     }
 
     async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT txn FROM tcc_partial WHERE partial = $1").await.map_err(read_error)?;
-        let row = client.query_opt(&stmt, &[&partial.0]).await.map_err(read_error)?;
-        row.map(|r| r.try_get(0).map(TxnId).map_err(read_error)).transpose()
+        Ok(self.ids("SELECT txn FROM tcc_partial WHERE partial = $1", &[&partial.0]).await?.first().copied())
     }
 
     async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT first_seq, last_seq, bytes, digest FROM tcc_receipt WHERE partial = $1 AND key = $2",
-            )
-            .await
-            .map_err(read_error)?;
-        let Some(row) = client.query_opt(&stmt, &[&partial.0, &key]).await.map_err(read_error)? else {
-            return Ok(None);
-        };
+        let sql = "SELECT first_seq, last_seq, bytes, digest FROM tcc_receipt WHERE partial = $1 AND key = $2";
+        let rows = self.rows(sql, &[&partial.0, &key]).await?;
+        let Some(row) = rows.first() else { return Ok(None) };
         let get = |i: usize| row.try_get::<_, i64>(i).map(|v| v as u64).map_err(read_error);
         Ok(Some(AppendReceipt { first_sequence: get(0)?, last_sequence: get(1)?, bytes: get(2)?, digest: get(3)? }))
     }
 
     async fn read_topic(&self, partial: PartialId, from: u64, limit: usize) -> Result<Vec<CommandRecord>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT seq, kind, key, payload FROM tcc_command WHERE partial = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-            )
-            .await
-            .map_err(read_error)?;
+        let sql =
+            "SELECT seq, kind, key, payload FROM tcc_command WHERE partial = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
         let from = from.min(i64::MAX as u64) as i64;
-        let rows = client.query(&stmt, &[&partial.0, &from, &sql_limit(limit)]).await.map_err(read_error)?;
+        let rows = self.rows(sql, &[&partial.0, &from, &sql_limit(limit)]).await?;
         rows.iter()
             .map(|r| {
                 Ok(CommandRecord {
@@ -526,23 +506,10 @@ impl Store for PgStore {
         let limit = q.limit.max(1);
         let states: Vec<i16> = q.states.iter().map(|s| state_code(*s)).collect();
         let after = q.after.map_or(Uuid::nil(), |a| a.0);
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT version, record, id FROM tcc_txn WHERE (cardinality($1::smallint[]) = 0 OR state = ANY($1)) \
-                 AND created_ms <= $2 AND id > $3 ORDER BY id LIMIT $4",
-            )
-            .await
-            .map_err(read_error)?;
-        let rows = client
-            .query(&stmt, &[&states, &q.created_until_ms, &after, &sql_limit(limit)])
-            .await
-            .map_err(read_error)?;
-        let mut page = ListPage::default();
-        for row in &rows {
-            let id = TxnId(row.try_get(2).map_err(read_error)?);
-            page.transactions.push(decode_txn(id, row, 0)?);
-        }
+        let sql = "SELECT version, record, id FROM tcc_txn WHERE (cardinality($1::smallint[]) = 0 OR state = ANY($1)) \
+                   AND created_ms <= $2 AND id > $3 ORDER BY id LIMIT $4";
+        let rows = self.rows(sql, &[&states, &q.created_until_ms, &after, &sql_limit(limit)]).await?;
+        let mut page = ListPage { transactions: records(&rows)?, next: None };
         if page.transactions.len() == limit {
             page.next = page.transactions.last().map(|t| t.id);
         }
@@ -555,14 +522,8 @@ impl Store for PgStore {
             "SELECT version, record, id FROM tcc_txn t WHERE finished_ms <= $1 AND (t.owner = $2 OR {OWNER_LAPSED}) \
              ORDER BY finished_ms, id LIMIT $3"
         );
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(&sql).await.map_err(read_error)?;
-        let rows = client.query(&stmt, &[&finished_until_ms, &node, &sql_limit(limit)]).await.map_err(read_error)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(decode_txn(TxnId(row.try_get(2).map_err(read_error)?), row, 0)?);
-        }
-        drop(client);
+        let rows = self.rows(&sql, &[&finished_until_ms, &node, &sql_limit(limit)]).await?;
+        let out = records(&rows)?;
         let next = self.min("SELECT min(finished_ms) FROM tcc_txn WHERE finished_ms > $1", finished_until_ms).await?;
         Ok((out, next))
     }
@@ -582,9 +543,8 @@ impl Store for PgStore {
     }
 
     async fn endpoints(&self) -> Result<Vec<Registration>> {
-        let client = self.client().await?;
         let sql = "SELECT service, endpoint, expires_ms FROM tcc_endpoint ORDER BY service, endpoint";
-        let rows = client.query(sql, &[]).await.map_err(read_error)?;
+        let rows = self.rows(sql, &[]).await?;
         rows.iter()
             .map(|r| {
                 Ok(Registration {
@@ -651,18 +611,23 @@ impl Store for PgStore {
 }
 
 impl PgStore {
-    async fn ids(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<TxnId>> {
+    /// Runs a read (a prepared statement, cached per connection).
+    async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
-        let rows = client.query(&stmt, params).await.map_err(read_error)?;
+        client.query(&stmt, params).await.map_err(read_error)
+    }
+
+    /// A read whose first column is an id.
+    async fn ids(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<TxnId>> {
+        let rows = self.rows(sql, params).await?;
         rows.iter().map(|r| r.try_get(0).map(TxnId).map_err(read_error)).collect()
     }
 
+    /// A `min(...)` read.
     async fn min(&self, sql: &str, after: i64) -> Result<Option<i64>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
-        let row = client.query_one(&stmt, &[&after]).await.map_err(read_error)?;
-        row.try_get(0).map_err(read_error)
+        let rows = self.rows(sql, &[&after]).await?;
+        rows.first().map_or(Ok(None), |r| r.try_get(0).map_err(read_error))
     }
 }
 
@@ -784,9 +749,15 @@ fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-fn decode_txn(id: TxnId, row: &tokio_postgres::Row, first: usize) -> Result<TxnRecord> {
-    let version: i64 = row.try_get(first).map_err(read_error)?;
-    let bytes: &[u8] = row.try_get(first + 1).map_err(read_error)?;
+/// The records of rows of (version, record, id).
+fn records(rows: &[tokio_postgres::Row]) -> Result<Vec<TxnRecord>> {
+    rows.iter().map(|row| decode_txn(TxnId(row.try_get(2).map_err(read_error)?), row)).collect()
+}
+
+/// The record of `id` from a row that starts with (version, record).
+fn decode_txn(id: TxnId, row: &tokio_postgres::Row) -> Result<TxnRecord> {
+    let version: i64 = row.try_get(0).map_err(read_error)?;
+    let bytes: &[u8] = row.try_get(1).map_err(read_error)?;
     let corrupt = |cause: String| Error::Corrupt { key: format!("transaction {id}"), cause };
     let (mut txn, tail): (TxnRecord, _) = postcard::take_from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
     if !tail.is_empty() {

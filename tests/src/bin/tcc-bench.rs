@@ -499,9 +499,18 @@ async fn main() -> Result<()> {
         registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
         services.push(name);
     }
-    if pg.is_some() {
-        // Registrations reach the other nodes within a refresh (1 s).
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Registrations reach the other nodes within a refresh (1 s).
+    for node in &nodes[1..] {
+        let mut registry = RegistryClient::new(node.channel().await?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = registry.list_endpoints(v1::ListEndpointsRequest::default()).await?.into_inner();
+            if services.iter().all(|s| listed.endpoints.iter().any(|e| &e.service == s)) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "registrations did not reach every coordinator in 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     if args.warmup_secs > 0 {
