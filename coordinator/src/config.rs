@@ -47,6 +47,18 @@ pub struct Config {
     #[arg(long, env = "TCC_RETENTION_SECS", default_value_t = 86_400)]
     pub retention_secs: u64,
 
+    /// At SIGTERM/SIGINT: how long the coordinator may take to stop, in ms.
+    /// Waiting Confirm/Cancel calls answer at once with the state reached
+    /// so far; in-flight calls and phase-2 calls get until then to finish,
+    /// and then the process exits anyway (every acknowledged write is
+    /// already durable, so this loses nothing).
+    #[arg(long, env = "TCC_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+
+    /// Limits on client connections.
+    #[command(flatten)]
+    pub connections: Connections,
+
     /// Size and time limits on requests.
     #[command(flatten)]
     pub limits: Limits,
@@ -76,6 +88,10 @@ impl Config {
             ("--min-timeout-ms", l.min_timeout_ms),
             ("--call-timeout-ms", d.call_timeout_ms),
             ("--retry-initial-ms", d.retry_initial_ms),
+            ("--shutdown-timeout-ms", self.shutdown_timeout_ms),
+            ("--max-connections", self.connections.max_connections as u64),
+            ("--handshake-timeout-ms", self.connections.handshake_timeout_ms),
+            ("--idle-timeout-ms", self.connections.idle_timeout_ms),
         ];
         if !(1_000..=600_000).contains(&self.lease_ms) {
             return Err(format!("--lease-ms ({}) must be between 1000 and 600000", self.lease_ms));
@@ -114,10 +130,31 @@ impl Config {
         Duration::from_millis(self.lease_ms)
     }
 
+    /// The shutdown bound as a duration.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
     /// The GC retention as a duration.
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
     }
+}
+
+/// Limits on client connections (see the `net` module).
+#[derive(Clone, Debug, Args)]
+pub struct Connections {
+    /// Most client connections open at once; further ones are closed at
+    /// once. Also kept 128 below the process's open-file limit.
+    #[arg(long, env = "TCC_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Time a new connection has to start HTTP/2 before it is closed, in ms.
+    #[arg(long, env = "TCC_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Time a connection may stay open with no request in flight, in ms
+    /// (clients reconnect on their next call).
+    #[arg(long, env = "TCC_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
+    pub idle_timeout_ms: u64,
 }
 
 /// Limits that keep every request, topic and transaction bounded.
@@ -146,6 +183,24 @@ pub struct Limits {
     /// Largest timeout Begin accepts, in ms.
     #[arg(long, env = "TCC_MAX_TIMEOUT_MS", default_value_t = 3_600_000)]
     pub max_timeout_ms: u64,
+}
+
+impl Limits {
+    /// The gRPC decoding limit of `Topics`: the largest Append that can be
+    /// valid (one that fills a whole topic) plus room for its framing. A
+    /// larger message is refused from its length prefix, before any of it is
+    /// buffered.
+    pub fn max_append_message_bytes(&self) -> usize {
+        let topic = usize::try_from(self.max_topic_bytes).unwrap_or(usize::MAX);
+        topic.saturating_add(self.max_commands_per_append.saturating_mul(16)).saturating_add(fixed::SMALL_MESSAGE_BYTES)
+    }
+
+    /// The gRPC decoding limit of the other services, whose requests carry
+    /// no commands: ids, names, a reason, and at most `max_participants`
+    /// service names.
+    pub fn max_small_message_bytes(&self) -> usize {
+        self.max_participants.saturating_mul(fixed::MAX_SERVICE_NAME + 8).saturating_add(fixed::SMALL_MESSAGE_BYTES)
+    }
 }
 
 /// Fixed limits that are not worth a flag.
@@ -178,8 +233,12 @@ pub mod fixed {
     pub const MAX_INSTANCES_PER_SERVICE: usize = 64;
     /// Most services with registered instances.
     pub const MAX_SERVICES: usize = 1024;
-    /// Largest gRPC message the coordinator accepts or sends.
+    /// Largest gRPC message the coordinator sends (a Read page, a phase-2
+    /// call). What it accepts is bounded by [`super::Limits`].
     pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+    /// Room for everything but commands in a request, and the decoding limit
+    /// of a participant's answer.
+    pub const SMALL_MESSAGE_BYTES: usize = 64 << 10;
 }
 
 /// How phase-2 calls are made and retried.

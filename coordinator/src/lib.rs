@@ -30,7 +30,7 @@
 //! 5. [`delivery`]: phase 2, retries with backoff, the transport and the
 //!    endpoint registry.
 //! 6. [`api`]: request parsing and the one `Status` mapping, one file per
-//!    service.
+//!    service; [`net`]: connection limits and deadlines.
 //! 7. [`server`]: wiring, recovery at start, graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root describes the protocol, its
@@ -48,6 +48,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod model;
+pub mod net;
 pub mod server;
 pub mod store;
 

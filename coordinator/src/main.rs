@@ -1,6 +1,12 @@
 //! The `tcc-coordinator` binary: parses flags, sets up logging, runs the
 //! server until SIGINT/SIGTERM, and exits non-zero with a clear message if
 //! it cannot start (bad flags, port taken, damaged data directory).
+//!
+//! Shutdown is bounded: from the signal, the process exits within
+//! `--shutdown-timeout-ms` whatever it is doing (a watchdog thread, outside
+//! the runtime, ends it if the graceful path has not), so a process
+//! supervisor's grace period is never exceeded. Exiting early loses nothing:
+//! every acknowledged write is already durable.
 
 use std::process::ExitCode;
 
@@ -22,6 +28,8 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: no escape codes in files and pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,7 +46,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
+    tokio::spawn(on_signal(shutdown.clone(), config.shutdown_timeout()));
     server::run(config, listener, shutdown, |addr| {
         // The readiness line: scripts and tests wait for it on stdout.
         println!("tcc-coordinator listening on {addr}");
@@ -46,8 +54,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGINT or SIGTERM, and starts the watchdog that
+/// ends the process `limit` later.
+async fn on_signal(shutdown: CancellationToken, limit: std::time::Duration) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {
@@ -63,6 +72,18 @@ async fn on_signal(shutdown: CancellationToken) {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received; shutting down gracefully"),
         _ = term => tracing::info!("SIGTERM received; shutting down gracefully"),
+    }
+    let watchdog = std::thread::Builder::new().name("tcc-shutdown-watchdog".into()).spawn(move || {
+        std::thread::sleep(limit);
+        let ms = limit.as_millis();
+        tracing::error!(
+            "shutdown did not finish within {ms} ms (--shutdown-timeout-ms); exiting now. Every acknowledged write is durable; unfinished work resumes at the next start"
+        );
+        eprintln!("tcc-coordinator: shutdown did not finish within {ms} ms; exiting");
+        std::process::exit(2);
+    });
+    if let Err(e) = watchdog {
+        tracing::warn!(cause = %e, "cannot start the shutdown watchdog; shutdown is not bounded");
     }
     shutdown.cancel();
 }

@@ -19,8 +19,7 @@ use tcc_proto::v1::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
 use crate::clock::{OsEntropy, SystemClock};
@@ -29,10 +28,19 @@ use crate::delivery::registry::{self, Registry};
 use crate::delivery::{Delivery, transport::GrpcTransport};
 use crate::engine::{Engine, sweeper};
 use crate::error::Error;
+use crate::net;
 use crate::store::Store;
 use crate::store::memory::MemStore;
 use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
+
+/// HTTP/2 keepalive: a ping after this long without frames from a client...
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...which closes the connection unless answered within this.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most concurrent requests (HTTP/2 streams) on one connection; a client
+/// with more queues them on its side.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Runs the coordinator on `listener` until `shutdown` is cancelled.
 /// `on_ready` is called with the listening address once recovery is done
@@ -81,37 +89,78 @@ pub async fn run(
     tasks.spawn(registry::run(registry.clone(), background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TransactionsServer<TransactionsApi>>().await;
-    health.set_serving::<TopicsServer<TopicsApi>>().await;
-    health.set_serving::<RegistryServer<RegistryApi>>().await;
-    health.set_serving::<AdminServer<AdminApi>>().await;
+    set_health(&health, true).await;
+    // NOT_SERVING once the store has failed for good (a load balancer
+    // then sends no more requests here) or shutdown has begun; at shutdown,
+    // waiting decisions answer with the state reached so far.
+    tasks.spawn({
+        let (store, engine, shutdown, background) =
+            (store.clone(), engine.clone(), shutdown.clone(), background.clone());
+        async move {
+            tokio::select! {
+                cause = store.failed() => {
+                    error!(%cause, "the store has failed; health is NOT_SERVING until a restart");
+                    set_health(&health, false).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = background.cancelled() => return,
+                    }
+                }
+                _ = shutdown.cancelled() => {}
+                _ = background.cancelled() => return,
+            }
+            info!(
+                "shutting down: no new connections; waiting Confirm/Cancel calls answer with the state reached so far"
+            );
+            set_health(&health, false).await;
+            engine.release_waiters();
+        }
+    });
     let reflection = reflection_builder().build_v1().context("building reflection service")?;
     let reflection_alpha = reflection_builder().build_v1alpha().context("building reflection service")?;
 
-    let max = fixed::MAX_MESSAGE_BYTES;
-    info!(%addr, "serving");
+    // Requests are decoded only up to what a valid one can be; answers may
+    // be large (a Read page, a listing).
+    let out = fixed::MAX_MESSAGE_BYTES;
+    let small = config.limits.max_small_message_bytes();
+    let append = config.limits.max_append_message_bytes();
+    let c = &config.connections;
+    let limits = net::ConnectionLimits {
+        max: net::descriptor_budget(c.max_connections),
+        handshake: Duration::from_millis(c.handshake_timeout_ms),
+        idle: Duration::from_millis(c.idle_timeout_ms),
+    };
+    info!(%addr, max_connections = limits.max, "serving");
     on_ready(addr);
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(net::TrackRequests)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
             TransactionsServer::new(TransactionsApi::new(engine.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+                .max_decoding_message_size(small)
+                .max_encoding_message_size(out),
         )
         .add_service(
             TopicsServer::new(TopicsApi::new(engine.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+                .max_decoding_message_size(append)
+                .max_encoding_message_size(out),
         )
-        .add_service(RegistryServer::new(RegistryApi::new(registry, clock)))
+        .add_service(
+            RegistryServer::new(RegistryApi::new(registry, clock))
+                .max_decoding_message_size(small)
+                .max_encoding_message_size(out),
+        )
         .add_service(
             AdminServer::new(AdminApi::new(engine.clone()))
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+                .max_decoding_message_size(small)
+                .max_encoding_message_size(out),
         )
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown.cancelled())
+        .serve_with_incoming_shutdown(net::incoming(listener, limits), shutdown.cancelled())
         .await
         .context("gRPC server failed")?;
 
@@ -122,6 +171,17 @@ pub async fn run(
     store.close().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Sets every served service's health, and the server's overall health.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let status = if serving { Serving } else { NotServing };
+    health.set_service_status("", status).await;
+    health.set_service_status("tcc.v1.Transactions", status).await;
+    health.set_service_status("tcc.v1.Topics", status).await;
+    health.set_service_status("tcc.v1.Registry", status).await;
+    health.set_service_status("tcc.v1.Admin", status).await;
 }
 
 /// Opens the store the configuration names: the PostgreSQL database of a

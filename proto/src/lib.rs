@@ -9,7 +9,10 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
 pub mod v1 {
     tonic::include_proto!("tcc.v1");
+    include!(concat!(env!("OUT_DIR"), "/server/tcc.v1.rs"));
 }
+
+pub mod codec;
 
 /// The encoded `FileDescriptorSet` of `tcc.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tcc_descriptor");

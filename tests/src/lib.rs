@@ -59,6 +59,7 @@ pub fn binary(name: &str) -> PathBuf {
 /// Spawns `binary` with `args`, logs to `log`, and waits (up to 30 s) for
 /// the readiness line `"<ready> listening on ADDR"` on its stdout.
 async fn spawn_ready(
+    prefix: &[String],
     binary: &str,
     args: &[String],
     env: &[(String, String)],
@@ -67,7 +68,15 @@ async fn spawn_ready(
     filter: &str,
 ) -> Result<(Child, SocketAddr)> {
     let log_file = std::fs::File::create(log)?;
-    let mut child = Command::new(crate::binary(binary))
+    let mut command = match prefix.split_first() {
+        Some((wrapper, wrapper_args)) => {
+            let mut c = Command::new(wrapper);
+            c.args(wrapper_args).arg(crate::binary(binary));
+            c
+        }
+        None => Command::new(crate::binary(binary)),
+    };
+    let mut child = command
         .args(args)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("RUST_LOG", filter)
@@ -112,6 +121,8 @@ pub struct Process {
     log: PathBuf,
     filter: String,
     tmp: Arc<tempfile::TempDir>,
+    /// A command that runs the binary (e.g. `prlimit --nofile=N:N --`).
+    prefix: Vec<String>,
 }
 
 /// The log filter of spawned processes: debug for our crates, so a failing
@@ -133,11 +144,24 @@ impl Process {
         tmp: Arc<tempfile::TempDir>,
         filter: &str,
     ) -> Result<Self> {
+        Self::start_prefixed(Vec::new(), binary, ready, args, tmp, filter).await
+    }
+
+    /// [`start_logged`](Self::start_logged) run through `prefix`, a
+    /// command that runs the binary (e.g. `prlimit --nofile=N:N --`).
+    pub async fn start_prefixed(
+        prefix: Vec<String>,
+        binary: &str,
+        ready: &str,
+        args: Vec<String>,
+        tmp: Arc<tempfile::TempDir>,
+        filter: &str,
+    ) -> Result<Self> {
         static RUN: AtomicU64 = AtomicU64::new(0);
         let log = tmp.path().join(format!("{ready}-{}.log", RUN.fetch_add(1, Ordering::Relaxed)));
-        let (child, addr) = spawn_ready(binary, &args, &[], &log, ready, filter).await?;
+        let (child, addr) = spawn_ready(&prefix, binary, &args, &[], &log, ready, filter).await?;
         let (binary, ready, filter) = (binary.into(), ready.into(), filter.into());
-        Ok(Process { child: Some(child), addr, binary, ready, args, log, filter, tmp })
+        Ok(Process { child: Some(child), addr, binary, ready, args, log, filter, tmp, prefix })
     }
 
     /// Starts it again (after it stopped) with extra environment variables,
@@ -147,7 +171,8 @@ impl Process {
         static RUN: AtomicU64 = AtomicU64::new(1_000);
         let log = self.tmp.path().join(format!("{}-{}.log", self.ready, RUN.fetch_add(1, Ordering::Relaxed)));
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let (child, addr) = spawn_ready(&self.binary, &self.args, &env, &log, &self.ready, &self.filter).await?;
+        let (child, addr) =
+            spawn_ready(&self.prefix, &self.binary, &self.args, &env, &log, &self.ready, &self.filter).await?;
         self.child = Some(child);
         self.addr = addr;
         self.log = log;
@@ -209,7 +234,9 @@ impl Process {
     pub async fn restart(&mut self) -> Result<()> {
         anyhow::ensure!(self.child.is_none(), "still running");
         let (binary, ready, filter) = (self.binary.clone(), self.ready.clone(), self.filter.clone());
-        *self = Process::start_logged(&binary, &ready, self.args.clone(), self.tmp.clone(), &filter).await?;
+        *self =
+            Process::start_prefixed(self.prefix.clone(), &binary, &ready, self.args.clone(), self.tmp.clone(), &filter)
+                .await?;
         Ok(())
     }
 }
@@ -239,6 +266,17 @@ impl Coordinator {
 
     /// [`start`](Self::start) with a `RUST_LOG` filter of your choice.
     pub async fn start_logged(args: &[&str], filter: &str) -> Result<Self> {
+        Self::start_prefixed(Vec::new(), args, filter).await
+    }
+
+    /// [`start`](Self::start) with at most `nofile` open files (soft and
+    /// hard limit, through `prlimit`).
+    pub async fn start_with_open_files(nofile: u64, args: &[&str]) -> Result<Self> {
+        let prefix = vec!["prlimit".to_string(), format!("--nofile={nofile}:{nofile}"), "--".to_string()];
+        Self::start_prefixed(prefix, args, DEBUG_LOGS).await
+    }
+
+    async fn start_prefixed(prefix: Vec<String>, args: &[&str], filter: &str) -> Result<Self> {
         let tmp = Arc::new(tempfile::tempdir()?);
         let data_dir = tmp.path().join("data");
         let mut all: Vec<String> = vec!["--data-dir".into(), data_dir.to_string_lossy().into_owned()];
@@ -246,7 +284,7 @@ impl Coordinator {
             all.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
         }
         all.extend(args.iter().map(|s| s.to_string()));
-        let process = Process::start_logged("tcc-coordinator", "tcc-coordinator", all, tmp, filter).await?;
+        let process = Process::start_prefixed(prefix, "tcc-coordinator", "tcc-coordinator", all, tmp, filter).await?;
         Ok(Coordinator { process, data_dir })
     }
 

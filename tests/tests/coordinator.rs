@@ -452,7 +452,8 @@ async fn sigterm_shuts_down_gracefully_and_the_data_directory_reopens() -> Resul
     c.register("svc", &p).await?;
     let t = c.begin(&["svc"], 60_000).await?;
     // A Confirm that waits for a slow participant is in flight at SIGTERM:
-    // it finishes before the process exits.
+    // it is answered, with the state reached so far, before the process
+    // exits (hostile.rs tests the bound on shutdown).
     let mut tx = c.transactions().await?;
     let waiting = c.begin(&["svc"], 60_000).await?;
     let req =
@@ -461,11 +462,12 @@ async fn sigterm_shuts_down_gracefully_and_the_data_directory_reopens() -> Resul
     p.wait_for("the commit to reach the participant", |calls| !calls.is_empty()).await?;
     let status = c.terminate().await?;
     let answered = in_flight.await?.map(|r| r.into_inner().state);
-    assert_eq!(answered.map_err(|s| s.code()), Ok(S::Confirmed as i32), "the in-flight request finished");
+    assert_eq!(answered.map_err(|s| s.code()), Ok(S::Confirming as i32), "the in-flight request was answered");
     assert!(status.success(), "exit status {status:?}");
     assert!(c.logs().contains("coordinator stopped"));
     c.restart().await?;
     assert_eq!(get(&c, &t.transaction_id).await?.state, S::Active as i32);
+    assert_eq!(confirm_wait(&c, &waiting.transaction_id).await?.state, S::Confirmed as i32);
     Ok(())
 }
 

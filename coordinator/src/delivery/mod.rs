@@ -15,7 +15,10 @@
 //! * A transient failure (transport error, UNAVAILABLE, DEADLINE_EXCEEDED,
 //!   RESOURCE_EXHAUSTED, ABORTED, INTERNAL, UNKNOWN, CANCELLED, or no
 //!   endpoint known) is recorded and retried after a capped exponential
-//!   backoff with jitter. Any other status is a permanent refusal. A refusal,
+//!   backoff with jitter. UNIMPLEMENTED means the address is not a
+//!   participant at all (a wrong registration): a routing failure, retried
+//!   on another instance and logged as a warning. Any other status is the
+//!   participant's own permanent refusal. A refusal,
 //!   or an exhausted attempt budget, marks the participant failed; the state
 //!   machine then ends the transaction in FAILED_TO_CONFIRM/CANCEL.
 //! * Every attempt's outcome is persisted through the engine, so after a
@@ -276,7 +279,13 @@ impl Delivery {
             },
         };
         let timeout = Duration::from_millis(self.policy.call_timeout_ms);
-        let outcome = self.transport.call(request, timeout).await;
+        let outcome = tokio::select! {
+            outcome = self.transport.call(request, timeout) => outcome,
+            // Shutdown: the call's outcome is unknown and nothing is
+            // recorded; it is made again after the restart (or by another
+            // node), and the participant applies it once.
+            _ = self.shutdown.cancelled() => return None,
+        };
         call.attempts += 1;
         let attempts = call.attempts;
         Some(match outcome {

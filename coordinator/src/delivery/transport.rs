@@ -13,7 +13,7 @@ use std::time::Duration;
 use tcc_proto::v1::participant_client::ParticipantClient;
 use tcc_proto::v1::{PhaseTwoRequest, StoredCommand};
 use tonic::Code;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::registry::Registry;
 use crate::config::fixed;
@@ -72,7 +72,7 @@ impl Transport for GrpcTransport {
         };
         let mut client = ParticipantClient::new(channel)
             .max_encoding_message_size(fixed::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(fixed::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(fixed::SMALL_MESSAGE_BYTES);
         let decision = call.decision;
         let mut req = tonic::Request::new(PhaseTwoRequest {
             transaction_id: call.txn.to_string(),
@@ -107,6 +107,19 @@ impl Transport for GrpcTransport {
                     Code::Unavailable => {
                         self.registry.report(&endpoint, false);
                         Err(CallError::Transient(msg))
+                    }
+                    // The server there does not serve tcc.v1.Participant: a
+                    // wrong address, not the participant's answer. Another
+                    // instance (or this one, once fixed) gets the call.
+                    Code::Unimplemented => {
+                        self.registry.report(&endpoint, false);
+                        warn!(
+                            %service,
+                            %endpoint,
+                            answer = status.message(),
+                            "this endpoint is not a tcc.v1.Participant (UNIMPLEMENTED); is the wrong address registered for the service? trying another instance later"
+                        );
+                        Err(CallError::Transient(format!("{endpoint} is not a participant of {service:?}: {msg}")))
                     }
                     Code::DeadlineExceeded
                     | Code::ResourceExhausted

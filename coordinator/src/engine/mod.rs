@@ -126,6 +126,9 @@ pub struct Engine {
     /// not, so a busy coordinator does not sweep once per begin.
     pub(crate) next_sweep_ms: AtomicI64,
     to_deliver: mpsc::UnboundedSender<TxnId>,
+    /// Cancelled at shutdown: every waiting Confirm/Cancel answers with the
+    /// state reached so far, so shutdown is not held up by waits.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Where a transaction is.
@@ -215,8 +218,17 @@ impl Engine {
             schedule_changed: Notify::new(),
             next_sweep_ms: AtomicI64::new(0),
             to_deliver: tx,
+            stopping: tokio_util::sync::CancellationToken::new(),
         };
         (Arc::new(engine), rx)
+    }
+
+    /// Shutdown has begun: every Confirm/Cancel waiting for an outcome
+    /// answers now with the state reached so far (the outcome is still
+    /// driven to its end, after a restart if need be), and later ones do
+    /// not wait.
+    pub fn release_waiters(&self) {
+        self.stopping.cancel();
     }
 
     /// The current time of the engine's clock.

@@ -61,9 +61,15 @@ impl Engine {
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let step = if shared { poll.min(left) } else { left };
-            if tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() {
-                // Settled here: what this engine wrote is the latest.
-                return Ok(live.record.lock().await.clone());
+            tokio::select! {
+                settled = async { tokio::time::timeout(step, rx.wait_for(|s| !s.is_delivering())).await.is_ok() } => {
+                    if settled {
+                        // Settled here: what this engine wrote is the latest.
+                        return Ok(live.record.lock().await.clone());
+                    }
+                }
+                // Shutdown: answer with the state reached so far.
+                _ = self.stopping.cancelled() => break,
             }
             if left == step {
                 break;

@@ -211,6 +211,8 @@ struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
     failed: AtomicBool,
+    /// The cause of the failure, once there is one (for health checks).
+    failure: tokio::sync::watch::Sender<Option<String>>,
     /// A checkpoint is running; the flusher does not start another.
     checkpointing: AtomicBool,
 }
@@ -278,6 +280,7 @@ impl Journal {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             failed: AtomicBool::new(false),
+            failure: tokio::sync::watch::channel(None).0,
             checkpointing: AtomicBool::new(false),
         });
         let (checkpoints, requests) = mpsc::channel();
@@ -319,6 +322,17 @@ impl Journal {
         Ok(Pending(rx))
     }
 
+    /// Resolves with the cause once the journal has failed (fail-stop).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.shared.failure.subscribe();
+        let cause = rx.wait_for(Option::is_some).await.ok().and_then(|cause| cause.clone());
+        match cause {
+            Some(cause) => cause,
+            // The sender lives as long as `self`.
+            None => std::future::pending().await,
+        }
+    }
+
     /// Fail-stop check for readers: after a failed write, sled may hold a
     /// change whose durability is unknown, so nothing is served.
     pub fn check(&self) -> Result<()> {
@@ -351,8 +365,9 @@ impl Shared {
         for e in q.entries.drain(..) {
             let _ = e.done.send(Err(poisoned(&cause)));
         }
-        q.failed = Some(cause);
+        q.failed = Some(cause.clone());
         self.failed.store(true, Ordering::Release);
+        self.failure.send_replace(Some(cause));
     }
 }
 

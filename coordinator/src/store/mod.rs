@@ -231,4 +231,12 @@ pub trait Store: Send + Sync + 'static {
     /// Gives up this coordinator's lease (graceful shutdown), so the others
     /// take over its work at once instead of one lease period later.
     async fn close(&self) {}
+
+    /// Resolves, with the cause, once the store has failed for good and
+    /// takes no more requests until a restart (the fail-stop of the
+    /// embedded store); never, for a store whose failures are transient.
+    /// The health service answers NOT_SERVING from then on.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
 }

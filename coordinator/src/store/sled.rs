@@ -340,6 +340,10 @@ impl Store for SledStore {
         self.journal.submit(write)?.durable().await?;
         Ok(expired.len())
     }
+
+    async fn failed(&self) -> String {
+        self.journal.failed().await
+    }
 }
 
 fn sled_error(e: sled::Error) -> Error {

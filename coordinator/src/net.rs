@@ -1,0 +1,323 @@
+//! Connection hygiene: how the gRPC server accepts TCP connections and when
+//! it lets them go, so that clients that connect and then say nothing cannot
+//! use up the process's file descriptors (and with them the store's ability
+//! to open its files).
+//!
+//! Invariants:
+//! * At most [`ConnectionLimits::max`] connections are open at once. A
+//!   connection beyond that is accepted and closed at once (the client sees
+//!   a reset, not a hang in the kernel's backlog), with a warning at most
+//!   every 10 s. The cap is also kept a margin below the process's
+//!   descriptor limit ([`descriptor_budget`]), so the store, the phase-2
+//!   clients and the database pool always have descriptors left.
+//! * A connection that has not sent the 24-byte HTTP/2 preface within
+//!   [`ConnectionLimits::handshake`] is closed.
+//! * A connection with no request in flight for [`ConnectionLimits::idle`]
+//!   is closed (a client reconnects on its next call). Requests in flight,
+//!   such as a Confirm waiting for its outcome, keep it open however long.
+//! * A failed `accept` (EMFILE, ENFILE, ENOBUFS...) never stops the server:
+//!   it logs, waits [`ACCEPT_BACKOFF`] and accepts again; the connection
+//!   waiting in the kernel's backlog is taken then.
+//!
+//! HTTP/2 keepalive pings (set on the server in [`crate::server`]) close
+//! connections whose peer has vanished; the stream cap per connection is set
+//! there too.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::warn;
+
+use crate::lock;
+
+/// How long the accept loop waits after a failed `accept`.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Descriptors kept free for everything but client connections: journal
+/// and sled files, phase-2 connections to participants, the database pool.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// The length of the HTTP/2 client preface.
+const PREFACE: usize = 24;
+
+/// The limits on client connections; see the module docs.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Most connections open at once.
+    pub max: usize,
+    /// Time a new connection has to send the HTTP/2 preface.
+    pub handshake: Duration,
+    /// Time a connection may stay open with no request in flight.
+    pub idle: Duration,
+}
+
+/// Raises the soft limit on open files to the hard limit (as Go's runtime
+/// and most servers do) and returns how many client connections fit below
+/// it with [`RESERVED_DESCRIPTORS`] spare: at least 16, at most `wanted`.
+pub fn descriptor_budget(wanted: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let soft = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) if hard > soft => {
+            let raised = Rlimit { current: Some(hard), maximum: Some(hard) };
+            if setrlimit(Resource::Nofile, raised).is_ok() { Some(hard) } else { Some(soft) }
+        }
+        (soft, None) => {
+            let raised = Rlimit { current: None, maximum: None };
+            if setrlimit(Resource::Nofile, raised).is_ok() { None } else { soft }
+        }
+        (soft, _) => soft,
+    };
+    match soft {
+        None => wanted,
+        Some(soft) => {
+            let fit = usize::try_from(soft.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+            wanted.min(fit.max(16))
+        }
+    }
+}
+
+/// Accepts connections from `listener` under `limits`, for
+/// `serve_with_incoming`. Never ends and never yields an error.
+pub fn incoming(listener: TcpListener, limits: ConnectionLimits) -> impl Stream<Item = io::Result<Conn>> + Send {
+    let slots = Arc::new(Semaphore::new(limits.max));
+    let state = (listener, slots, limits, None::<Instant>, None::<Instant>);
+    futures::stream::unfold(state, |(listener, slots, limits, mut full_warned, mut error_warned)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        if due(&mut full_warned) {
+                            warn!(
+                                %peer,
+                                max = limits.max,
+                                "connection limit reached (--max-connections); closing new connections until some close"
+                            );
+                        }
+                        drop(stream);
+                        continue;
+                    };
+                    if let Err(e) = stream.set_nodelay(true) {
+                        warn!(%peer, cause = %e, "cannot set TCP_NODELAY");
+                    }
+                    let conn = Conn::new(stream, slot, limits);
+                    return Some((Ok(conn), (listener, slots, limits, full_warned, error_warned)));
+                }
+                Err(e) => {
+                    if due(&mut error_warned) {
+                        warn!(cause = %e, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    })
+}
+
+/// True at most once per 10 s: for warnings that an attacker could repeat.
+fn due(last: &mut Option<Instant>) -> bool {
+    let now = Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+/// What a connection and the requests on it share: how many requests are
+/// in flight, and since when none is.
+#[derive(Debug)]
+pub struct ConnState {
+    in_flight: AtomicUsize,
+    idle_since: std::sync::Mutex<Instant>,
+    reader: AtomicWaker,
+}
+
+impl ConnState {
+    /// Marks a request in flight until the guard drops.
+    pub fn request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+}
+
+/// A request in flight on a connection; see [`ConnState::request`].
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *lock(&self.0.idle_since) = Instant::now();
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The reader re-arms its idle deadline.
+            self.0.reader.wake();
+        }
+    }
+}
+
+/// What a request learns about its connection (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// The peer and local addresses, as tonic reports them for TCP.
+    pub tcp: TcpConnectInfo,
+    /// The connection's request counter.
+    pub state: Arc<ConnState>,
+}
+
+/// An accepted connection: the stream, its slot under the cap, and its
+/// handshake and idle deadlines (enforced when the server reads from it).
+pub struct Conn {
+    stream: TcpStream,
+    info: ConnInfo,
+    limits: ConnectionLimits,
+    opened: Instant,
+    preface_left: usize,
+    timer: Pin<Box<Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, limits: ConnectionLimits) -> Self {
+        let tcp = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+        let opened = Instant::now();
+        let state = Arc::new(ConnState {
+            in_flight: AtomicUsize::new(0),
+            idle_since: opened.into(),
+            reader: AtomicWaker::new(),
+        });
+        let timer = Box::pin(tokio::time::sleep_until(opened + limits.handshake));
+        Conn { stream, info: ConnInfo { tcp, state }, limits, opened, preface_left: PREFACE, timer, _slot: slot }
+    }
+
+    /// With nothing to read: whether the connection is past a deadline
+    /// (and why). Arms the timer, or the wake-up of the last request's end.
+    fn overdue(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        let (deadline, why) = if self.preface_left > 0 {
+            (self.opened + self.limits.handshake, "no HTTP/2 preface within the handshake timeout")
+        } else {
+            let state = &self.info.state;
+            state.reader.register(cx.waker());
+            if state.in_flight.load(Ordering::Acquire) > 0 {
+                return None;
+            }
+            (*lock(&state.idle_since) + self.limits.idle, "idle: no request within the idle timeout")
+        };
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        // A request may have started since the check above.
+        (self.preface_left > 0 || self.info.state.in_flight.load(Ordering::Acquire) == 0).then_some(why)
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
+            this.preface_left = this.preface_left.saturating_sub(buf.filled().len() - before);
+            return Poll::Ready(result);
+        }
+        match this.overdue(cx) {
+            Some(why) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// A tower layer that counts each request against its connection's idle
+/// clock (see [`ConnState`]) until its response is produced. A server
+/// streaming response is not among our RPCs; its body would outlive the
+/// count.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackRequests;
+
+impl<S> tower::Layer<S> for TrackRequests {
+    type Service = Tracked<S>;
+
+    fn layer(&self, inner: S) -> Tracked<S> {
+        Tracked(inner)
+    }
+}
+
+/// See [`TrackRequests`].
+#[derive(Clone, Debug)]
+pub struct Tracked<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let info = request.extensions().get::<ConnInfo>().cloned();
+        let guard = info.map(|info| {
+            // For `Request::remote_addr`.
+            request.extensions_mut().insert(info.tcp.clone());
+            info.state.request()
+        });
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            drop(guard);
+            response
+        })
+    }
+}
