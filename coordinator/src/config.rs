@@ -23,6 +23,13 @@ pub struct Config {
     #[arg(long, env = "TCC_DATA_DIR", default_value = "tcc-data")]
     pub data_dir: PathBuf,
 
+    /// Start even though the journal in --data-dir is damaged: keep the
+    /// writes before the damage and drop the rest (the damaged journal
+    /// files are kept aside as *.damaged). Without it, a damaged journal
+    /// stops the start, saying what this would drop.
+    #[arg(long, env = "TCC_SALVAGE_JOURNAL")]
+    pub salvage_journal: bool,
+
     /// PostgreSQL database shared by a cluster of coordinators, as
     /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` (cluster mode). Without it
     /// the coordinator runs alone on the embedded store in --data-dir.
@@ -100,6 +107,9 @@ impl Config {
             && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
             return Err("--database-url must start with postgres:// or postgresql://".to_string());
+        }
+        if self.salvage_journal && self.database_url.is_some() {
+            return Err("--salvage-journal is for the embedded store in --data-dir, not --database-url".to_string());
         }
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be greater than 0"));

@@ -196,8 +196,13 @@ async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)>
         return Ok((Arc::new(store), place));
     }
     let dir = config.data_dir.display();
-    let store = SledStore::open(&config.data_dir).map_err(|e| match e {
-        Error::Corrupt { .. } => anyhow::anyhow!("the data directory {dir} is damaged: {e}"),
+    let opened = if config.salvage_journal {
+        SledStore::open_salvaging(&config.data_dir)
+    } else {
+        SledStore::open(&config.data_dir)
+    };
+    let store = opened.map_err(|e| match e {
+        Error::Corrupt { key, cause } => anyhow::anyhow!("the data directory {dir} is damaged: {key}: {cause}"),
         other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
     })?;
     Ok((Arc::new(store), format!("the data directory {dir}")))

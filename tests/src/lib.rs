@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+pub mod disk;
 pub mod pg;
 pub mod shop;
 
@@ -179,6 +180,22 @@ impl Process {
         Ok(())
     }
 
+    /// Starts it again (after it stopped) with `extra` arguments for this
+    /// start only (later restarts go without them).
+    pub async fn restart_with_args(&mut self, extra: &[&str]) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "still running");
+        static RUN: AtomicU64 = AtomicU64::new(2_000);
+        let log = self.tmp.path().join(format!("{}-{}.log", self.ready, RUN.fetch_add(1, Ordering::Relaxed)));
+        let mut args = self.args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (child, addr) =
+            spawn_ready(&self.prefix, &self.binary, &args, &[], &log, &self.ready, &self.filter).await?;
+        self.child = Some(child);
+        self.addr = addr;
+        self.log = log;
+        Ok(())
+    }
+
     /// Waits (up to `limit`) for the process to exit by itself (e.g. at a
     /// crash point) and returns its status.
     pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
@@ -276,9 +293,19 @@ impl Coordinator {
         Self::start_prefixed(prefix, args, DEBUG_LOGS).await
     }
 
+    /// [`start`](Self::start) on the data directory `data_dir` (which may
+    /// exist); logs go to a fresh temporary directory.
+    pub async fn start_in(data_dir: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_full(Vec::new(), Some(data_dir.to_path_buf()), args, DEBUG_LOGS).await
+    }
+
     async fn start_prefixed(prefix: Vec<String>, args: &[&str], filter: &str) -> Result<Self> {
+        Self::start_full(prefix, None, args, filter).await
+    }
+
+    async fn start_full(prefix: Vec<String>, data_dir: Option<PathBuf>, args: &[&str], filter: &str) -> Result<Self> {
         let tmp = Arc::new(tempfile::tempdir()?);
-        let data_dir = tmp.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| tmp.path().join("data"));
         let mut all: Vec<String> = vec!["--data-dir".into(), data_dir.to_string_lossy().into_owned()];
         if !args.contains(&"--listen") {
             all.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
@@ -424,6 +451,11 @@ impl Coordinator {
     /// Starts the coordinator again on the same data directory and flags.
     pub async fn restart(&mut self) -> Result<()> {
         self.process.restart().await
+    }
+
+    /// Starts it again with `extra` flags for this start only.
+    pub async fn restart_with_args(&mut self, extra: &[&str]) -> Result<()> {
+        self.process.restart_with_args(extra).await
     }
 
     /// Sends a signal (`"STOP"`, `"CONT"`, ...) to the running process.

@@ -35,16 +35,47 @@
 //! it redundant), every operation sets or removes a whole key, so replaying
 //! those files in order ends at exactly the journal's state.
 //!
-//! **Frames** are `len: u32 LE | crc32(generation, payload): u32 LE |
-//! payload`, the payload a list of operations `1 | key_len: u32 | key |
-//! value_len: u32 | value` (insert) or `2 | key_len: u32 | key` (remove).
-//! A file's frames end at the first frame that is incomplete or fails its
-//! checksum: past it lies an interrupted write (never acknowledged) or what
-//! a recycled file held before, whose frames carry an older generation in
-//! their checksum. Generations only grow within a run, and a spare left by
-//! an earlier run is deleted at open, so an old frame never passes. A bad
-//! frame *followed by a valid one* is damage to acknowledged data, and
-//! opening fails ([`Error::Corrupt`]) rather than lose it silently.
+//! **Frames** are `len: u32 LE | crc32(generation, group, payload): u32 LE
+//! | group: u64 LE | payload`, where `group` is the file offset at which the
+//! frame's group (one `write` and one sync) starts, and the payload a list
+//! of operations `1 | key_len: u32 | key | value_len: u32 | value` (insert)
+//! or `2 | key_len: u32 | key` (remove). A file's frames end at the first
+//! frame that is incomplete or fails its checksum: past it lies an
+//! interrupted write (never acknowledged) or what a recycled file held
+//! before, whose frames carry an older generation in their checksum.
+//! Generations only grow within a run, and a spare left by an earlier run
+//! is deleted at open, so an old frame never passes.
+//!
+//! **Damage is found, never taken for an end.** An interrupted write is the
+//! last group of the last file, and after a power loss it may have holes
+//! (its pages reach the disk in any order), so valid frames of *that* group
+//! may follow a bad one. Any other valid frame after a bad one, one whose
+//! group starts after the bad frame, was synced after it: the bad frame was
+//! acknowledged, and opening fails ([`Error::Corrupt`]) naming the file, the
+//! byte, and what `--salvage-journal` would drop. Replay looks for such a
+//! frame at every offset after a bad one. Every file is created at least
+//! `file_bytes` long (sparse, [`FILE_BYTES`]) and synced before it is used,
+//! so a shorter file was truncated; generations are consecutive, so a
+//! missing file in the middle is seen too. What cannot be told from an
+//! interrupted write is damage to the very last synced group when nothing
+//! follows it. Files of the first format (`tcc-journal-*`, an 8-byte header
+//! without `group`), left by an older version, are replayed with the rule
+//! of that version (a bad frame is damage if a valid one follows it
+//! directly).
+//!
+//! **Checkpoints are recorded twice.** Before a checkpoint's `Db::flush`,
+//! the flusher sets a marker key in sled's default tree to the generation
+//! whose frames are all applied (after them, in apply order); once the
+//! flush is done, the checkpointer writes that generation to
+//! [`CHECKPOINT_FILE`]. sled recovers a prefix of what it applied, so the
+//! marker it holds is at least the recorded generation, unless sled lost
+//! writes it had made durable (its `db` cut short, or replaced by an older
+//! copy): then opening fails. Generations never start again (the next one
+//! is past the marker and the file), so an old marker cannot pass.
+//!
+//! **Salvage.** With `salvage` ([`Journal::open_salvaging`]), a damaged
+//! journal is replayed up to the damage; the damaged file and every later
+//! one are moved aside (renamed `*.damaged`), never deleted.
 //!
 //! **Conditions.** A write may carry conditions ([`Write::require`]): the
 //! version stored under a key must be a given one. The flusher checks them
@@ -74,12 +105,28 @@ use crate::error::{Error, Result};
 use crate::lock;
 
 /// Journal files in the data directory are named this plus a generation.
-pub const FILE_PREFIX: &str = "tcc-journal-";
+pub const FILE_PREFIX: &str = "tcc-wal-";
+
+/// Journal files of the first format, written by older versions: replayed
+/// at open, never written.
+pub const LEGACY_PREFIX: &str = "tcc-journal-";
 
 /// A checkpointed journal file kept for reuse by the next rotation:
 /// overwriting allocated blocks lets `fdatasync` skip the inode update an
 /// append needs, which halves its latency on ext4.
-pub const SPARE_NAME: &str = "tcc-journal.spare";
+pub const SPARE_NAME: &str = "tcc-wal.spare";
+
+/// The spare of the first format, removed at open.
+const LEGACY_SPARE: &str = "tcc-journal.spare";
+
+/// The generation of the last completed checkpoint (see the module docs).
+pub const CHECKPOINT_FILE: &str = "tcc-checkpoint";
+
+/// The key of the checkpoint marker in sled's default tree.
+const MARKER: &[u8] = b"tcc-checkpoint";
+
+/// Where a new journal file is prepared before it gets its name.
+const NEW_NAME: &str = "tcc-wal.new";
 
 /// Empty the journal into sled at least this often while writes come in,
 /// which bounds the replay work at start-up.
@@ -88,7 +135,37 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// ... or once the journal holds this many bytes.
 pub const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 
-const HEADER: usize = 8;
+/// Every journal file is created this long (sparse: no space is written),
+/// so that a shorter one is known to be truncated.
+pub const FILE_BYTES: u64 = CHECKPOINT_BYTES;
+
+/// The frame header: length, checksum, group offset.
+const HEADER: usize = 16;
+
+/// The two file formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// `tcc-wal-*`: 16-byte header with the group offset.
+    Grouped,
+    /// `tcc-journal-*`: 8-byte header, no group offset.
+    Legacy,
+}
+
+impl Format {
+    fn header(self) -> usize {
+        match self {
+            Format::Grouped => HEADER,
+            Format::Legacy => 8,
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Format::Grouped => FILE_PREFIX,
+            Format::Legacy => LEGACY_PREFIX,
+        }
+    }
+}
 const OP_INSERT: u8 = 1;
 const OP_REMOVE: u8 = 2;
 
@@ -167,20 +244,26 @@ impl Write {
     }
 }
 
-/// The checksum of a frame in the journal file of `generation`. Covering
-/// the generation makes frames left over from a recycled file's previous
-/// use fail it.
-fn checksum(generation: u64, payload: &[u8]) -> u32 {
+/// The checksum of a frame in the journal file of `generation`, in the
+/// group starting at `group` (`None` in the legacy format). Covering the
+/// generation makes frames left over from a recycled file's previous use
+/// fail it.
+fn checksum(generation: u64, group: Option<u64>, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&generation.to_le_bytes());
+    if let Some(group) = group {
+        h.update(&group.to_le_bytes());
+    }
     h.update(payload);
     h.finalize()
 }
 
-/// Sets a sealed frame's checksum for the file of `generation`.
-fn stamp(frame: &mut [u8], generation: u64) {
-    let crc = checksum(generation, &frame[HEADER..]);
-    frame[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+/// Sets a sealed frame's group offset and checksum for the file of
+/// `generation`.
+fn stamp(frame: &mut [u8], generation: u64, group: u64) {
+    frame[8..HEADER].copy_from_slice(&group.to_le_bytes());
+    let crc = checksum(generation, Some(group), &frame[HEADER..]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -200,11 +283,27 @@ impl Pending {
     }
 }
 
+/// When to rotate, and how long files are made (tests use small ones).
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    /// Checkpoint once the current file holds this many bytes.
+    checkpoint: u64,
+    /// Create files this long.
+    file: u64,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Sizes { checkpoint: CHECKPOINT_BYTES, file: FILE_BYTES }
+    }
+}
+
 /// The journal and its two threads. See the module docs.
 pub struct Journal {
     shared: Arc<Shared>,
-    flusher: Option<JoinHandle<()>>,
-    checkpointer: Option<JoinHandle<()>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Journal files replayed at open: 0 after a clean close.
+    replayed: usize,
 }
 
 struct Shared {
@@ -241,39 +340,102 @@ struct Entry {
 impl Journal {
     /// Replays the journal files in `dir` into `tree`, makes that durable in
     /// sled, removes them, and starts a new journal file and the threads.
+    /// Damage to the journal refuses the open ([`Error::Corrupt`]).
     pub fn open(dir: &Path, db: sled::Db, tree: sled::Tree, versioning: Versioning) -> Result<Self> {
-        Self::open_with(dir, db, tree, versioning, CHECKPOINT_BYTES)
+        Self::open_with(dir, db, tree, versioning, Sizes::default(), false)
     }
 
-    /// [`Journal::open`] with a checkpoint after `checkpoint_bytes` (tests
-    /// use a small one to rotate on every write).
+    /// [`Journal::open`] that salvages a damaged journal: replays it up to
+    /// the damage and moves the damaged file and every later one aside
+    /// (`*.damaged`), saying so in the log.
+    pub fn open_salvaging(dir: &Path, db: sled::Db, tree: sled::Tree, versioning: Versioning) -> Result<Self> {
+        Self::open_with(dir, db, tree, versioning, Sizes::default(), true)
+    }
+
     fn open_with(
         dir: &Path,
         db: sled::Db,
         tree: sled::Tree,
         versioning: Versioning,
-        checkpoint_bytes: u64,
+        sizes: Sizes,
+        salvage: bool,
     ) -> Result<Self> {
-        match std::fs::remove_file(spare_path(dir)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_error("cannot remove", &spare_path(dir), e));
+        for stale in [spare_path(dir), dir.join(LEGACY_SPARE), dir.join(NEW_NAME)] {
+            match std::fs::remove_file(&stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_error("cannot remove", &stale, e));
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        let recorded = read_checkpoint(dir)?;
+        let marker = read_marker(&db).map_err(Error::Storage)?;
+        if let Some(recorded) = recorded
+            && marker.is_none_or(|m| m < recorded)
+        {
+            let holds = marker.map_or("none".to_string(), |m| m.to_string());
+            return Err(Error::Corrupt {
+                key: format!("sled database in {}", dir.display()),
+                cause: format!(
+                    "it lost writes it had made durable: {CHECKPOINT_FILE} records the checkpoint of journal generation {recorded}, but sled's marker holds {holds} (its db file was cut short or replaced by an older copy); restore the data directory from a backup"
+                ),
+            });
         }
         let found = generations(dir)?;
         let mut frames = 0;
-        for generation in &found {
-            frames += replay(&file_path(dir, *generation), *generation, &tree)?.frames;
-        }
-        let generation = match found.last() {
-            Some(last) => {
-                db.flush().map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
-                tracing::info!(frames, files = found.len(), "replayed the journal into sled");
-                last + 1
+        let mut damage = None;
+        for (i, &(generation, format)) in found.iter().enumerate() {
+            let path = format_path(dir, generation, format);
+            if let Some(&(previous, _)) = i.checked_sub(1).and_then(|p| found.get(p))
+                && generation != previous + 1
+            {
+                let cause =
+                    format!("the journal files of generations {} to {} are missing", previous + 1, generation - 1);
+                damage = Some((i, Error::Corrupt { key: format!("journal {}", path.display()), cause }));
+                break;
             }
-            None => 1,
-        };
-        let file = create(dir, generation)?;
+            match replay(&path, generation, format, &tree, sizes.file) {
+                Ok(replayed) => frames += replayed.frames,
+                Err(e @ Error::Corrupt { .. }) => {
+                    damage = Some((i, e));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((i, error)) = damage {
+            let aside = &found[i..];
+            let what = format!(
+                "the writes after the damage: the rest of this file and {} later journal file(s), moved aside as *.damaged",
+                aside.len() - 1
+            );
+            let Error::Corrupt { key, cause } = error else { return Err(error) };
+            if !salvage {
+                return Err(Error::Corrupt {
+                    key,
+                    cause: format!(
+                        "{cause}. Acknowledged writes would be lost. Restore the data directory from a backup, or start with --salvage-journal to keep the writes before the damage and drop {what}"
+                    ),
+                });
+            }
+            tracing::error!(file = %key, %cause, "salvaging the journal (--salvage-journal): keeping the writes before the damage; dropping {what}");
+            for &(generation, format) in aside {
+                let path = format_path(dir, generation, format);
+                let mut moved = path.clone().into_os_string();
+                moved.push(".damaged");
+                std::fs::rename(&path, &moved).map_err(|e| io_error("cannot move aside", &path, e))?;
+            }
+        }
+        // Never a generation used before (see the module docs).
+        let past = [found.last().map(|(g, _)| *g), recorded, marker].into_iter().flatten().max().unwrap_or(0);
+        let generation = past + 1;
+        if !found.is_empty() {
+            set_marker(&db, past).map_err(Error::Storage)?;
+            db.flush().map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
+            write_checkpoint(dir, past).map_err(Error::Storage)?;
+            tracing::info!(frames, files = found.len(), "replayed the journal into sled");
+        }
+        let file = create(dir, generation, sizes.file)?;
         remove_up_to(dir, generation - 1, false).map_err(Error::Storage)?;
 
         let shared = Arc::new(Shared {
@@ -285,11 +447,12 @@ impl Journal {
         });
         let (checkpoints, requests) = mpsc::channel();
         let checkpointer = {
-            let (shared, dir) = (shared.clone(), dir.to_path_buf());
+            let (shared, dir, db) = (shared.clone(), dir.to_path_buf(), db.clone());
             spawn("tcc-checkpoint", move || checkpointer(&shared, &db, &dir, &requests))?
         };
         let flusher = Flusher {
             shared: shared.clone(),
+            db: db.clone(),
             tree,
             versioning,
             dir: dir.to_path_buf(),
@@ -297,11 +460,11 @@ impl Journal {
             generation,
             size: 0,
             last_checkpoint: Instant::now(),
-            checkpoint_bytes,
+            sizes,
             checkpoints,
         };
         let flusher = spawn("tcc-journal", move || flusher.run())?;
-        Ok(Journal { shared, flusher: Some(flusher), checkpointer: Some(checkpointer) })
+        Ok(Journal { shared, threads: Mutex::new(vec![flusher, checkpointer]), replayed: found.len() })
     }
 
     /// Queues a write for the next group commit.
@@ -346,15 +509,30 @@ impl Journal {
     }
 }
 
-impl Drop for Journal {
-    fn drop(&mut self) {
+impl Journal {
+    /// How many journal files open replayed: 0 after a clean close.
+    pub fn replayed(&self) -> usize {
+        self.replayed
+    }
+
+    /// Writes what is queued, checkpoints everything into sled and stops
+    /// the threads; later writes are refused. Returns whether everything
+    /// was checkpointed (the store had not failed). Dropping does the same.
+    pub fn close(&self) -> bool {
         lock(&self.shared.queue).stop = true;
         self.shared.wake.notify_one();
         // The flusher writes what is queued, asks for a last checkpoint and
         // hangs up; the checkpointer runs it and exits.
-        for t in [self.flusher.take(), self.checkpointer.take()].into_iter().flatten() {
+        for t in std::mem::take(&mut *lock(&self.threads)) {
             let _ = t.join();
         }
+        !self.shared.failed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -391,22 +569,29 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 // --- files ---------------------------------------------------------------
 
 fn file_path(dir: &Path, generation: u64) -> PathBuf {
-    dir.join(format!("{FILE_PREFIX}{generation:016}"))
+    format_path(dir, generation, Format::Grouped)
 }
 
-/// The generations of the journal files in `dir`, oldest first.
-fn generations(dir: &Path) -> Result<Vec<u64>> {
+fn format_path(dir: &Path, generation: u64, format: Format) -> PathBuf {
+    dir.join(format!("{}{generation:016}", format.prefix()))
+}
+
+/// The generations of the journal files in `dir` and their formats, oldest
+/// first.
+fn generations(dir: &Path) -> Result<Vec<(u64, Format)>> {
     let entries = std::fs::read_dir(dir).map_err(|e| io_error("cannot list", dir, e))?;
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| io_error("cannot list", dir, e))?;
-        if let Some(generation) =
-            entry.file_name().to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)).and_then(|g| g.parse().ok())
-        {
-            found.push(generation);
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        for format in [Format::Grouped, Format::Legacy] {
+            if let Some(generation) = name.strip_prefix(format.prefix()).and_then(|g| g.parse().ok()) {
+                found.push((generation, format));
+            }
         }
     }
-    found.sort_unstable();
+    found.sort_unstable_by_key(|(generation, _)| *generation);
     Ok(found)
 }
 
@@ -415,19 +600,29 @@ fn spare_path(dir: &Path) -> PathBuf {
 }
 
 /// Creates the journal file of `generation`, written from its start: the
-/// spare (a checkpointed file kept for reuse) renamed, or a new file. Then
+/// spare (a checkpointed file kept for reuse) renamed, or a new file made
+/// `file_bytes` long and synced under a temporary name first (so a file
+/// under a journal name is never shorter than that unless damaged). Then
 /// makes the directory entry durable, so that frames synced into the file
 /// are found after a crash.
-fn create(dir: &Path, generation: u64) -> Result<File> {
+fn create(dir: &Path, generation: u64, file_bytes: u64) -> Result<File> {
     let path = file_path(dir, generation);
     let file = match std::fs::rename(spare_path(dir), &path) {
-        Ok(()) => OpenOptions::new().write(true).open(&path),
+        Ok(()) => OpenOptions::new().write(true).open(&path).map_err(|e| io_error("cannot open", &path, e))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            OpenOptions::new().create_new(true).write(true).open(&path)
+            let new = dir.join(NEW_NAME);
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&new)
+                .and_then(|f| f.set_len(file_bytes).and_then(|()| f.sync_all()).map(|()| f))
+                .map_err(|e| io_error("cannot create", &new, e))?;
+            std::fs::rename(&new, &path).map_err(|e| io_error("cannot name", &path, e))?;
+            file
         }
-        Err(e) => Err(e),
-    }
-    .map_err(|e| io_error("cannot create", &path, e))?;
+        Err(e) => return Err(io_error("cannot create", &path, e)),
+    };
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync the directory of", &path, e))?;
     Ok(file)
 }
@@ -435,11 +630,11 @@ fn create(dir: &Path, generation: u64) -> Result<File> {
 /// Removes the journal files up to `generation`, keeping the newest of them
 /// as the spare when `recycle` is set.
 fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> std::result::Result<(), String> {
-    let done: Vec<u64> =
-        generations(dir).map_err(|e| e.to_string())?.into_iter().filter(|g| *g <= generation).collect();
-    for (i, g) in done.iter().enumerate() {
-        let path = file_path(dir, *g);
-        let result = if recycle && i + 1 == done.len() {
+    let done: Vec<(u64, Format)> =
+        generations(dir).map_err(|e| e.to_string())?.into_iter().filter(|(g, _)| *g <= generation).collect();
+    for (i, (g, format)) in done.iter().enumerate() {
+        let path = format_path(dir, *g, *format);
+        let result = if recycle && i + 1 == done.len() && *format == Format::Grouped {
             std::fs::rename(&path, spare_path(dir))
         } else {
             std::fs::remove_file(&path)
@@ -453,6 +648,7 @@ fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> std::result::Resu
 
 struct Flusher {
     shared: Arc<Shared>,
+    db: sled::Db,
     tree: sled::Tree,
     versioning: Versioning,
     dir: PathBuf,
@@ -461,7 +657,7 @@ struct Flusher {
     /// Bytes in the current journal file.
     size: u64,
     last_checkpoint: Instant,
-    checkpoint_bytes: u64,
+    sizes: Sizes,
     checkpoints: mpsc::Sender<u64>,
 }
 
@@ -487,10 +683,15 @@ impl Flusher {
             if stop {
                 // The last checkpoint covers the current file as well; the
                 // checkpointer exits once this sender is gone.
-                let _ = self.checkpoints.send(self.generation);
+                match set_marker(&self.db, self.generation) {
+                    Ok(()) => {
+                        let _ = self.checkpoints.send(self.generation);
+                    }
+                    Err(cause) => self.shared.fail(cause),
+                }
                 return;
             }
-            let due = self.size >= self.checkpoint_bytes
+            let due = self.size >= self.sizes.checkpoint
                 || (self.size > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
             if due
                 && !self.shared.checkpointing.load(Ordering::Acquire)
@@ -549,7 +750,7 @@ impl Flusher {
         }
         buf.clear();
         for e in &mut entries {
-            stamp(&mut e.write.frame, self.generation);
+            stamp(&mut e.write.frame, self.generation, self.size);
             buf.extend_from_slice(&e.write.frame);
         }
         let synced = self.file.write_all(buf).and_then(|()| self.file.sync_data());
@@ -591,10 +792,11 @@ impl Flusher {
     /// checkpointer: everything in it is already applied to sled.
     fn rotate(&mut self) -> std::result::Result<(), String> {
         let next = self.generation + 1;
-        self.file = create(&self.dir, next).map_err(|e| e.to_string())?;
+        self.file = create(&self.dir, next, self.sizes.file).map_err(|e| e.to_string())?;
         let done = std::mem::replace(&mut self.generation, next);
         self.size = 0;
         self.last_checkpoint = Instant::now();
+        set_marker(&self.db, done)?;
         self.shared.checkpointing.store(true, Ordering::Release);
         self.checkpoints.send(done).map_err(|_| "the checkpoint thread is gone".to_string())
     }
@@ -604,7 +806,11 @@ impl Flusher {
 /// up to the requested generation, then removes those files.
 fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Receiver<u64>) {
     while let Ok(generation) = requests.recv() {
-        let done = db.flush().map_err(|e| format!("sled flush: {e}")).and_then(|_| remove_up_to(dir, generation, true));
+        let done = db
+            .flush()
+            .map_err(|e| format!("sled flush: {e}"))
+            .and_then(|_| write_checkpoint(dir, generation))
+            .and_then(|()| remove_up_to(dir, generation, true));
         shared.checkpointing.store(false, Ordering::Release);
         if let Err(cause) = done {
             shared.fail(cause);
@@ -613,19 +819,57 @@ fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Rec
     }
 }
 
+/// The generation in [`CHECKPOINT_FILE`], if there is one.
+fn read_checkpoint(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(CHECKPOINT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Corrupt {
+            key: format!("checkpoint record {}", path.display()),
+            cause: format!("cannot read {text:?}; restore the data directory from a backup"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("cannot read", &path, e)),
+    }
+}
+
+/// Records the completed checkpoint of `generation` durably (written
+/// aside, synced, renamed).
+fn write_checkpoint(dir: &Path, generation: u64) -> std::result::Result<(), String> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let tmp = dir.join(format!("{CHECKPOINT_FILE}.new"));
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(format!("{generation}\n").as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .and_then(|()| File::open(dir).and_then(|d| d.sync_all()));
+    written.map_err(|e| format!("cannot record the checkpoint in {}: {e}", path.display()))
+}
+
+/// The checkpoint marker sled holds.
+fn read_marker(db: &sled::Db) -> std::result::Result<Option<u64>, String> {
+    let value = db.get(MARKER).map_err(|e| format!("sled read: {e}"))?;
+    Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_le_bytes))
+}
+
+/// Sets the checkpoint marker (applied after everything applied before).
+fn set_marker(db: &sled::Db, generation: u64) -> std::result::Result<(), String> {
+    db.insert(MARKER, &generation.to_le_bytes()).map(|_| ()).map_err(|e| format!("sled write: {e}"))
+}
+
 /// What replay found.
 #[derive(Debug, PartialEq, Eq)]
 struct Replayed {
     frames: u64,
-    /// Bytes of an incomplete last group, dropped.
+    /// Bytes after the last frame: an interrupted write, a recycled file's
+    /// old content, or the zeros a new file is created with.
     dropped: usize,
 }
 
 /// Applies the frames of the journal file of `generation` to `tree`, up to
 /// the first frame that is incomplete or fails its checksum: the end of
-/// what was written to it (an interrupted last write, or what a recycled
-/// file held before), unless valid frames follow it.
-fn replay(path: &Path, generation: u64, tree: &sled::Tree) -> Result<Replayed> {
+/// what was written to it, unless acknowledged frames follow it (then the
+/// frames before it are applied and the error names the damage). A file of
+/// the current format shorter than `min_len` was truncated.
+fn replay(path: &Path, generation: u64, format: Format, tree: &sled::Tree, min_len: u64) -> Result<Replayed> {
     let bytes = std::fs::read(path).map_err(|e| io_error("cannot read", path, e))?;
     let damaged = |offset: usize, cause: String| Error::Corrupt {
         key: format!("journal {} at byte {offset}", path.display()),
@@ -633,9 +877,10 @@ fn replay(path: &Path, generation: u64, tree: &sled::Tree) -> Result<Replayed> {
     };
     let mut pos = 0;
     let mut frames = 0;
+    let mut end = None;
     while pos < bytes.len() {
         let rest = &bytes[pos..];
-        match frame(rest, generation) {
+        match frame(rest, generation, format) {
             Ok((payload, used)) => {
                 apply(tree, payload).map_err(|e| match e {
                     Applied::Malformed(cause) => damaged(pos, cause),
@@ -645,44 +890,117 @@ fn replay(path: &Path, generation: u64, tree: &sled::Tree) -> Result<Replayed> {
                 frames += 1;
             }
             Err(cause) => {
-                if valid_frame_follows(rest, generation) {
-                    return Err(damaged(pos, cause));
+                let follows = match format {
+                    Format::Grouped => acknowledged_after(&bytes, pos, generation),
+                    Format::Legacy => legacy_frame_follows(rest, generation).then_some(pos),
+                };
+                if let Some(at) = follows {
+                    return Err(damaged(
+                        pos,
+                        format!("{cause}, and acknowledged writes follow it (a valid frame at byte {at})"),
+                    ));
                 }
-                tracing::info!(
-                    file = %path.display(),
-                    offset = pos,
-                    bytes = rest.len(),
-                    %cause,
-                    "end of journal file; the bytes after it were never acknowledged (an interrupted write, or a recycled file's old content)"
-                );
-                return Ok(Replayed { frames, dropped: rest.len() });
+                end = Some(cause);
+                break;
             }
         }
     }
-    Ok(Replayed { frames, dropped: 0 })
+    if format == Format::Grouped && (bytes.len() as u64) < min_len {
+        return Err(damaged(
+            pos,
+            format!(
+                "the file is {} bytes, shorter than the {min_len} bytes every journal file is created with: it was truncated",
+                bytes.len()
+            ),
+        ));
+    }
+    let dropped = bytes.len() - pos;
+    if let Some(cause) = end
+        && bytes[pos..].iter().any(|b| *b != 0)
+    {
+        tracing::info!(
+            file = %path.display(),
+            offset = pos,
+            bytes = dropped,
+            %cause,
+            "end of journal file; the bytes after it were never acknowledged (an interrupted write, or a recycled file's old content)"
+        );
+    }
+    Ok(Replayed { frames, dropped })
 }
 
 /// Splits one frame off `bytes`: its payload and its length with header.
-fn frame(bytes: &[u8], generation: u64) -> std::result::Result<(&[u8], usize), String> {
-    let header = bytes.get(..HEADER).ok_or("truncated frame header")?;
+fn frame(bytes: &[u8], generation: u64, format: Format) -> std::result::Result<(&[u8], usize), String> {
+    let size = format.header();
+    let header = bytes.get(..size).ok_or("truncated frame header")?;
     let (len, crc) = (le_u32(header) as usize, le_u32(&header[4..]));
     if len == 0 {
         return Err("empty frame".into());
     }
-    let payload = bytes.get(HEADER..HEADER + len).ok_or("truncated frame")?;
-    if checksum(generation, payload) != crc {
+    let payload = bytes.get(size..size + len).ok_or("truncated frame")?;
+    let group = (format == Format::Grouped).then(|| le_u64(&header[8..]));
+    if checksum(generation, group, payload) != crc {
         return Err("checksum mismatch".into());
     }
-    Ok((payload, HEADER + len))
+    Ok((payload, size + len))
 }
 
-/// Whether a valid frame starts after the frame at the start of `bytes`,
-/// whose header claims a length that fits: then the bad frame was followed
-/// by acknowledged writes and is damage, not a torn tail.
-fn valid_frame_follows(bytes: &[u8], generation: u64) -> bool {
+/// The offset of a valid frame after the bad one at `bad` whose group
+/// starts after `bad`: one synced after the bad frame was, which makes that
+/// frame acknowledged data, not an interrupted write. Tries every offset;
+/// runs of zeros (the unwritten rest of a file) are skipped eight bytes at
+/// a time, and a frame's shape is checked before its checksum.
+fn acknowledged_after(bytes: &[u8], bad: usize, generation: u64) -> Option<usize> {
+    let mut q = bad + 1;
+    while q + HEADER <= bytes.len() {
+        if let Some(zeros) = bytes.get(q..q + 8)
+            && zeros == [0; 8]
+        {
+            // No header starts in the first five of eight zeros (its
+            // length would be 0).
+            q += 5;
+            continue;
+        }
+        let header = &bytes[q..q + HEADER];
+        let len = le_u32(header) as usize;
+        let group = le_u64(&header[8..]);
+        let fits = len > 0 && q + HEADER + len <= bytes.len();
+        if fits && group > bad as u64 && group <= q as u64 {
+            let payload = &bytes[q + HEADER..q + HEADER + len];
+            if well_formed(payload) && checksum(generation, Some(group), payload) == le_u32(&header[4..]) {
+                return Some(q);
+            }
+        }
+        q += 1;
+    }
+    None
+}
+
+/// Whether `payload` is a list of whole operations (before its checksum is
+/// worth computing).
+fn well_formed(mut payload: &[u8]) -> bool {
+    while let Some((&op, rest)) = payload.split_first() {
+        payload = rest;
+        let parts = match op {
+            OP_INSERT => 2,
+            OP_REMOVE => 1,
+            _ => return false,
+        };
+        for _ in 0..parts {
+            if take_bytes(&mut payload).is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// The rule of the legacy format: a valid frame starts right after the bad
+/// frame at the start of `bytes`, whose header claims a length that fits.
+fn legacy_frame_follows(bytes: &[u8], generation: u64) -> bool {
     let Some(len) = bytes.get(..4).map(|h| le_u32(h) as usize) else { return false };
-    match bytes.get(HEADER + len..) {
-        Some(rest) if len > 0 && !rest.is_empty() => frame(rest, generation).is_ok(),
+    match bytes.get(Format::Legacy.header() + len..) {
+        Some(rest) if len > 0 && !rest.is_empty() => frame(rest, generation, Format::Legacy).is_ok(),
         _ => false,
     }
 }
@@ -723,6 +1041,11 @@ fn le_u32(bytes: &[u8]) -> u32 {
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
+/// The little-endian u64 at the start of `bytes` (at least 8 long).
+fn le_u64(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7]])
+}
+
 fn take_bytes<'a>(payload: &mut &'a [u8]) -> std::result::Result<&'a [u8], String> {
     let len = le_u32(payload.get(..4).ok_or("truncated length")?) as usize;
     let bytes = payload.get(4..4 + len).ok_or("truncated bytes")?;
@@ -740,12 +1063,24 @@ mod tests {
         conflict: |_, expected, found| Error::Storage(format!("conflict: expected {expected}, found {found}")),
     };
 
-    /// A frame as the file of generation 1 holds it.
-    fn frame_of(ops: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
-        frame_in(1, ops)
+    /// Small files for the tests: rotation after `checkpoint` bytes, files
+    /// created 4 KiB long.
+    const SMALL: u64 = 4096;
+
+    fn small(checkpoint: u64) -> Sizes {
+        Sizes { checkpoint, file: SMALL }
     }
 
-    fn frame_in(generation: u64, ops: &[(&[u8], Option<&[u8]>)]) -> Vec<u8> {
+    type Op<'a> = (&'a [u8], Option<&'a [u8]>);
+    type Ops<'a> = &'a [Op<'a>];
+
+    /// A frame of generation 1 as the first group of a file holds it.
+    fn frame_of(ops: Ops<'_>) -> Vec<u8> {
+        frame_in(1, 0, ops)
+    }
+
+    /// A frame of `generation` in the group starting at byte `group`.
+    fn frame_in(generation: u64, group: u64, ops: Ops<'_>) -> Vec<u8> {
         let mut w = Write::default();
         for (k, v) in ops {
             match v {
@@ -755,11 +1090,34 @@ mod tests {
         }
         match w.seal() {
             Ok(mut sealed) => {
-                stamp(&mut sealed.frame, generation);
+                stamp(&mut sealed.frame, generation, group);
                 sealed.frame
             }
             Err(e) => panic!("seal: {e}"),
         }
+    }
+
+    /// A file of `generation` with one group per frame, padded with zeros
+    /// to `SMALL` bytes as files are created; and where each frame starts.
+    fn file_of(generation: u64, frames: &[Ops<'_>]) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = Vec::new();
+        let mut starts = Vec::new();
+        for ops in frames {
+            starts.push(bytes.len());
+            bytes.extend(frame_in(generation, bytes.len() as u64, ops));
+        }
+        if bytes.len() < SMALL as usize {
+            bytes.resize(SMALL as usize, 0);
+        }
+        (bytes, starts)
+    }
+
+    /// `n` frames setting keys `k0..k{n}`.
+    fn numbered(generation: u64, n: usize) -> (Vec<u8>, Vec<usize>) {
+        let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("k{i}").into_bytes()).collect();
+        let ops: Vec<Vec<Op<'_>>> = keys.iter().map(|k| vec![(k.as_slice(), Some(&b"v"[..]))]).collect();
+        let frames: Vec<Ops<'_>> = ops.iter().map(|o| o.as_slice()).collect();
+        file_of(generation, &frames)
     }
 
     fn io(e: std::io::Error) -> Error {
@@ -787,16 +1145,22 @@ mod tests {
         Error::Storage(e.to_string())
     }
 
+    fn corrupt(result: Result<Replayed>) -> (String, String) {
+        match result {
+            Err(Error::Corrupt { key, cause }) => (key, cause),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
     #[test]
     fn replay_applies_frames_in_order_and_twice_is_the_same() -> Result<()> {
         let f = fixture()?;
         let path = file_path(f.dir.path(), 1);
-        let mut bytes = frame_of(&[(b"a", Some(b"1")), (b"b", Some(b"2"))]);
-        bytes.extend(frame_of(&[(b"a", None), (b"b", Some(b"3"))]));
+        let (bytes, _) = file_of(1, &[&[(b"a", Some(b"1")), (b"b", Some(b"2"))], &[(b"a", None), (b"b", Some(b"3"))]]);
         std::fs::write(&path, &bytes).map_err(io)?;
         // Replaying twice (a crash during recovery) ends in the same state.
         for _ in 0..2 {
-            assert_eq!(replay(&path, 1, &f.tree)?, Replayed { frames: 2, dropped: 0 });
+            assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL)?.frames, 2);
             assert_eq!(get(&f.tree, b"a")?, None);
             assert_eq!(get(&f.tree, b"b")?, Some(b"3".to_vec()));
         }
@@ -808,40 +1172,122 @@ mod tests {
         let f = fixture()?;
         let path = file_path(f.dir.path(), 1);
         let first = frame_of(&[(b"a", Some(b"1"))]);
-        let second = frame_of(&[(b"b", Some(b"2"))]);
+        let second = frame_in(1, first.len() as u64, &[(b"b", Some(b"2"))]);
         for cut in [1, HEADER, second.len() - 1] {
             let mut bytes = first.clone();
             bytes.extend_from_slice(&second[..cut]);
+            bytes.resize(SMALL as usize, 0);
             std::fs::write(&path, &bytes).map_err(io)?;
-            assert_eq!(replay(&path, 1, &f.tree)?, Replayed { frames: 1, dropped: cut }, "cut at {cut}");
+            let replayed = replay(&path, 1, Format::Grouped, &f.tree, SMALL)?;
+            assert_eq!(replayed, Replayed { frames: 1, dropped: SMALL as usize - first.len() }, "cut at {cut}");
             assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()));
             assert_eq!(get(&f.tree, b"b")?, None);
         }
-        // Zeros after the last write (a torn block) too.
+        Ok(())
+    }
+
+    /// After a power loss the last group may have holes: a bad frame
+    /// followed by valid frames *of the same group* is an interrupted
+    /// write, not damage.
+    #[test]
+    fn holes_in_the_last_group_are_an_interrupted_write() -> Result<()> {
+        let f = fixture()?;
+        let path = file_path(f.dir.path(), 1);
+        let first = frame_of(&[(b"a", Some(b"1"))]);
+        let group = first.len() as u64;
+        let mut torn = frame_in(1, group, &[(b"b", Some(b"2"))]);
+        let later_in_group = frame_in(1, group, &[(b"c", Some(b"3"))]);
+        torn[HEADER] ^= 0xff;
         let mut bytes = first.clone();
-        bytes.extend_from_slice(&[0; 64]);
+        bytes.extend(&torn);
+        bytes.extend(&later_in_group);
+        bytes.resize(SMALL as usize, 0);
         std::fs::write(&path, &bytes).map_err(io)?;
-        assert_eq!(replay(&path, 1, &f.tree)?, Replayed { frames: 1, dropped: 64 });
+        assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL)?.frames, 1);
+        assert_eq!(get(&f.tree, b"c")?, None, "nothing of the interrupted group is applied");
         Ok(())
     }
 
     #[test]
-    fn damage_before_acknowledged_writes_fails_loudly() -> Result<()> {
+    fn a_flipped_bit_before_acknowledged_writes_is_damage() -> Result<()> {
         let f = fixture()?;
         let path = file_path(f.dir.path(), 1);
-        let mut bytes = frame_of(&[(b"a", Some(b"1"))]);
-        let flip = bytes.len() - 1;
-        bytes[flip] ^= 0x40;
-        bytes.extend(frame_of(&[(b"b", Some(b"2"))]));
+        let (mut bytes, starts) = numbered(1, 40);
+        bytes[starts[10] + HEADER + 1] ^= 0x40;
         std::fs::write(&path, &bytes).map_err(io)?;
-        match replay(&path, 1, &f.tree) {
-            Err(Error::Corrupt { key, cause }) => {
-                assert_eq!(key, format!("journal {} at byte 0", path.display()));
-                assert_eq!(cause, "checksum mismatch");
-            }
-            other => panic!("expected Corrupt, got {other:?}"),
+        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+        assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[10]));
+        assert!(cause.starts_with("checksum mismatch, and acknowledged writes follow it"), "{cause}");
+        assert_eq!(get(&f.tree, b"k9")?, Some(b"v".to_vec()), "the writes before the damage are applied");
+        assert_eq!(get(&f.tree, b"k11")?, None, "nothing after the damage is applied");
+        Ok(())
+    }
+
+    /// A flipped length makes the next frame start in the wrong place; the
+    /// frames after are still found, at whatever offset they are.
+    #[test]
+    fn a_flipped_length_is_damage_not_an_end() -> Result<()> {
+        let f = fixture()?;
+        let path = file_path(f.dir.path(), 1);
+        for flip in [0x01u8, 0x10, 0x80] {
+            let (mut bytes, starts) = numbered(1, 40);
+            bytes[starts[20]] ^= flip;
+            std::fs::write(&path, &bytes).map_err(io)?;
+            let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+            assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[20]), "flip {flip:#x}");
+            assert!(cause.contains("acknowledged writes follow it"), "{cause}");
         }
-        assert_eq!(get(&f.tree, b"b")?, None, "nothing after the damage is applied");
+        Ok(())
+    }
+
+    #[test]
+    fn a_zeroed_block_is_damage_not_an_end() -> Result<()> {
+        let f = fixture()?;
+        let path = file_path(f.dir.path(), 1);
+        let (mut bytes, starts) = numbered(1, 200);
+        let block = starts[50]..starts[50] + 512;
+        bytes[block].fill(0);
+        std::fs::write(&path, &bytes).map_err(io)?;
+        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+        assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[50]));
+        assert!(cause.starts_with("empty frame, and acknowledged writes follow it"), "{cause}");
+        Ok(())
+    }
+
+    /// A file cut anywhere (mid-frame, at a frame boundary, past the
+    /// frames) is shorter than files are created: damage.
+    #[test]
+    fn a_truncated_file_is_damage() -> Result<()> {
+        let f = fixture()?;
+        let path = file_path(f.dir.path(), 1);
+        let (bytes, starts) = numbered(1, 40);
+        let written = starts[39] + frame_of(&[(b"k39", Some(b"v"))]).len();
+        for cut in [0, 3, starts[20], starts[20] + 5, written, written + 100, SMALL as usize - 1] {
+            std::fs::write(&path, &bytes[..cut]).map_err(io)?;
+            let (_, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+            assert!(cause.contains("it was truncated"), "cut at {cut}: {cause}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn legacy_files_are_replayed_with_their_own_rule() -> Result<()> {
+        let f = fixture()?;
+        let path = format_path(f.dir.path(), 1, Format::Legacy);
+        // The first format: `len | crc(generation, payload) | payload`.
+        let legacy = |ops: Ops<'_>| {
+            let mut frame = frame_in(1, 0, ops);
+            frame.drain(8..HEADER);
+            let crc = checksum(1, None, &frame[8..]);
+            frame[4..8].copy_from_slice(&crc.to_le_bytes());
+            frame
+        };
+        let mut bytes = legacy(&[(b"a", Some(b"1"))]);
+        bytes.extend(legacy(&[(b"b", Some(b"2"))]));
+        bytes.extend([0; 10]);
+        std::fs::write(&path, &bytes).map_err(io)?;
+        assert_eq!(replay(&path, 1, Format::Legacy, &f.tree, SMALL)?, Replayed { frames: 2, dropped: 10 });
+        assert_eq!(get(&f.tree, b"b")?, Some(b"2".to_vec()));
         Ok(())
     }
 
@@ -849,18 +1295,68 @@ mod tests {
     fn open_replays_every_file_in_generation_order_then_starts_a_new_one() -> Result<()> {
         let f = fixture()?;
         let dir = f.dir.path();
-        std::fs::write(file_path(dir, 7), frame_in(7, &[(b"a", Some(b"old")), (b"b", Some(b"1"))])).map_err(io)?;
-        std::fs::write(file_path(dir, 8), frame_in(8, &[(b"a", Some(b"new"))])).map_err(io)?;
+        let legacy_spare = dir.join(LEGACY_SPARE);
+        std::fs::write(file_path(dir, 7), file_of(7, &[&[(b"a", Some(b"old")), (b"b", Some(b"1"))]]).0).map_err(io)?;
+        std::fs::write(file_path(dir, 8), file_of(8, &[&[(b"a", Some(b"new"))]]).0).map_err(io)?;
         // A spare from an earlier run is never reused: its old frames could
         // carry the generation numbers this run starts again from.
-        std::fs::write(spare_path(dir), frame_in(9, &[(b"c", Some(b"stale"))])).map_err(io)?;
-        let journal = Journal::open(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING)?;
+        std::fs::write(spare_path(dir), file_of(9, &[&[(b"c", Some(b"stale"))]]).0).map_err(io)?;
+        std::fs::write(&legacy_spare, b"old").map_err(io)?;
+        let journal = Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false)?;
         assert_eq!(get(&f.tree, b"a")?, Some(b"new".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, Some(b"1".to_vec()));
-        assert_eq!(generations(dir)?, vec![9], "replayed files removed once sled is flushed");
-        assert_eq!(std::fs::metadata(file_path(dir, 9)).map_err(io)?.len(), 0, "a new, empty file");
+        assert_eq!(generations(dir)?, vec![(9, Format::Grouped)], "replayed files removed once sled is flushed");
+        assert_eq!(std::fs::read(file_path(dir, 9)).map_err(io)?, vec![0; SMALL as usize], "a new file of zeros");
+        assert!(!legacy_spare.exists());
         drop(journal);
         assert_eq!(get(&f.tree, b"c")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_file_is_damage_and_salvage_keeps_what_comes_before() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        std::fs::write(file_path(dir, 1), file_of(1, &[&[(b"a", Some(b"1"))]]).0).map_err(io)?;
+        std::fs::write(file_path(dir, 3), file_of(3, &[&[(b"b", Some(b"2"))]]).0).map_err(io)?;
+        let open =
+            |salvage| Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), salvage);
+        match open(false) {
+            Err(Error::Corrupt { key, cause }) => {
+                assert!(key.contains("tcc-wal-0000000000000003"), "{key}");
+                assert!(cause.contains("generations 2 to 2 are missing"), "{cause}");
+                assert!(cause.contains("Restore the data directory from a backup"), "{cause}");
+                assert!(cause.contains("--salvage-journal"), "{cause}");
+                assert!(cause.contains("0 later journal file(s)"), "{cause}");
+            }
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("expected Corrupt, got a journal"),
+        }
+        assert!(file_path(dir, 3).exists(), "nothing is touched without --salvage-journal");
+        let journal = open(true)?;
+        assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()));
+        assert_eq!(get(&f.tree, b"b")?, None);
+        let mut aside = file_path(dir, 3).into_os_string();
+        aside.push(".damaged");
+        assert!(std::path::Path::new(&aside).exists(), "the dropped file is kept aside");
+        assert_eq!(generations(dir)?, vec![(4, Format::Grouped)], "numbering goes on after the dropped file");
+        drop(journal);
+        Ok(())
+    }
+
+    #[test]
+    fn salvage_replays_up_to_the_damage() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        let (mut bytes, starts) = numbered(1, 40);
+        bytes[starts[30] + HEADER] ^= 1;
+        std::fs::write(file_path(dir, 1), &bytes).map_err(io)?;
+        std::fs::write(file_path(dir, 2), file_of(2, &[&[(b"later", Some(b"x"))]]).0).map_err(io)?;
+        let journal = Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), true)?;
+        assert_eq!(get(&f.tree, b"k29")?, Some(b"v".to_vec()));
+        assert_eq!(get(&f.tree, b"k31")?, None);
+        assert_eq!(get(&f.tree, b"later")?, None, "files after the damage are dropped too");
+        drop(journal);
         Ok(())
     }
 
@@ -868,16 +1364,16 @@ mod tests {
     fn a_recycled_file_replays_only_what_its_new_generation_wrote() -> Result<()> {
         let f = fixture()?;
         let dir = f.dir.path();
-        let mut old = create(dir, 1)?;
-        old.write_all(&frame_in(1, &[(b"a", Some(b"1")), (b"b", Some(b"2"))])).map_err(io)?;
-        old.write_all(&frame_in(1, &[(b"c", Some(b"3"))])).map_err(io)?;
+        let mut old = create(dir, 1, SMALL)?;
+        let (old_bytes, _) = file_of(1, &[&[(b"a", Some(b"1")), (b"b", Some(b"2"))], &[(b"c", Some(b"3"))]]);
+        old.write_all(&old_bytes).map_err(io)?;
         drop(old);
         remove_up_to(dir, 1, true).map_err(Error::Storage)?;
-        assert_eq!(generations(dir)?, Vec::<u64>::new());
-        let mut new = create(dir, 2)?;
-        assert!(std::fs::metadata(file_path(dir, 2)).map_err(io)?.len() > 0, "the spare was reused");
-        new.write_all(&frame_in(2, &[(b"a", Some(b"9"))])).map_err(io)?;
-        let replayed = replay(&file_path(dir, 2), 2, &f.tree)?;
+        assert_eq!(generations(dir)?, Vec::new());
+        let mut new = create(dir, 2, SMALL)?;
+        assert!(std::fs::read(file_path(dir, 2)).map_err(io)?.iter().any(|b| *b != 0), "the spare was reused");
+        new.write_all(&frame_in(2, 0, &[(b"a", Some(b"9"))])).map_err(io)?;
+        let replayed = replay(&file_path(dir, 2), 2, Format::Grouped, &f.tree, SMALL)?;
         assert_eq!(replayed.frames, 1);
         assert_eq!(get(&f.tree, b"a")?, Some(b"9".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, None);
@@ -888,7 +1384,8 @@ mod tests {
     #[tokio::test]
     async fn an_acknowledged_write_is_in_the_journal_and_in_sled() -> Result<()> {
         let f = fixture()?;
-        let journal = Journal::open(f.dir.path(), f.db.clone(), f.tree.clone(), TEST_VERSIONING)?;
+        let journal =
+            Journal::open_with(f.dir.path(), f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(1 << 20), false)?;
         let mut w = Write::default();
         w.insert(b"k", b"v");
         w.remove(b"gone");
@@ -896,10 +1393,12 @@ mod tests {
         assert_eq!(get(&f.tree, b"k")?, Some(b"v".to_vec()), "applied to sled once acknowledged");
         // On disk before any checkpoint: what replay would find after a crash.
         let on_disk = std::fs::read(file_path(f.dir.path(), 1)).map_err(io)?;
-        assert_eq!(on_disk, frame_of(&[(b"k", Some(b"v")), (b"gone", None)]));
+        let frame = frame_of(&[(b"k", Some(b"v")), (b"gone", None)]);
+        assert_eq!(on_disk[..frame.len()], frame);
+        assert_eq!(on_disk.len() as u64, SMALL, "files are created full length");
         // A clean close checkpoints and removes the journal.
         drop(journal);
-        assert_eq!(generations(f.dir.path())?, Vec::<u64>::new());
+        assert_eq!(generations(f.dir.path())?, Vec::new());
         assert_eq!(get(&f.tree, b"k")?, Some(b"v".to_vec()));
         Ok(())
     }
@@ -911,7 +1410,7 @@ mod tests {
         std::fs::create_dir(&dir).map_err(io)?;
         // Rotate after every write; the first rotation fails because the
         // directory is gone (the open file still takes the first write).
-        let journal = Journal::open_with(&dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, 1)?;
+        let journal = Journal::open_with(&dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(1), false)?;
         std::fs::remove_dir_all(&dir).map_err(io)?;
         let mut w = Write::default();
         w.insert(b"a", b"1");

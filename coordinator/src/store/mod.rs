@@ -73,6 +73,7 @@
 
 pub mod conformance;
 pub mod index;
+pub mod integrity;
 pub mod journal;
 pub mod memory;
 pub mod postgres;

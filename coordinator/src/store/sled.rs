@@ -37,7 +37,7 @@
 //! replayed whole or not at all, which makes every write atomic across
 //! record kinds. See the journal's docs for recovery and the fail-stop rule.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -45,6 +45,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::index::{Keys, TxnIndex};
+use super::integrity;
 use super::journal::{Journal, Versioning, Write};
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
@@ -68,28 +69,50 @@ const KIND_ENDPOINT: u8 = 0x05;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
+    dir: PathBuf,
     tree: sled::Tree,
     journal: Journal,
     index: Arc<Mutex<TxnIndex>>,
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`. Damage to its files refuses
+    /// the open ([`Error::Corrupt`], naming the file; see
+    /// [`integrity`](super::integrity) and the journal's docs).
     pub fn open(dir: &Path) -> Result<Self> {
-        // sled's own periodic flush is off: the journal's checkpoints flush.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| Error::Storage(format!("cannot open sled database in {}: {e}", dir.display())))?;
-        let tree = db.open_tree("tcc").map_err(sled_error)?;
-        let journal = Journal::open(dir, db, tree.clone(), Versioning { version_of, conflict })?;
-        let mut index = TxnIndex::default();
-        for item in tree.scan_prefix([KIND_TXN]) {
-            let (k, v) = item.map_err(sled_error)?;
-            index.put(&decode_txn(&k, &v)?);
+        Self::open_with(dir, false)
+    }
+
+    /// [`SledStore::open`] that salvages a damaged journal: keeps the writes
+    /// before the damage and moves the rest aside (`--salvage-journal`).
+    pub fn open_salvaging(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, true)
+    }
+
+    fn open_with(dir: &Path, salvage: bool) -> Result<Self> {
+        integrity::check_files(dir)?;
+        let place = format!("sled database in {}", dir.display());
+        let (db, tree) = integrity::catching_panics(&place, || {
+            // sled's own periodic flush is off: the journal's checkpoints flush.
+            let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| sled_open_error(dir, e))?;
+            let tree = db.open_tree("tcc").map_err(|e| sled_open_error(dir, e))?;
+            Ok((db, tree))
+        })?;
+        integrity::mark(dir)?;
+        let versioning = Versioning { version_of, conflict };
+        let journal = if salvage {
+            Journal::open_salvaging(dir, db, tree.clone(), versioning)?
+        } else {
+            Journal::open(dir, db, tree.clone(), versioning)?
+        };
+        let (index, summary) = integrity::catching_panics(&place, || read_everything(&tree))?;
+        if journal.replayed() == 0
+            && let Some(recorded) = integrity::read_manifest(dir)?
+        {
+            integrity::compare(dir, &recorded, &summary)?;
         }
-        Ok(SledStore { tree, journal, index: Arc::new(Mutex::new(index)) })
+        integrity::remove_manifest(dir)?;
+        Ok(SledStore { dir: dir.to_path_buf(), tree, journal, index: Arc::new(Mutex::new(index)) })
     }
 
     /// Fail-stop: after a failed write nothing is served, not even reads.
@@ -344,10 +367,61 @@ impl Store for SledStore {
     async fn failed(&self) -> String {
         self.journal.failed().await
     }
+
+    /// Checkpoints everything, then records the summary of the records for
+    /// the next open to check (a clean close).
+    async fn close(&self) {
+        if !self.journal.close() {
+            return;
+        }
+        let summary = integrity::catching_panics("sled database", || read_everything(&self.tree));
+        match summary.and_then(|(_, summary)| integrity::write_manifest(&self.dir, &summary)) {
+            Ok(()) => tracing::info!("store closed cleanly; its summary is recorded for the next start to check"),
+            Err(e) => tracing::warn!(cause = %e, "cannot record the store's summary; the next start cannot check it"),
+        }
+    }
 }
 
 fn sled_error(e: sled::Error) -> Error {
     Error::Storage(e.to_string())
+}
+
+/// sled's errors at open: its own damage detection is damage.
+fn sled_open_error(dir: &Path, e: sled::Error) -> Error {
+    match e {
+        sled::Error::Corruption { .. } => Error::Corrupt {
+            key: format!("sled database in {}", dir.display()),
+            cause: format!("sled found it damaged ({e}); restore the data directory from a backup"),
+        },
+        other => Error::Storage(format!("cannot open sled database in {}: {other}", dir.display())),
+    }
+}
+
+/// Reads and decodes every record (so damage is found at open, not by a
+/// request later), building the transaction index and the records'
+/// summary.
+fn read_everything(tree: &sled::Tree) -> Result<(TxnIndex, integrity::Summary)> {
+    let mut index = TxnIndex::default();
+    let mut summing = integrity::Summing::default();
+    for item in tree.iter() {
+        let (k, v) = item.map_err(sled_error)?;
+        summing.add(&k, &v);
+        match k.first() {
+            Some(&KIND_TXN) => index.put(&decode_txn(&k, &v)?),
+            Some(&KIND_PARTIAL) if k.len() == 17 && v.len() == 16 => {}
+            Some(&KIND_COMMAND) if k.len() == 25 => {
+                decode::<CommandRecord>(&v).map_err(|cause| corrupt("command", &k, cause))?;
+            }
+            Some(&KIND_RECEIPT) if k.len() >= 17 => {
+                decode::<AppendReceipt>(&v).map_err(|cause| corrupt("append receipt", &k, cause))?;
+            }
+            Some(&KIND_ENDPOINT) => {
+                decode::<Registration>(&v).map_err(|cause| corrupt("registration", &k, cause))?;
+            }
+            _ => return Err(corrupt("record", &k, format!("unknown key of {} bytes", k.len()))),
+        }
+    }
+    Ok((index, summing.finish()))
 }
 
 /// The version a stored transaction value carries (for the journal's

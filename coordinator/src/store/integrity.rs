@@ -1,0 +1,259 @@
+//! Damage detection for the embedded store's files (sled's `conf`, `db`
+//! and snapshots, beside the journal, which checks its own frames).
+//!
+//! sled notices some damage itself (a checksum), panics on other damage
+//! ("tried to serialize Uninitialized"), and takes yet other damage, such as
+//! a `db` file cut short, for the end of its log and opens with fewer
+//! records. So opening the store:
+//!
+//! * refuses a data directory that has held a store ([`IDENTITY`]) but
+//!   lacks one of sled's files;
+//! * turns a panic inside sled into [`Error::Corrupt`], with sled's message
+//!   ([`catching_panics`]), never a crash;
+//! * reads every record once and decodes it (so damage is found at start,
+//!   not by a request later), summing them into a [`Summary`];
+//! * after a clean close, compares that summary with the one the close
+//!   recorded ([`MANIFEST`]): fewer records, or different bytes, is damage.
+//!   The manifest is removed once the store is open, because the first
+//!   write makes it stale; after a crash there is none, and the journal's
+//!   replay is what protects the latest writes.
+//!
+//! What this cannot see: damage to sled's files made *while* a coordinator
+//! was running or after it crashed, that sled itself takes for a shorter
+//! log. RELIABILITY.md says so.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::Write as _;
+use std::panic::AssertUnwindSafe;
+use std::path::Path;
+use std::sync::Once;
+
+use crate::error::{Error, Result};
+
+/// Written once into a data directory that holds a store: from then on,
+/// sled's files must be there.
+pub const IDENTITY: &str = "tcc-data-dir";
+
+/// The summary of the store's records at the last clean close.
+pub const MANIFEST: &str = "tcc-manifest";
+
+/// The files of sled that a store always has.
+pub const SLED_FILES: [&str; 2] = ["conf", "db"];
+
+/// How many records, how many bytes, and a checksum of them in key order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Records (keys).
+    pub records: u64,
+    /// Bytes of keys and values.
+    pub bytes: u64,
+    /// CRC-32 of every key and value with their lengths, in key order.
+    pub crc: u32,
+}
+
+/// Builds a [`Summary`] from records in key order.
+#[derive(Default)]
+pub struct Summing {
+    summary: Summary,
+    crc: crc32fast::Hasher,
+}
+
+impl Summing {
+    /// Adds the next record.
+    pub fn add(&mut self, key: &[u8], value: &[u8]) {
+        self.summary.records += 1;
+        self.summary.bytes += (key.len() + value.len()) as u64;
+        for part in [key, value] {
+            self.crc.update(&(part.len() as u64).to_le_bytes());
+            self.crc.update(part);
+        }
+    }
+
+    /// The summary of the records added.
+    pub fn finish(self) -> Summary {
+        Summary { crc: self.crc.finalize(), ..self.summary }
+    }
+}
+
+impl Summary {
+    fn encode(&self) -> String {
+        format!("records={} bytes={} crc={:08x}\n", self.records, self.bytes, self.crc)
+    }
+
+    fn decode(text: &str) -> Option<Summary> {
+        let mut fields = text.trim().split(' ');
+        let mut field = |name: &str| fields.next().and_then(|f| f.strip_prefix(name)).map(str::to_owned);
+        let records = field("records=")?.parse().ok()?;
+        let bytes = field("bytes=")?.parse().ok()?;
+        let crc = u32::from_str_radix(&field("crc=")?, 16).ok()?;
+        Some(Summary { records, bytes, crc })
+    }
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Storage(format!("{what} {}: {e}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync the directory", dir, e))
+}
+
+/// Refuses a data directory that has held a store but lacks one of sled's
+/// files (sled would create an empty database in its place).
+pub fn check_files(dir: &Path) -> Result<()> {
+    if !dir.join(IDENTITY).exists() {
+        return Ok(());
+    }
+    for name in SLED_FILES {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Err(Error::Corrupt {
+                key: format!("sled file {}", path.display()),
+                cause: format!(
+                    "it is missing from a data directory that holds a store ({IDENTITY} is there); restore the data directory from a backup"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Marks `dir` as holding a store (once sled's files exist).
+pub fn mark(dir: &Path) -> Result<()> {
+    let path = dir.join(IDENTITY);
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::write(&path, b"a tcc-coordinator data directory\n").map_err(|e| io("cannot write", &path, e))?;
+    File::open(&path).and_then(|f| f.sync_all()).map_err(|e| io("cannot sync", &path, e))?;
+    sync_dir(dir)
+}
+
+/// The summary the last clean close recorded, if any.
+pub fn read_manifest(dir: &Path) -> Result<Option<Summary>> {
+    let path = dir.join(MANIFEST);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Summary::decode(&text).map(Some).ok_or_else(|| Error::Corrupt {
+            key: format!("manifest {}", path.display()),
+            cause: format!("cannot read {text:?}; restore the data directory from a backup"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("cannot read", &path, e)),
+    }
+}
+
+/// Records `summary` durably (written aside, synced, renamed).
+pub fn write_manifest(dir: &Path, summary: &Summary) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let tmp = dir.join(format!("{MANIFEST}.new"));
+    File::create(&tmp)
+        .and_then(|mut f| f.write_all(summary.encode().as_bytes()).and_then(|()| f.sync_all()))
+        .map_err(|e| io("cannot write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))?;
+    sync_dir(dir)
+}
+
+/// Removes the manifest durably: the store is about to change.
+pub fn remove_manifest(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("cannot remove", &path, e)),
+    }
+}
+
+/// Compares what the store holds with what the last clean close recorded.
+pub fn compare(dir: &Path, recorded: &Summary, found: &Summary) -> Result<()> {
+    if recorded == found {
+        return Ok(());
+    }
+    Err(Error::Corrupt {
+        key: format!("sled database in {}", dir.display()),
+        cause: format!(
+            "it holds {} records ({} bytes) where the last clean shutdown left {} ({} bytes){}: sled's files were damaged or replaced while the coordinator was stopped; restore the data directory from a backup",
+            found.records,
+            found.bytes,
+            recorded.records,
+            recorded.bytes,
+            if found.records == recorded.records && found.bytes == recorded.bytes {
+                ", with different content"
+            } else {
+                ""
+            },
+        ),
+    })
+}
+
+thread_local! {
+    /// `Some` while this thread runs [`catching_panics`]: the panic's
+    /// message, captured instead of printed.
+    static CAPTURED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic (sled's reaction to some damage) into
+/// [`Error::Corrupt`] about `what`, with the panic's message. The message is
+/// not printed: the error says it.
+pub fn catching_panics<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let captured = CAPTURED.with(|c| match c.borrow_mut().as_mut() {
+                Some(slot) => {
+                    *slot = info.to_string();
+                    true
+                }
+                None => false,
+            });
+            if !captured {
+                previous(info);
+            }
+        }));
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(String::new()));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    let message = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    result.unwrap_or_else(|_| {
+        Err(Error::Corrupt {
+            key: what.to_string(),
+            cause: format!("sled could not read it ({message}); restore the data directory from a backup"),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_reads_back_and_a_difference_is_named() {
+        let mut s = Summing::default();
+        s.add(b"a", b"1");
+        s.add(b"b", b"22");
+        let summary = s.finish();
+        assert_eq!(Summary::decode(&summary.encode()), Some(summary));
+        assert_eq!(Summary::decode("records=x"), None);
+        let fewer = Summary { records: 1, ..summary };
+        let dir = Path::new("/data");
+        assert!(compare(dir, &summary, &summary).is_ok());
+        match compare(dir, &summary, &fewer) {
+            Err(Error::Corrupt { cause, .. }) => assert!(cause.starts_with("it holds 1 records"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_corrupt_with_its_message() {
+        let r: Result<()> = catching_panics("sled database in /x", || panic!("tried to serialize Uninitialized"));
+        match r {
+            Err(Error::Corrupt { key, cause }) => {
+                assert_eq!(key, "sled database in /x");
+                assert!(cause.contains("tried to serialize Uninitialized"), "{cause}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(catching_panics("x", || Ok(7)).ok(), Some(7));
+    }
+}
