@@ -1509,8 +1509,11 @@ mod tests {
 
         use super::*;
 
+        /// A frame's operations, owned.
+        type OwnedOps = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
         /// The state after applying `frames` to an empty tree, as a map.
-        fn state_after(frames: &[Vec<(Vec<u8>, Option<Vec<u8>>)>]) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+        fn state_after(frames: &[OwnedOps]) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
             let mut state = std::collections::BTreeMap::new();
             for ops in frames {
                 for (k, v) in ops {
@@ -1527,7 +1530,7 @@ mod tests {
             tree.iter().filter_map(|r| r.ok()).map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
         }
 
-        fn ops() -> impl Strategy<Value = Vec<(Vec<u8>, Option<Vec<u8>>)>> {
+        fn ops() -> impl Strategy<Value = OwnedOps> {
             proptest::collection::vec(
                 (
                     proptest::collection::vec(0u8..4, 1..3),
@@ -1572,7 +1575,7 @@ mod tests {
             ) {
                 let f = fixture().map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let path = file_path(f.dir.path(), 1);
-                let borrowed: Vec<Vec<(&[u8], Option<&[u8]>)>> =
+                let borrowed: Vec<Vec<Op<'_>>> =
                     frames.iter().map(|ops| ops.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect()).collect();
                 let refs: Vec<Ops<'_>> = borrowed.iter().map(|o| o.as_slice()).collect();
                 let (mut bytes, _) = file_of(1, &refs);
