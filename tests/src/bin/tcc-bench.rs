@@ -403,6 +403,13 @@ async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
     let pid = c.pid().context("coordinator pid")?;
     println!("| kill -9, restart until serving (recovery) | {:.2} s |", recovery.as_secs_f64());
     println!("| RSS after recovery | {:.0} MiB |", memory_mib(pid, "VmRSS:").unwrap_or(0.0));
+    let stopping = Instant::now();
+    let status = c.terminate().await?;
+    anyhow::ensure!(status.success(), "SIGTERM: {status}");
+    println!("| SIGTERM until exited (checkpoint, summary recorded) | {:.2} s |", stopping.elapsed().as_secs_f64());
+    let starting = Instant::now();
+    c.restart().await?;
+    println!("| restart after a clean stop until serving (summary checked) | {:.2} s |", starting.elapsed().as_secs_f64());
     let listed = c
         .admin()
         .await?
