@@ -500,6 +500,16 @@ impl Journal {
         }
     }
 
+    /// Fails the store from outside the flusher (sled failed to write what
+    /// was applied): the same fail-stop as a failed journal write. Returns
+    /// the error callers get from then on.
+    pub fn fail(&self, cause: String) -> Error {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            self.shared.fail(cause);
+        }
+        self.check().err().unwrap_or_else(|| Error::Unavailable("the store failed".into()))
+    }
+
     /// Fail-stop check for readers: after a failed write, sled may hold a
     /// change whose durability is unknown, so nothing is served.
     pub fn check(&self) -> Result<()> {

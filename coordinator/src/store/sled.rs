@@ -120,6 +120,16 @@ impl SledStore {
         self.journal.check()
     }
 
+    /// A sled error on a read. An I/O error means sled failed to write
+    /// what the journal applied (sled then returns it from every call): the
+    /// store fails-stop, as for a failed journal write.
+    fn failed_read(&self, e: sled::Error) -> Error {
+        match e {
+            sled::Error::Io(io) => self.journal.fail(format!("sled: {io}")),
+            other => sled_error(other),
+        }
+    }
+
     /// A write of `txn` that lands only over its previous version, and
     /// updates the index as it is applied.
     fn txn_write(&self, txn: &TxnRecord) -> Result<Write> {
@@ -137,7 +147,7 @@ impl SledStore {
 
     fn read_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
         let key = txn_key(id);
-        match self.tree.get(key).map_err(sled_error)? {
+        match self.tree.get(key).map_err(|e| self.failed_read(e))? {
             Some(v) => decode_txn(&key, &v).map(Some),
             None => Ok(None),
         }
@@ -201,7 +211,7 @@ impl Store for SledStore {
             write.remove(&partial_key(p.partial_id));
             for prefix in [command_prefix(p.partial_id), receipt_prefix(p.partial_id)] {
                 for item in self.tree.scan_prefix(prefix) {
-                    let (k, _) = item.map_err(sled_error)?;
+                    let (k, _) = item.map_err(|e| self.failed_read(e))?;
                     write.remove(&k);
                 }
             }
@@ -209,7 +219,7 @@ impl Store for SledStore {
         let key = txn_key(txn.id);
         write.remove(&key);
         let (index, id) = (self.index.clone(), txn.id);
-        match self.tree.get(key).map_err(sled_error)? {
+        match self.tree.get(key).map_err(|e| self.failed_read(e))? {
             None => {
                 lock(&index).remove(id);
                 return Ok(());
@@ -228,7 +238,7 @@ impl Store for SledStore {
     async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
         self.check()?;
         let key = partial_key(partial);
-        match self.tree.get(key).map_err(sled_error)? {
+        match self.tree.get(key).map_err(|e| self.failed_read(e))? {
             Some(v) => {
                 let id = Uuid::from_slice(&v).map_err(|e| corrupt("partial index", &key, e.to_string()))?;
                 Ok(Some(TxnId(id)))
@@ -240,7 +250,7 @@ impl Store for SledStore {
     async fn find_receipt(&self, partial: PartialId, key: &str) -> Result<Option<AppendReceipt>> {
         self.check()?;
         let k = receipt_key(partial, key);
-        match self.tree.get(&k).map_err(sled_error)? {
+        match self.tree.get(&k).map_err(|e| self.failed_read(e))? {
             Some(v) => decode(&v).map(Some).map_err(|cause| corrupt("append receipt", &k, cause)),
             None => Ok(None),
         }
@@ -252,7 +262,7 @@ impl Store for SledStore {
         let end = command_key(partial, u64::MAX);
         let mut out = Vec::new();
         for item in self.tree.range(start..=end).take(limit) {
-            let (k, v) = item.map_err(sled_error)?;
+            let (k, v) = item.map_err(|e| self.failed_read(e))?;
             out.push(decode(&v).map_err(|cause| corrupt("command", &k, cause))?);
         }
         Ok(out)
@@ -289,7 +299,7 @@ impl Store for SledStore {
         };
         let mut page = ListPage::default();
         for (scanned, item) in iter.enumerate() {
-            let (k, v) = item.map_err(sled_error)?;
+            let (k, v) = item.map_err(|e| self.failed_read(e))?;
             if k.first() != Some(&KIND_TXN) {
                 return Ok(page);
             }
@@ -326,7 +336,7 @@ impl Store for SledStore {
     async fn remove_endpoint(&self, service: &str, endpoint: &str) -> Result<bool> {
         self.check()?;
         let key = endpoint_key(service, endpoint);
-        if !self.tree.contains_key(&key).map_err(sled_error)? {
+        if !self.tree.contains_key(&key).map_err(|e| self.failed_read(e))? {
             return Ok(false);
         }
         let mut write = Write::default();
@@ -339,7 +349,7 @@ impl Store for SledStore {
         self.check()?;
         let mut out = Vec::new();
         for item in self.tree.scan_prefix([KIND_ENDPOINT]) {
-            let (k, v) = item.map_err(sled_error)?;
+            let (k, v) = item.map_err(|e| self.failed_read(e))?;
             let key = || format!("registration {}", String::from_utf8_lossy(&k[1..]).replace('\0', " "));
             out.push(decode(&v).map_err(|cause| Error::Corrupt { key: key(), cause })?);
         }

@@ -409,7 +409,10 @@ async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
     println!("| SIGTERM until exited (checkpoint, summary recorded) | {:.2} s |", stopping.elapsed().as_secs_f64());
     let starting = Instant::now();
     c.restart().await?;
-    println!("| restart after a clean stop until serving (summary checked) | {:.2} s |", starting.elapsed().as_secs_f64());
+    println!(
+        "| restart after a clean stop until serving (summary checked) | {:.2} s |",
+        starting.elapsed().as_secs_f64()
+    );
     let listed = c
         .admin()
         .await?
