@@ -275,9 +275,9 @@ impl AsyncWrite for Conn {
 }
 
 /// A tower layer that counts each request against its connection's idle
-/// clock (see [`ConnState`]) until its response is produced. A server
-/// streaming response is not among our RPCs; its body would outlive the
-/// count.
+/// clock (see [`ConnState`]) until its response body has ended, so a
+/// stream (health `Watch`, reflection) keeps its connection as a waiting
+/// unary call does.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrackRequests;
 
@@ -293,14 +293,14 @@ impl<S> tower::Layer<S> for TrackRequests {
 #[derive(Clone, Debug)]
 pub struct Tracked<S>(S);
 
-impl<S, B> tower::Service<http::Request<B>> for Tracked<S>
+impl<S, B, R> tower::Service<http::Request<B>> for Tracked<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<Counted<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.0.poll_ready(cx)
@@ -315,9 +315,35 @@ where
         });
         let response = self.0.call(request);
         Box::pin(async move {
-            let response = response.await;
-            drop(guard);
-            response
+            let response = response.await?;
+            Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard }))
         })
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until it ends
+/// (or is dropped).
+pub struct Counted<B> {
+    body: Pin<Box<B>>,
+    _guard: Option<InFlight>,
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.body.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -81,10 +81,15 @@ async fn silent_connections_cannot_use_up_the_descriptors() -> Result<()> {
 /// A connection that completed the HTTP/2 handshake and then sends no
 /// request is closed after the idle timeout (not before: the handshake
 /// deadline no longer applies); a request in flight for longer than the
-/// idle timeout keeps its connection.
+/// idle timeout keeps its connection, and so does an open stream (a
+/// health `Watch`, as client-side health checking keeps).
 #[tokio::test]
 async fn idle_connections_are_closed_but_not_under_a_long_request() -> Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let c = Coordinator::start(&["--handshake-timeout-ms", "500", "--idle-timeout-ms", "1500"]).await?;
+    let mut health = HealthClient::new(c.channel().await?);
+    let mut watch = health.watch(HealthCheckRequest { service: String::new() }).await?.into_inner();
+    watch.message().await?.context("the first status")?;
     let mut socket = TcpStream::connect(c.addr()).await?;
     let opened = Instant::now();
     socket.write_all(PREFACE_AND_SETTINGS).await?;
@@ -101,6 +106,9 @@ async fn idle_connections_are_closed_but_not_under_a_long_request() -> Result<()
     let req = v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), wait: true, wait_timeout_ms: 20_000 };
     let answer = tx.confirm(req).await?.into_inner();
     assert_eq!(answer.state, S::Confirmed as i32);
+    // Over 4 s later, the watch stream is still open: no end, no error.
+    let still = tokio::time::timeout(Duration::from_millis(100), watch.message()).await;
+    assert!(still.is_err(), "the health watch stream ended: {still:?}");
     eprintln!("an idle HTTP/2 connection was closed after {} ms", idle.as_millis());
     Ok(())
 }

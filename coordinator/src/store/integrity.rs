@@ -14,9 +14,11 @@
 //!   not by a request later), summing them into a [`Summary`];
 //! * after a clean close, compares that summary with the one the close
 //!   recorded ([`MANIFEST`]): fewer records, or different bytes, is damage.
-//!   The manifest is removed once the store is open, because the first
-//!   write makes it stale; after a crash there is none, and the journal's
-//!   replay is what protects the latest writes.
+//!   The manifest is removed once the store is open, before the first
+//!   write could make it stale (so while it exists it describes the
+//!   records, even if a start was interrupted after the close); after a
+//!   crash there is none, and the checkpoint marker (see the journal) is
+//!   what catches a sled that lost durable writes.
 //!
 //! What this cannot see: damage to sled's files made *while* a coordinator
 //! was running or after it crashed, that sled itself takes for a shorter

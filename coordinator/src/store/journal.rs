@@ -171,6 +171,9 @@ impl Format {
 }
 const OP_INSERT: u8 = 1;
 const OP_REMOVE: u8 = 2;
+/// The first frame of a file made by a rotation: where the previous file's
+/// frames end (`3 | end: u64 LE`).
+const OP_SEAL: u8 = 3;
 
 /// Runs on the flusher thread once a write is applied, before its writer
 /// is answered.
@@ -305,8 +308,6 @@ impl Default for Sizes {
 pub struct Journal {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Journal files replayed at open: 0 after a clean close.
-    replayed: usize,
 }
 
 struct Shared {
@@ -389,15 +390,21 @@ impl Journal {
         let mut damage = None;
         for (i, &(generation, format)) in found.iter().enumerate() {
             let path = format_path(dir, generation, format);
-            if let Some(&(previous, _)) = i.checked_sub(1).and_then(|p| found.get(p))
-                && generation != previous + 1
+            // Files are removed only once sled holds a marker at least
+            // their generation, and generations are consecutive.
+            let expected = match i.checked_sub(1).and_then(|p| found.get(p)) {
+                Some(&(previous, _)) => Some(previous + 1),
+                None => marker.map(|m| m + 1).filter(|m| generation > *m),
+            };
+            if let Some(expected) = expected
+                && generation != expected
             {
-                let cause =
-                    format!("the journal files of generations {} to {} are missing", previous + 1, generation - 1);
+                let cause = format!("the journal files of generations {expected} to {} are missing", generation - 1);
                 damage = Some((i, Error::Corrupt { key: format!("journal {}", path.display()), cause }));
                 break;
             }
-            match replay(&path, generation, format, &tree, sizes.file) {
+            let end = found.get(i + 1).and_then(|&(next, f)| recorded_end(&format_path(dir, next, f), next, f));
+            match replay(&path, generation, format, &tree, sizes.file, end) {
                 Ok(replayed) => frames += replayed.frames,
                 Err(e @ Error::Corrupt { .. }) => {
                     damage = Some((i, e));
@@ -436,10 +443,11 @@ impl Journal {
             set_marker(&db, past).map_err(Error::Storage)?;
             db.flush().map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
             write_checkpoint(dir, past).map_err(|e| io_error("cannot record the checkpoint of", dir, e))?;
+            // Before the new file exists: a crash in between leaves no gap.
+            remove_up_to(dir, past, false)?;
             tracing::info!(frames, files = found.len(), "replayed the journal into sled");
         }
         let file = create(dir, generation, sizes.file)?;
-        remove_up_to(dir, generation - 1, false).map_err(Error::Storage)?;
 
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -462,13 +470,14 @@ impl Journal {
             file,
             generation,
             size: 0,
+            start: 0,
             last_checkpoint: Instant::now(),
             rotate_after: None,
             sizes,
             checkpoints,
         };
         let flusher = spawn("tcc-journal", move || flusher.run())?;
-        Ok(Journal { shared, threads: Mutex::new(vec![flusher, checkpointer]), replayed: found.len() })
+        Ok(Journal { shared, threads: Mutex::new(vec![flusher, checkpointer]) })
     }
 
     /// Queues a write for the next group commit.
@@ -524,11 +533,6 @@ impl Journal {
 }
 
 impl Journal {
-    /// How many journal files open replayed: 0 after a clean close.
-    pub fn replayed(&self) -> usize {
-        self.replayed
-    }
-
     /// Writes what is queued, checkpoints everything into sled and stops
     /// the threads; later writes are refused. Returns whether everything
     /// was checkpointed (the store had not failed). Dropping does the same.
@@ -653,9 +657,8 @@ fn create(dir: &Path, generation: u64, file_bytes: u64) -> Result<File> {
 
 /// Removes the journal files up to `generation`, keeping the newest of them
 /// as the spare when `recycle` is set.
-fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> std::result::Result<(), String> {
-    let done: Vec<(u64, Format)> =
-        generations(dir).map_err(|e| e.to_string())?.into_iter().filter(|(g, _)| *g <= generation).collect();
+fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> Result<()> {
+    let done: Vec<(u64, Format)> = generations(dir)?.into_iter().filter(|(g, _)| *g <= generation).collect();
     for (i, (g, format)) in done.iter().enumerate() {
         let path = format_path(dir, *g, *format);
         let result = if recycle && i + 1 == done.len() && *format == Format::Grouped {
@@ -663,7 +666,7 @@ fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> std::result::Resu
         } else {
             std::fs::remove_file(&path)
         };
-        result.map_err(|e| format!("cannot retire {}: {e}", path.display()))?;
+        result.map_err(|e| io_error("cannot retire", &path, e))?;
     }
     Ok(())
 }
@@ -680,6 +683,8 @@ struct Flusher {
     generation: u64,
     /// Bytes in the current journal file.
     size: u64,
+    /// Bytes of its seal (nothing to checkpoint until it holds more).
+    start: u64,
     last_checkpoint: Instant,
     /// After a rotation put off for want of descriptors: not before then.
     rotate_after: Option<Instant>,
@@ -718,7 +723,7 @@ impl Flusher {
                 return;
             }
             let due = self.size >= self.sizes.checkpoint
-                || (self.size > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
+                || (self.size > self.start && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
             if due
                 && !self.shared.checkpointing.load(Ordering::Acquire)
                 && self.rotate_after.is_none_or(|at| Instant::now() >= at)
@@ -832,8 +837,16 @@ impl Flusher {
             Err(e) => return Err(e.to_string()),
         };
         self.rotate_after = None;
+        // The new file starts with where this one's frames end, synced
+        // before anything else goes there (see `replay`).
+        let seal = seal_frame(next, self.size);
+        self.file
+            .write_all(&seal)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| format!("journal {}: {e}", file_path(&self.dir, next).display()))?;
         let done = std::mem::replace(&mut self.generation, next);
-        self.size = 0;
+        self.size = seal.len() as u64;
+        self.start = self.size;
         self.last_checkpoint = Instant::now();
         set_marker(&self.db, done)?;
         self.shared.checkpointing.store(true, Ordering::Release);
@@ -857,7 +870,14 @@ fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Rec
                 }
                 other => other.map_err(|e| format!("cannot record the checkpoint in {}: {e}", dir.display())),
             })
-            .and_then(|()| remove_up_to(dir, generation, true));
+            .and_then(|()| match remove_up_to(dir, generation, true) {
+                // Short of descriptors: the next checkpoint removes them.
+                Err(Error::Unavailable(cause)) => {
+                    tracing::warn!(%cause, "out of file descriptors: checkpointed journal files kept for now");
+                    Ok(())
+                }
+                other => other.map_err(|e| e.to_string()),
+            });
         shared.checkpointing.store(false, Ordering::Release);
         if let Err(cause) = done {
             shared.fail(cause);
@@ -890,6 +910,35 @@ fn write_checkpoint(dir: &Path, generation: u64) -> std::io::Result<()> {
         .and_then(|()| File::open(dir).and_then(|d| d.sync_all()))
 }
 
+/// A file's seal: the first frame of a file made by a rotation, recording
+/// where the previous file's frames end.
+fn seal_frame(generation: u64, previous_end: u64) -> Vec<u8> {
+    let mut frame = vec![0; HEADER];
+    frame.push(OP_SEAL);
+    frame.extend_from_slice(&previous_end.to_le_bytes());
+    let len = (frame.len() - HEADER) as u32;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    stamp(&mut frame, generation, 0);
+    frame
+}
+
+/// Where the previous file's frames end, by the seal at the start of the
+/// file of `generation` (none: a file made at open, a legacy file, or a
+/// crash before the seal was synced).
+fn recorded_end(path: &Path, generation: u64, format: Format) -> Option<u64> {
+    if format != Format::Grouped {
+        return None;
+    }
+    let mut head = vec![0; HEADER + 9];
+    let mut file = File::open(path).ok()?;
+    std::io::Read::read_exact(&mut file, &mut head).ok()?;
+    let (payload, _) = frame(&head, generation, Format::Grouped).ok()?;
+    match payload.split_first() {
+        Some((&OP_SEAL, end)) => end.try_into().ok().map(u64::from_le_bytes),
+        _ => None,
+    }
+}
+
 /// The checkpoint marker sled holds.
 fn read_marker(db: &sled::Db) -> std::result::Result<Option<u64>, String> {
     let value = db.get(MARKER).map_err(|e| format!("sled read: {e}"))?;
@@ -914,8 +963,16 @@ struct Replayed {
 /// the first frame that is incomplete or fails its checksum: the end of
 /// what was written to it, unless acknowledged frames follow it (then the
 /// frames before it are applied and the error names the damage). A file of
-/// the current format shorter than `min_len` was truncated.
-fn replay(path: &Path, generation: u64, format: Format, tree: &sled::Tree, min_len: u64) -> Result<Replayed> {
+/// the current format shorter than `min_len` was truncated. `end` is where
+/// the next file's seal says this one's frames end, if there is one.
+fn replay(
+    path: &Path,
+    generation: u64,
+    format: Format,
+    tree: &sled::Tree,
+    min_len: u64,
+    end: Option<u64>,
+) -> Result<Replayed> {
     let bytes = std::fs::read(path).map_err(|e| io_error("cannot read", path, e))?;
     let damaged = |offset: usize, cause: String| Error::Corrupt {
         key: format!("journal {} at byte {offset}", path.display()),
@@ -923,7 +980,7 @@ fn replay(path: &Path, generation: u64, format: Format, tree: &sled::Tree, min_l
     };
     let mut pos = 0;
     let mut frames = 0;
-    let mut end = None;
+    let mut stop = None;
     while pos < bytes.len() {
         let rest = &bytes[pos..];
         match frame(rest, generation, format) {
@@ -946,10 +1003,21 @@ fn replay(path: &Path, generation: u64, format: Format, tree: &sled::Tree, min_l
                         format!("{cause}, and acknowledged writes follow it (a valid frame at byte {at})"),
                     ));
                 }
-                end = Some(cause);
+                stop = Some(cause);
                 break;
             }
         }
+    }
+    if let Some(end) = end
+        && pos as u64 != end
+    {
+        let why = stop.as_deref().map(|c| format!(" ({c})")).unwrap_or_default();
+        return Err(damaged(
+            pos,
+            format!(
+                "the frames end here{why}, but the next journal file records that this one's acknowledged frames end at byte {end}"
+            ),
+        ));
     }
     if format == Format::Grouped && (bytes.len() as u64) < min_len {
         return Err(damaged(
@@ -961,7 +1029,7 @@ fn replay(path: &Path, generation: u64, format: Format, tree: &sled::Tree, min_l
         ));
     }
     let dropped = bytes.len() - pos;
-    if let Some(cause) = end
+    if let Some(cause) = stop
         && bytes[pos..].iter().any(|b| *b != 0)
     {
         tracing::info!(
@@ -1030,6 +1098,13 @@ fn well_formed(mut payload: &[u8]) -> bool {
         let parts = match op {
             OP_INSERT => 2,
             OP_REMOVE => 1,
+            OP_SEAL => match payload.get(8..) {
+                Some(rest) => {
+                    payload = rest;
+                    continue;
+                }
+                None => return false,
+            },
             _ => return false,
         };
         for _ in 0..parts {
@@ -1067,15 +1142,18 @@ enum Applied {
 fn apply(tree: &sled::Tree, mut payload: &[u8]) -> std::result::Result<(), Applied> {
     while let Some((&op, rest)) = payload.split_first() {
         payload = rest;
-        let key = take_bytes(&mut payload).map_err(Applied::Malformed)?;
         match op {
             OP_INSERT => {
+                let key = take_bytes(&mut payload).map_err(Applied::Malformed)?;
                 let value = take_bytes(&mut payload).map_err(Applied::Malformed)?;
                 tree.insert(key, value)?;
             }
             OP_REMOVE => {
+                let key = take_bytes(&mut payload).map_err(Applied::Malformed)?;
                 tree.remove(key)?;
             }
+            // Changes nothing: read by `open` (see `recorded_end`).
+            OP_SEAL => payload = payload.get(8..).ok_or_else(|| Applied::Malformed("truncated seal".into()))?,
             other => return Err(Applied::Malformed(format!("unknown operation {other}"))),
         }
     }
@@ -1206,7 +1284,7 @@ mod tests {
         std::fs::write(&path, &bytes).map_err(io)?;
         // Replaying twice (a crash during recovery) ends in the same state.
         for _ in 0..2 {
-            assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL)?.frames, 2);
+            assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None)?.frames, 2);
             assert_eq!(get(&f.tree, b"a")?, None);
             assert_eq!(get(&f.tree, b"b")?, Some(b"3".to_vec()));
         }
@@ -1224,7 +1302,7 @@ mod tests {
             bytes.extend_from_slice(&second[..cut]);
             bytes.resize(SMALL as usize, 0);
             std::fs::write(&path, &bytes).map_err(io)?;
-            let replayed = replay(&path, 1, Format::Grouped, &f.tree, SMALL)?;
+            let replayed = replay(&path, 1, Format::Grouped, &f.tree, SMALL, None)?;
             assert_eq!(replayed, Replayed { frames: 1, dropped: SMALL as usize - first.len() }, "cut at {cut}");
             assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()));
             assert_eq!(get(&f.tree, b"b")?, None);
@@ -1249,7 +1327,7 @@ mod tests {
         bytes.extend(&later_in_group);
         bytes.resize(SMALL as usize, 0);
         std::fs::write(&path, &bytes).map_err(io)?;
-        assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL)?.frames, 1);
+        assert_eq!(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None)?.frames, 1);
         assert_eq!(get(&f.tree, b"c")?, None, "nothing of the interrupted group is applied");
         Ok(())
     }
@@ -1261,7 +1339,7 @@ mod tests {
         let (mut bytes, starts) = numbered(1, 40);
         bytes[starts[10] + HEADER + 1] ^= 0x40;
         std::fs::write(&path, &bytes).map_err(io)?;
-        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None));
         assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[10]));
         assert!(cause.starts_with("checksum mismatch, and acknowledged writes follow it"), "{cause}");
         assert_eq!(get(&f.tree, b"k9")?, Some(b"v".to_vec()), "the writes before the damage are applied");
@@ -1279,7 +1357,7 @@ mod tests {
             let (mut bytes, starts) = numbered(1, 40);
             bytes[starts[20]] ^= flip;
             std::fs::write(&path, &bytes).map_err(io)?;
-            let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+            let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None));
             assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[20]), "flip {flip:#x}");
             assert!(cause.contains("acknowledged writes follow it"), "{cause}");
         }
@@ -1294,7 +1372,7 @@ mod tests {
         let block = starts[50]..starts[50] + 512;
         bytes[block].fill(0);
         std::fs::write(&path, &bytes).map_err(io)?;
-        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+        let (key, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None));
         assert_eq!(key, format!("journal {} at byte {}", path.display(), starts[50]));
         assert!(cause.starts_with("empty frame, and acknowledged writes follow it"), "{cause}");
         Ok(())
@@ -1310,7 +1388,7 @@ mod tests {
         let written = starts[39] + frame_of(&[(b"k39", Some(b"v"))]).len();
         for cut in [0, 3, starts[20], starts[20] + 5, written, written + 100, SMALL as usize - 1] {
             std::fs::write(&path, &bytes[..cut]).map_err(io)?;
-            let (_, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL));
+            let (_, cause) = corrupt(replay(&path, 1, Format::Grouped, &f.tree, SMALL, None));
             assert!(cause.contains("it was truncated"), "cut at {cut}: {cause}");
         }
         Ok(())
@@ -1332,7 +1410,7 @@ mod tests {
         bytes.extend(legacy(&[(b"b", Some(b"2"))]));
         bytes.extend([0; 10]);
         std::fs::write(&path, &bytes).map_err(io)?;
-        assert_eq!(replay(&path, 1, Format::Legacy, &f.tree, SMALL)?, Replayed { frames: 2, dropped: 10 });
+        assert_eq!(replay(&path, 1, Format::Legacy, &f.tree, SMALL, None)?, Replayed { frames: 2, dropped: 10 });
         assert_eq!(get(&f.tree, b"b")?, Some(b"2".to_vec()));
         Ok(())
     }
@@ -1390,6 +1468,61 @@ mod tests {
         Ok(())
     }
 
+    /// A rotation starts the next file with where this one's frames end:
+    /// damage to the last frames of a file that has a successor is found.
+    #[test]
+    fn damage_at_the_end_of_a_sealed_file_is_refused() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        let (mut first, starts) = numbered(1, 10);
+        let end = starts[9] + frame_of(&[(b"k9", Some(b"v"))]).len();
+        let mut second = seal_frame(2, end as u64);
+        second.extend(frame_in(2, second.len() as u64, &[(b"later", Some(b"x"))]));
+        second.resize(SMALL as usize, 0);
+        std::fs::write(file_path(dir, 2), &second).map_err(io)?;
+        assert_eq!(recorded_end(&file_path(dir, 2), 2, Format::Grouped), Some(end as u64));
+        // Undamaged, both replay.
+        std::fs::write(file_path(dir, 1), &first).map_err(io)?;
+        let journal = Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false)?;
+        drop(journal);
+        assert_eq!(get(&f.tree, b"later")?, Some(b"x".to_vec()));
+        // The last frame of the first file zeroed: nothing follows it in
+        // its file, but the seal says it was acknowledged.
+        let f = fixture()?;
+        let dir = f.dir.path();
+        first[starts[9]..end].fill(0);
+        std::fs::write(file_path(dir, 1), &first).map_err(io)?;
+        std::fs::write(file_path(dir, 2), &second).map_err(io)?;
+        match Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false) {
+            Err(Error::Corrupt { cause, .. }) => assert!(cause.contains(&format!("end at byte {end}")), "{cause}"),
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("damage at the end of a sealed file was taken for its end"),
+        }
+        Ok(())
+    }
+
+    /// The oldest file is missing: sled's checkpoint marker says which
+    /// generation must come first.
+    #[test]
+    fn a_missing_oldest_file_is_damage() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        set_marker(&f.db, 5).map_err(Error::Storage)?;
+        std::fs::write(file_path(dir, 7), file_of(7, &[&[(b"a", Some(b"1"))]]).0).map_err(io)?;
+        match Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false) {
+            Err(Error::Corrupt { cause, .. }) => assert!(cause.contains("generations 6 to 6 are missing"), "{cause}"),
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("a missing oldest file went unnoticed"),
+        }
+        // The file right after the marker is fine.
+        std::fs::rename(file_path(dir, 7), file_path(dir, 6)).map_err(io)?;
+        let bytes = file_of(6, &[&[(b"a", Some(b"1"))]]).0;
+        std::fs::write(file_path(dir, 6), bytes).map_err(io)?;
+        drop(Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false)?);
+        assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()));
+        Ok(())
+    }
+
     #[test]
     fn salvage_replays_up_to_the_damage() -> Result<()> {
         let f = fixture()?;
@@ -1414,12 +1547,12 @@ mod tests {
         let (old_bytes, _) = file_of(1, &[&[(b"a", Some(b"1")), (b"b", Some(b"2"))], &[(b"c", Some(b"3"))]]);
         old.write_all(&old_bytes).map_err(io)?;
         drop(old);
-        remove_up_to(dir, 1, true).map_err(Error::Storage)?;
+        remove_up_to(dir, 1, true)?;
         assert_eq!(generations(dir)?, Vec::new());
         let mut new = create(dir, 2, SMALL)?;
         assert!(std::fs::read(file_path(dir, 2)).map_err(io)?.iter().any(|b| *b != 0), "the spare was reused");
         new.write_all(&frame_in(2, 0, &[(b"a", Some(b"9"))])).map_err(io)?;
-        let replayed = replay(&file_path(dir, 2), 2, Format::Grouped, &f.tree, SMALL)?;
+        let replayed = replay(&file_path(dir, 2), 2, Format::Grouped, &f.tree, SMALL, None)?;
         assert_eq!(replayed.frames, 1);
         assert_eq!(get(&f.tree, b"a")?, Some(b"9".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, None);
@@ -1572,7 +1705,7 @@ mod tests {
                 let format = if legacy { Format::Legacy } else { Format::Grouped };
                 let path = format_path(f.dir.path(), 1, format);
                 std::fs::write(&path, &bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                match replay(&path, 1, format, &f.tree, 0) {
+                match replay(&path, 1, format, &f.tree, 0, None) {
                     Ok(_) | Err(Error::Corrupt { .. }) => {}
                     Err(other) => prop_assert!(false, "unexpected error {other}"),
                 }
@@ -1602,7 +1735,7 @@ mod tests {
                     Damage::Cut { at } => bytes.truncate(at % bytes.len()),
                 }
                 std::fs::write(&path, &bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
-                match replay(&path, 1, Format::Grouped, &f.tree, SMALL) {
+                match replay(&path, 1, Format::Grouped, &f.tree, SMALL, None) {
                     Ok(replayed) => {
                         let n = replayed.frames as usize;
                         prop_assert!(n <= frames.len());
