@@ -20,9 +20,11 @@
 //!   crash there is none, and the checkpoint marker (see the journal) is
 //!   what catches a sled that lost durable writes.
 //!
-//! What this cannot see: damage to sled's files made *while* a coordinator
-//! was running or after it crashed, that sled itself takes for a shorter
-//! log. RELIABILITY.md says so.
+//! After a crash, the journal's checkpoint marker (set inside sled, and
+//! recorded in a file once sled's flush is done) catches a sled that lost
+//! writes it had made durable. What neither sees: damage that sled takes
+//! for a shorter log without reaching back before the last checkpoint.
+//! RELIABILITY.md says so.
 
 use std::cell::RefCell;
 use std::fs::File;

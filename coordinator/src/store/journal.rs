@@ -53,12 +53,15 @@
 //! group starts after the bad frame, was synced after it: the bad frame was
 //! acknowledged, and opening fails ([`Error::Corrupt`]) naming the file, the
 //! byte, and what `--salvage-journal` would drop. Replay looks for such a
-//! frame at every offset after a bad one. Every file is created at least
+//! frame at every offset after a bad one. A rotation starts the next file
+//! with a seal frame (`3 | end: u64`), synced before anything else: where
+//! the previous file's frames end, so damage to the last frames of a file
+//! that has a successor is found too. Every file is created at least
 //! `file_bytes` long (sparse, [`FILE_BYTES`]) and synced before it is used,
-//! so a shorter file was truncated; generations are consecutive, so a
-//! missing file in the middle is seen too. What cannot be told from an
-//! interrupted write is damage to the very last synced group when nothing
-//! follows it. Files of the first format (`tcc-journal-*`, an 8-byte header
+//! so a shorter file was truncated; generations are consecutive and the
+//! first one follows sled's checkpoint marker, so a missing file is seen.
+//! What cannot be told from an interrupted write is damage to the very
+//! last synced group of the last file when nothing follows it. Files of the first format (`tcc-journal-*`, an 8-byte header
 //! without `group`), left by an older version, are replayed with the rule
 //! of that version (a bad frame is damage if a valid one follows it
 //! directly).
