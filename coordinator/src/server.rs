@@ -3,9 +3,13 @@
 //!
 //! Start-up order matters: recovery runs before the listener serves, so no
 //! client sees a transaction the engine has not loaded. Shutdown is the
-//! reverse: the server stops accepting and finishes in-flight requests, then
-//! the background tasks stop, then the store closes (every acknowledged
-//! write was already flushed).
+//! reverse: health turns NOT_SERVING, Confirm/Cancel calls waiting for an
+//! outcome answer with the state reached so far, the server stops
+//! accepting and finishes in-flight requests, then the background tasks
+//! stop (abandoning phase-2 calls in flight), then the store closes (every
+//! acknowledged write was already flushed). The binary bounds all of it
+//! (`--shutdown-timeout-ms`). Connections are accepted through [`net`],
+//! and each service decodes requests only up to what a valid one can be.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
