@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "TCC_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
 
+    /// Log format on stderr: `text` (colour only on a terminal) or `json`
+    /// (one object per line). `RUST_LOG` filters, as `info` by default.
+    #[arg(long, env = "TCC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Limits on client connections.
     #[command(flatten)]
     pub connections: Connections,
@@ -135,6 +140,31 @@ impl Config {
         Ok(())
     }
 
+    /// One line of the settings that matter, for the log at start (the
+    /// database URL without its password).
+    pub fn summary(&self) -> String {
+        let store = match &self.database_url {
+            Some(url) => format!("database {}", redact_url(url)),
+            None => format!("data dir {}", self.data_dir.display()),
+        };
+        let l = &self.limits;
+        format!(
+            "listen {}, {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
+            self.listen,
+            self.participants.len(),
+            self.retention_secs,
+            l.min_timeout_ms,
+            l.max_timeout_ms,
+            l.default_timeout_ms,
+            self.delivery.call_timeout_ms,
+            self.delivery.retry_initial_ms,
+            self.delivery.retry_max_ms,
+            self.delivery.retry_max_attempts,
+            self.connections.max_connections,
+            self.shutdown_timeout_ms,
+        )
+    }
+
     /// The cluster lease as a duration.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
@@ -149,6 +179,15 @@ impl Config {
     pub fn retention(&self) -> Duration {
         Duration::from_secs(self.retention_secs)
     }
+}
+
+/// The format of the log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Limits on client connections (see the `net` module).
@@ -210,6 +249,20 @@ impl Limits {
     /// service names.
     pub fn max_small_message_bytes(&self) -> usize {
         self.max_participants.saturating_mul(fixed::MAX_SERVICE_NAME + 8).saturating_add(fixed::SMALL_MESSAGE_BYTES)
+    }
+}
+
+/// A database URL without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -317,6 +370,16 @@ mod tests {
         assert!(bad(&["--lease-ms", "10"]).is_err_and(|e| e.contains("--lease-ms")));
         assert!(bad(&["--database-url", "mysql://x"]).is_err_and(|e| e.contains("--database-url")));
         assert!(bad(&["--database-url", "postgres://tcc@127.0.0.1/db"]).is_ok());
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(redact_url("postgres://tcc:secret@db:5432/tcc"), "postgres://tcc:***@db:5432/tcc");
+        assert_eq!(redact_url("postgres://tcc@db/tcc"), "postgres://tcc@db/tcc");
+        assert_eq!(redact_url("postgres://db/tcc"), "postgres://db/tcc");
+        let c = Config::try_parse_from(["tcc-coordinator", "--database-url", "postgres://u:pw@h/db"]);
+        let summary = c.map(|c| c.summary()).unwrap_or_default();
+        assert!(summary.contains("postgres://u:***@h/db") && !summary.contains("pw"), "{summary}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use tcc_coordinator::config::LogFormat;
 use tcc_coordinator::{Config, server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -25,20 +26,37 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: no escape codes in files and pipes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = init_logs(config.log_format) {
+        eprintln!("tcc-coordinator: {e}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "tcc-coordinator starting: {}", config.summary());
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Once, on stderr: the message says what to do.
             tracing::error!("{e:#}");
-            eprintln!("tcc-coordinator: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (`info` when unset).
+/// An invalid `RUST_LOG` is refused, not ignored.
+fn init_logs(format: LogFormat) -> Result<(), String> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) => EnvFilter::try_new(&spec).map_err(|e| {
+            format!("RUST_LOG={spec:?} is not a valid log filter ({e}); e.g. RUST_LOG=info or RUST_LOG=info,tcc_coordinator=debug")
+        })?,
+        Err(_) => EnvFilter::new("info"),
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        // Colour only on a terminal: no escape codes in files and pipes.
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    Ok(())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -193,7 +193,7 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
 /// description for messages.
 async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
     if let Some(url) = &config.database_url {
-        let place = format!("the database {}", redact(url));
+        let place = format!("the database {}", crate::config::redact_url(url));
         let store =
             PgStore::connect(url, config.lease()).await.map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
         info!(node = ?store.node(), lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
@@ -207,23 +207,12 @@ async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)>
     };
     let store = opened.map_err(|e| match e {
         Error::Corrupt { key, cause } => anyhow::anyhow!("the data directory {dir} is damaged: {key}: {cause}"),
+        other if other.to_string().contains("could not acquire lock") => anyhow::anyhow!(
+            "cannot open data directory {dir}: another coordinator is using it (its lock is held); stop that one, or give this one its own --data-dir"
+        ),
         other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
     })?;
     Ok((Arc::new(store), format!("the data directory {dir}")))
-}
-
-/// A database URL without its password, for messages and logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 /// Reflection over the services this server actually serves (the
@@ -244,14 +233,4 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         builder = builder.with_service_name(name);
     }
     builder
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(super::redact("postgres://tcc:secret@db:5432/tcc"), "postgres://tcc:***@db:5432/tcc");
-        assert_eq!(super::redact("postgres://tcc@db/tcc"), "postgres://tcc@db/tcc");
-        assert_eq!(super::redact("postgres://db/tcc"), "postgres://db/tcc");
-    }
 }

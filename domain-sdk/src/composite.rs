@@ -113,7 +113,7 @@ impl Coordinator {
     where
         F: FnOnce(CompositeTransaction) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        E: std::fmt::Display,
+        E: std::fmt::Display + 'static,
     {
         let txn = self.begin(services, timeout).await?;
         match AssertUnwindSafe(f(txn.clone())).catch_unwind().await {
@@ -136,7 +136,7 @@ impl Coordinator {
                 }
             }
             Ok(Err(e)) => {
-                let reason = e.to_string();
+                let reason = reason_of(&e);
                 if let Err(cancel) = txn.cancel(&reason, wait).await {
                     tracing::warn!(txn = %txn.id, cause = %cancel, "cancel failed; the deadline will cancel it");
                 }
@@ -222,5 +222,31 @@ fn outcome(r: v1::DecisionResponse) -> Outcome {
     Outcome {
         state: TransactionState::try_from(r.state).unwrap_or(TransactionState::Unspecified),
         transaction: r.transaction,
+    }
+}
+
+/// The cancel reason for a composite operation that failed with `e`: a gRPC
+/// status's own message (a participant's "not enough credit: ..."), not
+/// the whole text of the status; any other error's text.
+fn reason_of<E: std::fmt::Display + 'static>(e: &E) -> String {
+    let any: &dyn std::any::Any = e;
+    if let Some(status) = any.downcast_ref::<tonic::Status>() {
+        return status.message().to_string();
+    }
+    if let Some(crate::Error::Coordinator(status)) = any.downcast_ref::<crate::Error>() {
+        return status.message().to_string();
+    }
+    e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_status_gives_its_message_as_the_cancel_reason() {
+        let refused = tonic::Status::failed_precondition("not enough credit: 5 short");
+        assert_eq!(super::reason_of(&refused), "not enough credit: 5 short");
+        let wrapped = crate::Error::Coordinator(tonic::Status::not_found("no such partial"));
+        assert_eq!(super::reason_of(&wrapped), "no such partial");
+        assert_eq!(super::reason_of(&"plain text"), "plain text");
     }
 }

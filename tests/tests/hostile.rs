@@ -212,6 +212,12 @@ async fn an_address_that_is_not_a_participant_is_a_routing_failure() -> Result<(
     // The wrong address was tried (calls go round the instances), and the
     // log says what is wrong.
     assert!(c.logs().contains("is not a tcc.v1.Participant"), "{}", c.logs());
+    // ListEndpoints shows which one fails, until a call to it succeeds.
+    let listed = registry.list_endpoints(v1::ListEndpointsRequest { service: "svc".into() }).await?.into_inner();
+    let row = |url: &str| listed.endpoints.iter().find(|e| e.endpoint == url).cloned().context("listed");
+    let (wrong, right) = (row(&stranger.url())?, row(&p.url())?);
+    assert!(!wrong.healthy && wrong.consecutive_failures >= 1, "{wrong:?}");
+    assert!(right.healthy && right.consecutive_failures == 0, "{right:?}");
     Ok(())
 }
 

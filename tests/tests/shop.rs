@@ -85,6 +85,9 @@ async fn refused_orders_leave_every_balance_unchanged() -> Result<()> {
         .transactions;
     assert!(!listed.is_empty());
     assert!(listed.iter().all(|t| t.state == v1::TransactionState::Cancelled as i32), "{listed:#?}");
+    // The cancel reason is the participant's message, not a Status dump.
+    let credit = listed.iter().find(|t| t.reason.contains("not enough credit")).expect("the credit refusal");
+    assert_eq!(credit.reason, "not enough credit: customer \"bob\" has 30 available, 45 needed", "{credit:#?}");
     Ok(())
 }
 

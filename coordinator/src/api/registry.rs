@@ -58,6 +58,7 @@ impl registry_server::Registry for RegistryApi {
                 from_config: e.from_config,
                 expires_unix_ms: e.expires_in.map(|d| now + d.as_millis() as i64).unwrap_or(0),
                 healthy: e.healthy,
+                consecutive_failures: e.consecutive_failures,
             })
             .collect();
         Ok(Response::new(v1::ListEndpointsResponse { endpoints }))

@@ -7,7 +7,7 @@ use crate::error::Error;
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
         let msg = err.to_string();
-        match err {
+        let status = match err {
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::IllegalTransition { .. } => tonic::Status::failed_precondition(msg),
@@ -16,7 +16,9 @@ impl From<Error> for tonic::Status {
             Error::Unavailable(_) | Error::Fenced(_) => tonic::Status::unavailable(msg),
             Error::Corrupt { .. } => tonic::Status::data_loss(msg),
             Error::Storage(_) => tonic::Status::internal(msg),
-        }
+        };
+        tracing::debug!(code = ?status.code(), reason = status.message(), "request refused");
+        status
     }
 }
 

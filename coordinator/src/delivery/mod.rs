@@ -46,7 +46,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::clock::Entropy;
 use crate::config::DeliveryPolicy;
@@ -77,6 +77,10 @@ fn is_final(event: &Event) -> bool {
     matches!(event, Event::Delivered { .. } | Event::GaveUp { .. })
 }
 
+/// Repeated failures of one transaction's phase-2 calls are logged at WARN
+/// at most this often (the first one always, and the final outcome).
+pub const WARN_EVERY_MS: i64 = 60_000;
+
 /// The phase-2 driver. See the module docs.
 pub struct Delivery {
     engine: Arc<Engine>,
@@ -85,6 +89,10 @@ pub struct Delivery {
     policy: DeliveryPolicy,
     /// Transactions with a running driver; `true` = look again when done.
     running: Mutex<HashMap<TxnId, bool>>,
+    /// When a failed phase-2 call of a transaction was last logged at WARN
+    /// (engine ms): at most one such line per transaction per
+    /// [`WARN_EVERY_MS`]; the others go to DEBUG.
+    warned: Mutex<HashMap<TxnId, i64>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -104,6 +112,7 @@ impl Delivery {
             entropy,
             policy,
             running: Mutex::default(),
+            warned: Mutex::default(),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -173,6 +182,7 @@ impl Delivery {
                 Some(again) if *again && !self.shutdown.is_cancelled() => *again = false,
                 _ => {
                     running.remove(&id);
+                    lock(&self.warned).remove(&id);
                     return;
                 }
             }
@@ -290,14 +300,32 @@ impl Delivery {
         let attempts = call.attempts;
         Some(match outcome {
             Ok(()) => {
-                debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
+                if attempts > 1 {
+                    info!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged after retries");
+                } else {
+                    debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, "{verb} acknowledged");
+                }
                 Event::Delivered { participant: idx }
             }
             Err(CallError::Transient(error)) if !self.policy.exhausted(attempts) => {
                 let delay = self.policy.backoff(attempts, self.entropy.as_ref());
-                call.next_at = self.engine.now_ms() + delay.as_millis() as i64;
-                warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
-                    cause = %error, "{verb} failed; will retry");
+                let now = self.engine.now_ms();
+                call.next_at = now + delay.as_millis() as i64;
+                let loud = {
+                    let mut warned = lock(&self.warned);
+                    let due = warned.get(&txn).is_none_or(|last| now - last >= WARN_EVERY_MS || now < *last);
+                    if due {
+                        warned.insert(txn, now);
+                    }
+                    due
+                };
+                if loud {
+                    warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
+                        cause = %error, "{verb} failed; retrying with backoff (further failures of this transaction are logged at most once a minute)");
+                } else {
+                    debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
+                        cause = %error, "{verb} failed; will retry");
+                }
                 Event::AttemptFailed { participant: idx, error, next_attempt_ms: call.next_at }
             }
             Err(CallError::Transient(error)) => {

@@ -56,8 +56,10 @@ pub struct EndpointInfo {
     pub from_config: bool,
     /// Lease left, for registrations.
     pub expires_in: Option<Duration>,
-    /// Not backing off after failures.
+    /// The last call at the transport level succeeded (or none failed).
     pub healthy: bool,
+    /// Transport-level failures in a row.
+    pub consecutive_failures: u32,
 }
 
 /// The endpoint registry. See the module docs.
@@ -252,7 +254,6 @@ impl Registry {
     /// Every known instance, ordered by service and endpoint; expired leases
     /// are dropped on the way.
     pub fn list(&self, service: Option<&str>) -> Vec<EndpointInfo> {
-        let now = Instant::now();
         let now_ms = self.clock.now_ms();
         let mut services = lock(&self.services);
         let mut out = Vec::new();
@@ -266,7 +267,8 @@ impl Registry {
                 endpoint: i.endpoint.clone(),
                 from_config: i.expires.is_none(),
                 expires_in: i.expires.map(|e| Duration::from_millis(e.saturating_sub(now_ms).max(0) as u64)),
-                healthy: i.down_until.is_none_or(|d| d <= now),
+                healthy: i.failures == 0,
+                consecutive_failures: i.failures,
             }));
         }
         out.sort_by(|a, b| (&a.service, &a.endpoint).cmp(&(&b.service, &b.endpoint)));
