@@ -174,5 +174,5 @@ pub async fn run(common: Common) -> anyhow::Result<()> {
     let api = InventoryApi { store: store.clone(), coordinator };
     let routes = tonic::service::Routes::new(InventoryServer::with_interceptor(api, ExtractInterceptor))
         .add_service(ParticipantService::new(store, participant).into_server());
-    serve(SERVICE, &common, routes, shutdown).await
+    serve(SERVICE, &["shop.v1.Inventory", "tcc.v1.Participant"], &common, routes, shutdown).await
 }

@@ -114,5 +114,5 @@ pub async fn run(common: Common) -> anyhow::Result<()> {
     let api = OrdersApi { store: store.clone(), coordinator };
     let routes = tonic::service::Routes::new(OrdersServer::with_interceptor(api, ExtractInterceptor))
         .add_service(ParticipantService::new(store, Arc::new(OrdersParticipant)).into_server());
-    serve(SERVICE, &common, routes, shutdown).await
+    serve(SERVICE, &["shop.v1.Orders", "tcc.v1.Participant"], &common, routes, shutdown).await
 }

@@ -79,11 +79,19 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// Serves `routes` (plus health and reflection) as service `name`:
-/// registers with the coordinator (unless `--no-register`), prints
+/// Serves `routes` (plus health and reflection), which hold the gRPC
+/// services named in `served` (e.g. `shop.v1.Customers`), as service
+/// `name`: registers with the coordinator (unless `--no-register`), prints
 /// `NAME listening on ADDR` on stdout once ready, and stops on `shutdown`,
-/// deregistering first.
-pub async fn serve(name: &str, common: &Common, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// deregistering first. Health reports each of `served`; reflection lists
+/// them and nothing else.
+pub async fn serve(
+    name: &str,
+    served: &[&str],
+    common: &Common,
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(common.listen)
         .await
         .with_context(|| format!("cannot listen on {}", common.listen))?;
@@ -102,10 +110,17 @@ pub async fn serve(name: &str, common: &Common, routes: Routes, shutdown: Cancel
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
+    for service in served {
+        health.set_service_status(*service, tonic_health::ServingStatus::Serving).await;
+    }
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tcc_domain_sdk::PROTO_DESCRIPTOR_SET)
-        .build_v1()?;
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for service in served.iter().copied().chain(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"]) {
+        reflection = reflection.with_service_name(service);
+    }
+    let reflection = reflection.build_v1()?;
     println!("{name} listening on {addr}");
     tracing::info!(%addr, service = name, "serving");
     let result = tonic::transport::Server::builder()

@@ -155,5 +155,5 @@ pub async fn run(args: ShopArgs) -> anyhow::Result<()> {
         reconcile_period_ms: 0,
         reconcile_grace_ms: 0,
     };
-    crate::runtime::serve("shop", &common, routes, shutdown).await
+    crate::runtime::serve("shop", &["shop.v1.Shop"], &common, routes, shutdown).await
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tcc_demo_services::pb::{self, customers_client::CustomersClient, inventory_client::InventoryClient};
-use tcc_demo_services::runtime::{Common, exit_code, init_tracing, shutdown_on_signal};
+use tcc_demo_services::runtime::{Common, exit_code, init_tracing};
 use tcc_demo_services::{customers, inventory, orders, shop};
 
 #[derive(Parser)]
@@ -33,7 +33,9 @@ async fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let addr = |offset: u16| format!("127.0.0.1:{}", args.port + offset);
     let url = |offset: u16| format!("http://{}", addr(offset));
-    let shutdown = shutdown_on_signal();
+    // Each service stops on SIGINT/SIGTERM by itself; the coordinator stops
+    // after them, so that they deregister from a coordinator still there.
+    let stop_coordinator = tokio_util::sync::CancellationToken::new();
 
     let config = {
         use clap::Parser as _;
@@ -49,7 +51,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let coordinator = tokio::spawn(tcc_coordinator::server::run(config, listener, shutdown.clone(), |a| {
+    let mut coordinator = tokio::spawn(tcc_coordinator::server::run(config, listener, stop_coordinator.clone(), |a| {
         println!("coordinator listening on {a}")
     }));
 
@@ -62,22 +64,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reconcile_period_ms: 2_000,
         reconcile_grace_ms: 5_000,
     };
-    let services = vec![
-        tokio::spawn(customers::run(common(1, "customers"))),
-        tokio::spawn(inventory::run(common(2, "inventory"))),
-        tokio::spawn(orders::run(common(3, "orders"))),
-        tokio::spawn(shop::run(shop::ShopArgs {
-            listen: addr(4).parse()?,
-            coordinator: url(0),
-            customers: url(1),
-            inventory: url(2),
-            orders: url(3),
-            timeout_ms: 10_000,
-            wait_ms: 10_000,
-        })),
-    ];
+    let mut services = tokio::task::JoinSet::new();
+    services.spawn(customers::run(common(1, "customers")));
+    services.spawn(inventory::run(common(2, "inventory")));
+    services.spawn(orders::run(common(3, "orders")));
+    services.spawn(shop::run(shop::ShopArgs {
+        listen: addr(4).parse()?,
+        coordinator: url(0),
+        customers: url(1),
+        inventory: url(2),
+        orders: url(3),
+        timeout_ms: 10_000,
+        wait_ms: 10_000,
+    }));
 
-    seed(&url(1), &url(2)).await?;
+    let (customers_url, inventory_url) = (url(1), url(2));
+    // A part that stops during start-up (its data directory locked by
+    // another demo, say) says why at once.
+    tokio::select! {
+        seeded = seed(&customers_url, &inventory_url) => seeded?,
+        Some(stopped) = services.join_next() => {
+            stopped??;
+            anyhow::bail!("a shop service stopped during start-up");
+        }
+        stopped = &mut coordinator => {
+            stopped??;
+            anyhow::bail!("the coordinator stopped during start-up");
+        }
+    }
     println!(
         "\nThe shop is open. Try:\n  grpcurl -plaintext -d '{{\"customer\": \"alice\", \"items\": [{{\"sku\": \"book\", \"quantity\": 2}}]}}' {} shop.v1.Shop/PlaceOrder\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Customers/ListAccounts\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Inventory/ListItems\nCtrl-C stops everything.\n",
         addr(4),
@@ -85,9 +99,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         addr(2)
     );
 
-    for s in services {
-        s.await??;
+    while let Some(stopped) = services.join_next().await {
+        stopped??;
     }
+    stop_coordinator.cancel();
     coordinator.await??;
     Ok(())
 }

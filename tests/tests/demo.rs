@@ -1,0 +1,132 @@
+//! The demo's own surface: each shop service lists in reflection exactly
+//! the services it serves and reports each as SERVING; `shop-demo` stops
+//! on SIGINT without a warning (the services deregister before the
+//! coordinator stops), and a second `shop-demo` on the same data says why
+//! it cannot start, at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tcc_tests::shop::Shop;
+use tcc_tests::{binary, free_port};
+
+/// A port such that it and the next four are free (`shop-demo` takes five
+/// in a row).
+fn five_free_ports() -> Result<u16> {
+    for _ in 0..50 {
+        let port = free_port()?;
+        if port < 65_000 && (1..5).all(|i| std::net::TcpListener::bind(("127.0.0.1", port + i)).is_ok()) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no five free ports in a row")
+}
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+async fn listed(channel: tonic::transport::Channel) -> Result<Vec<String>> {
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
+    let resp = stream.message().await?.context("no reflection answer")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { anyhow::bail!("not a list") };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test]
+async fn each_shop_service_lists_and_reports_what_it_serves() -> Result<()> {
+    let shop = Shop::start().await?;
+    for (process, served) in [
+        (&shop.customers, vec!["shop.v1.Customers", "tcc.v1.Participant"]),
+        (&shop.inventory, vec!["shop.v1.Inventory", "tcc.v1.Participant"]),
+        (&shop.orders, vec!["shop.v1.Orders", "tcc.v1.Participant"]),
+        (&shop.shop, vec!["shop.v1.Shop"]),
+    ] {
+        let mut want: Vec<String> = served.iter().map(|s| s.to_string()).collect();
+        want.extend(["grpc.health.v1.Health".to_string(), "grpc.reflection.v1.ServerReflection".to_string()]);
+        want.sort();
+        assert_eq!(listed(process.channel().await?).await?, want);
+        let mut health = HealthClient::new(process.channel().await?);
+        for service in served {
+            let status = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner().status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+        }
+    }
+    Ok(())
+}
+
+/// Starts `shop-demo` on `data` and `port`; returns it once the shop is
+/// open (or its exit, if it ends first), with its output so far.
+async fn shop_demo(data: &std::path::Path, port: u16) -> Result<(tokio::process::Child, String)> {
+    let mut child = tokio::process::Command::new(binary("shop-demo"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut seen = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = out.next_line().await? {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("The shop is open") {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    Ok((child, seen))
+}
+
+#[tokio::test]
+async fn shop_demo_stops_cleanly_and_a_second_one_says_why_it_cannot_start() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = five_free_ports()?;
+    let (mut first, seen) = shop_demo(dir.path(), port).await?;
+    assert!(seen.contains("The shop is open"), "{seen}");
+
+    // Same data, other ports: refused at once, naming the lock.
+    let started = std::time::Instant::now();
+    let second = tokio::process::Command::new(binary("shop-demo"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--port", &five_free_ports()?.to_string()])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let second = tokio::time::timeout(Duration::from_secs(30), second).await??;
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(said.contains("another coordinator is using it") || said.contains("lock"), "{said}");
+    assert!(!said.contains("did not come up"), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+
+    // SIGINT: everything stops, without a warning.
+    let pid = first.id().context("pid")?;
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    let status = tokio::time::timeout(Duration::from_secs(20), first.wait()).await??;
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut first.stderr.take().context("stderr")?, &mut stderr).await?;
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert!(!stderr.contains("deregistration failed"), "{stderr}");
+    assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{stderr}");
+    Ok(())
+}
