@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "TCC_SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
 
+    /// Also serve `GET /metrics` over plain HTTP on this address (it is
+    /// always served on --listen too, beside gRPC).
+    #[arg(long, env = "TCC_HTTP_LISTEN", value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+
     /// Log format on stderr: `text` (colour only on a terminal) or `json`
     /// (one object per line). `RUST_LOG` filters, as `info` by default.
     #[arg(long, env = "TCC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

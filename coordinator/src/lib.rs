@@ -22,7 +22,8 @@
 //!
 //! 1. [`model`]: ids, records, states, the state machine. Imports nothing
 //!    from the crate.
-//! 2. [`error`], [`clock`] (time and randomness, injected), [`config`].
+//! 2. [`error`], [`clock`] (time and randomness, injected), [`config`],
+//!    [`metrics`] (what is exported, and the recording helpers).
 //! 3. [`store`]: the conditional-write store trait, its backends and the
 //!    conformance suite every backend passes.
 //! 4. [`engine`]: the operations on transactions, per-transaction
@@ -47,6 +48,7 @@ pub mod delivery;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod server;

@@ -313,19 +313,44 @@ where
             request.extensions_mut().insert(info.tcp.clone());
             info.state.request()
         });
+        let path = request.uri().path().to_string();
+        let started = std::time::Instant::now();
         let response = self.0.call(request);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard }))
+            // An error answered at once carries its status in the headers.
+            let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let plain_ok = response.status().is_success() && code.is_none();
+            let rpc = Rpc { path, started, code, plain_ok };
+            Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard, rpc }))
         })
     }
 }
 
+/// What an RPC's latency is recorded with once its response ends.
+struct Rpc {
+    path: String,
+    started: std::time::Instant,
+    /// The `grpc-status`, from the headers or the trailers.
+    code: Option<String>,
+    /// A plain HTTP answer (`/metrics`) that succeeded.
+    plain_ok: bool,
+}
+
 /// A response body that holds its request's [`InFlight`] until it ends
-/// (or is dropped).
+/// (or is dropped), and records the RPC's latency and status then.
 pub struct Counted<B> {
     body: Pin<Box<B>>,
     _guard: Option<InFlight>,
+    rpc: Rpc,
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        let rpc = &self.rpc;
+        let code = rpc.code.as_deref().unwrap_or(if rpc.plain_ok { "0" } else { "unknown" });
+        crate::metrics::rpc(&rpc.path, code, rpc.started.elapsed());
+    }
 }
 
 impl<B: http_body::Body> http_body::Body for Counted<B> {
@@ -336,7 +361,13 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.body.as_mut().poll_frame(cx)
+        let polled = self.body.as_mut().poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(status) = frame.trailers_ref().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok())
+        {
+            self.rpc.code = Some(status.to_string());
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -104,6 +104,7 @@ pub async fn run(
             tokio::select! {
                 cause = store.failed() => {
                     error!(%cause, "the store has failed; health is NOT_SERVING until a restart");
+                    crate::metrics::store_failed(true);
                     set_health(&health, false).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
@@ -134,14 +135,22 @@ pub async fn run(
         handshake: Duration::from_millis(c.handshake_timeout_ms),
         idle: Duration::from_millis(c.idle_timeout_ms),
     };
-    info!(%addr, max_connections = limits.max, "serving");
-    on_ready(addr);
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .layer(net::TrackRequests)
-        .add_service(health_service)
+    let metrics = crate::metrics::install();
+    crate::metrics::store_failed(false);
+    if let Some(http) = config.http_listen {
+        let listener =
+            TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http} (--http-listen)"))?;
+        let router = axum::Router::new().route("/metrics", metrics_route(engine.clone(), metrics.clone()));
+        let stop = background.clone();
+        info!(addr = %http, "serving /metrics over HTTP");
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                error!(cause = %e, "the --http-listen server failed");
+            }
+        });
+    }
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
@@ -164,6 +173,18 @@ pub async fn run(
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )
+        .into_axum_router()
+        // Plain HTTP beside gRPC on the same port.
+        .route("/metrics", metrics_route(engine.clone(), metrics));
+    info!(%addr, max_connections = limits.max, "serving");
+    on_ready(addr);
+    tonic::transport::Server::builder()
+        .accept_http1(true)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .layer(net::TrackRequests)
+        .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(net::incoming(listener, limits), shutdown.cancelled())
         .await
         .context("gRPC server failed")?;
@@ -175,6 +196,36 @@ pub async fn run(
     store.close().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// `GET /metrics`: refreshes the gauges read from the store, then renders
+/// every metric in Prometheus' text format.
+fn metrics_route(
+    engine: Arc<Engine>,
+    handle: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> axum::routing::MethodRouter {
+    axum::routing::get(move || {
+        let (engine, handle) = (engine.clone(), handle.clone());
+        async move {
+            use crate::model::TxnState::*;
+            let mut counts = Vec::new();
+            for state in [Active, Confirming, Cancelling, FailedToConfirm, FailedToCancel] {
+                match engine.list(&[state], 0, fixed::MAX_PAGE, None).await {
+                    Ok(page) => counts.push((state, page.transactions.len())),
+                    Err(e) => tracing::warn!(cause = %e, "metrics: cannot count the transactions"),
+                }
+            }
+            let oldest = engine.list(&[Active, Confirming, Cancelling], 0, 1, None).await.ok().and_then(|page| {
+                let created = page.transactions.first()?.created_ms;
+                Some(Duration::from_millis(engine.now_ms().saturating_sub(created).max(0) as u64))
+            });
+            crate::metrics::set_states(&counts, oldest);
+            (
+                [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.map(|h| h.render()).unwrap_or_default(),
+            )
+        }
+    })
 }
 
 /// Sets every served service's health, and the server's overall health.

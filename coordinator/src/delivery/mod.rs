@@ -298,6 +298,12 @@ impl Delivery {
         };
         call.attempts += 1;
         let attempts = call.attempts;
+        let class = match &outcome {
+            Ok(()) => "ok",
+            Err(CallError::Transient(_)) => "transient",
+            Err(CallError::Permanent(_)) => "refused",
+        };
+        crate::metrics::phase2(&p.service, call.decision, class, attempts);
         Some(match outcome {
             Ok(()) => {
                 if attempts > 1 {

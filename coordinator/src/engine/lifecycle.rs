@@ -31,6 +31,7 @@ impl Engine {
         let mut txn = TxnRecord::new(self.entropy.txn_id(now), parts, now, now.saturating_add(timeout as i64));
         txn.version = 1;
         self.store.create_txn(&txn).await?;
+        crate::metrics::begun();
         self.remember_partials(txn.id, txn.participants.iter().map(|p| p.partial_id));
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
         if txn.deadline_ms < self.next_sweep_ms.load(std::sync::atomic::Ordering::SeqCst) {

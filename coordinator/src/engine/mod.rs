@@ -334,8 +334,13 @@ impl Engine {
         next.version = guard.version + 1;
         match how {
             How::Update(enlisted) => self.store.update_txn(&next, enlisted).await?,
-            How::Append(batch) => self.store.append(&next, batch).await?,
+            How::Append(batch) => {
+                let bytes = batch.commands.iter().map(|c| c.payload.len() as u64).sum();
+                self.store.append(&next, batch).await?;
+                crate::metrics::appended(bytes);
+            }
         }
+        crate::metrics::transition(guard.state, &next);
         *lock(&live.owned) = Some((next.version, self.store.node()));
         self.publish(live, guard, next);
         Ok(())

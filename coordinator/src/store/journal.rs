@@ -788,7 +788,9 @@ impl Flusher {
             stamp(&mut e.write.frame, self.generation, self.size);
             buf.extend_from_slice(&e.write.frame);
         }
+        let started = Instant::now();
         let synced = self.file.write_all(buf).and_then(|()| self.file.sync_data());
+        crate::metrics::group_commit(entries.len(), started.elapsed());
         let mut answers = Vec::with_capacity(entries.len());
         let mut failure =
             synced.err().map(|e| format!("journal {}: {e}", file_path(&self.dir, self.generation).display()));
