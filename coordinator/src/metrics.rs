@@ -201,42 +201,39 @@ fn state_label(state: TxnState) -> &'static str {
     }
 }
 
-/// An RPC served: `path` is its URI path, `code` its gRPC status code.
-pub fn rpc(path: &str, code: &str, elapsed: Duration) {
-    let method = METHODS.iter().find(|m| **m == path).copied().unwrap_or("other");
-    let code = match code.parse::<i32>() {
-        Ok(n) => tonic::Code::from_i32(n).description_label(),
-        Err(_) => "unknown",
-    };
+/// The `method` label of a request to `path`: one of this server's
+/// methods, or `other` (so no client can make up label values).
+pub fn method_label(path: &str) -> &'static str {
+    METHODS.iter().find(|m| **m == path).copied().unwrap_or("other")
+}
+
+/// An RPC served: `method` from [`method_label`], `code` its gRPC status
+/// code as sent (`grpc-status`).
+pub fn rpc(method: &'static str, code: &str, elapsed: Duration) {
+    let code = code.parse::<i32>().map_or("unknown", |n| code_label(tonic::Code::from_i32(n)));
     histogram!(RPC_SECONDS, "method" => method, "code" => code).record(elapsed.as_secs_f64());
 }
 
-/// The label of a gRPC code.
-trait Label {
-    fn description_label(self) -> &'static str;
-}
-
-impl Label for tonic::Code {
-    fn description_label(self) -> &'static str {
-        use tonic::Code::*;
-        match self {
-            Ok => "OK",
-            Cancelled => "CANCELLED",
-            Unknown => "UNKNOWN",
-            InvalidArgument => "INVALID_ARGUMENT",
-            DeadlineExceeded => "DEADLINE_EXCEEDED",
-            NotFound => "NOT_FOUND",
-            AlreadyExists => "ALREADY_EXISTS",
-            PermissionDenied => "PERMISSION_DENIED",
-            ResourceExhausted => "RESOURCE_EXHAUSTED",
-            FailedPrecondition => "FAILED_PRECONDITION",
-            Aborted => "ABORTED",
-            OutOfRange => "OUT_OF_RANGE",
-            Unimplemented => "UNIMPLEMENTED",
-            Internal => "INTERNAL",
-            Unavailable => "UNAVAILABLE",
-            DataLoss => "DATA_LOSS",
-            Unauthenticated => "UNAUTHENTICATED",
-        }
+/// The label of a gRPC code: its canonical name.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }

@@ -313,7 +313,7 @@ where
             request.extensions_mut().insert(info.tcp.clone());
             info.state.request()
         });
-        let path = request.uri().path().to_string();
+        let method = crate::metrics::method_label(request.uri().path());
         let started = std::time::Instant::now();
         let response = self.0.call(request);
         Box::pin(async move {
@@ -321,7 +321,7 @@ where
             // An error answered at once carries its status in the headers.
             let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
             let plain_ok = response.status().is_success() && code.is_none();
-            let rpc = Rpc { path, started, code, plain_ok };
+            let rpc = Rpc { method, started, code, plain_ok };
             Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard, rpc }))
         })
     }
@@ -329,7 +329,8 @@ where
 
 /// What an RPC's latency is recorded with once its response ends.
 struct Rpc {
-    path: String,
+    /// Its `method` label.
+    method: &'static str,
     started: std::time::Instant,
     /// The `grpc-status`, from the headers or the trailers.
     code: Option<String>,
@@ -349,7 +350,7 @@ impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
         let rpc = &self.rpc;
         let code = rpc.code.as_deref().unwrap_or(if rpc.plain_ok { "0" } else { "unknown" });
-        crate::metrics::rpc(&rpc.path, code, rpc.started.elapsed());
+        crate::metrics::rpc(rpc.method, code, rpc.started.elapsed());
     }
 }
 

@@ -283,24 +283,20 @@ impl Coordinator {
 
     /// [`start`](Self::start) with a `RUST_LOG` filter of your choice.
     pub async fn start_logged(args: &[&str], filter: &str) -> Result<Self> {
-        Self::start_prefixed(Vec::new(), args, filter).await
+        Self::start_full(Vec::new(), None, args, filter).await
     }
 
     /// [`start`](Self::start) with at most `nofile` open files (soft and
     /// hard limit, through `prlimit`).
     pub async fn start_with_open_files(nofile: u64, args: &[&str]) -> Result<Self> {
         let prefix = vec!["prlimit".to_string(), format!("--nofile={nofile}:{nofile}"), "--".to_string()];
-        Self::start_prefixed(prefix, args, DEBUG_LOGS).await
+        Self::start_full(prefix, None, args, DEBUG_LOGS).await
     }
 
     /// [`start`](Self::start) on the data directory `data_dir` (which may
     /// exist); logs go to a fresh temporary directory.
     pub async fn start_in(data_dir: &Path, args: &[&str]) -> Result<Self> {
         Self::start_full(Vec::new(), Some(data_dir.to_path_buf()), args, DEBUG_LOGS).await
-    }
-
-    async fn start_prefixed(prefix: Vec<String>, args: &[&str], filter: &str) -> Result<Self> {
-        Self::start_full(prefix, None, args, filter).await
     }
 
     async fn start_full(prefix: Vec<String>, data_dir: Option<PathBuf>, args: &[&str], filter: &str) -> Result<Self> {
@@ -318,6 +314,15 @@ impl Coordinator {
     /// Starts a coordinator expected to fail; returns its exit status and
     /// log.
     pub async fn start_failing(data_dir: &Path, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+        Self::start_failing_with_env(data_dir, args, &[]).await
+    }
+
+    /// [`start_failing`](Self::start_failing) with environment variables.
+    pub async fn start_failing_with_env(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<(std::process::ExitStatus, String)> {
         let out = tokio::time::timeout(
             Duration::from_secs(30),
             Command::new(binary("tcc-coordinator"))
@@ -326,6 +331,7 @@ impl Coordinator {
                 .arg("--data-dir")
                 .arg(data_dir)
                 .args(args)
+                .envs(env.iter().copied())
                 .kill_on_drop(true)
                 .output(),
         )

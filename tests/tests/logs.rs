@@ -6,28 +6,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::time::Duration;
-
 use anyhow::Result;
 use tcc_proto::v1::{self, TransactionState as S};
-use tcc_tests::{Coordinator, TestParticipant, binary};
+use tcc_tests::{Coordinator, TestParticipant};
 
-/// Runs the coordinator until it exits (it is expected to fail at start)
-/// with `args` and `env`; its exit code and stderr.
+/// Runs the coordinator on a fresh data directory until it exits (it is
+/// expected to fail at start); its exit code and stderr.
 async fn run_failing(args: &[&str], env: &[(&str, &str)]) -> Result<(Option<i32>, String)> {
     let dir = tempfile::tempdir()?;
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::process::Command::new(binary("tcc-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(args)
-            .envs(env.iter().copied())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await??;
-    Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    let (status, log) = Coordinator::start_failing_with_env(&dir.path().join("data"), args, env).await?;
+    Ok((status.code(), log))
 }
 
 #[tokio::test]

@@ -77,33 +77,21 @@ async fn metrics_are_served_beside_grpc_and_say_what_happened() -> Result<()> {
     for addr in [c.addr(), http] {
         let (status, body) = scrape(addr).await?;
         assert!(status.contains("200"), "{addr}: {status}");
-        assert_eq!(sample(&body, "tcc_transactions_begun_total"), Some(3.0), "{body}");
-        assert_eq!(
-            sample(&body, "tcc_transactions_decided_total{decision=\"confirm\",by=\"client\"}"),
-            Some(1.0),
-            "{body}"
-        );
-        assert_eq!(
-            sample(&body, "tcc_transactions_decided_total{decision=\"cancel\",by=\"client\"}"),
-            Some(1.0),
-            "{body}"
-        );
-        assert_eq!(sample(&body, "tcc_transactions_finished_total{outcome=\"confirmed\"}"), Some(1.0), "{body}");
-        assert_eq!(sample(&body, "tcc_transactions_finished_total{outcome=\"cancelled\"}"), Some(1.0), "{body}");
-        assert_eq!(
-            sample(&body, "tcc_phase2_calls_total{service=\"svc\",decision=\"confirm\",result=\"transient\"}"),
-            Some(2.0),
-            "{body}"
-        );
-        assert_eq!(
-            sample(&body, "tcc_phase2_calls_total{service=\"svc\",decision=\"confirm\",result=\"ok\"}"),
-            Some(1.0),
-            "{body}"
-        );
-        assert_eq!(sample(&body, "tcc_phase2_retries_total"), Some(2.0), "{body}");
-        assert_eq!(sample(&body, "tcc_append_bytes_total"), Some(100.0), "{body}");
-        assert_eq!(sample(&body, "tcc_transactions{state=\"active\"}"), Some(1.0), "{body}");
-        assert_eq!(sample(&body, "tcc_store_failed"), Some(0.0), "{body}");
+        for (series, value) in [
+            ("tcc_transactions_begun_total", 3.0),
+            ("tcc_transactions_decided_total{decision=\"confirm\",by=\"client\"}", 1.0),
+            ("tcc_transactions_decided_total{decision=\"cancel\",by=\"client\"}", 1.0),
+            ("tcc_transactions_finished_total{outcome=\"confirmed\"}", 1.0),
+            ("tcc_transactions_finished_total{outcome=\"cancelled\"}", 1.0),
+            ("tcc_phase2_calls_total{service=\"svc\",decision=\"confirm\",result=\"transient\"}", 2.0),
+            ("tcc_phase2_calls_total{service=\"svc\",decision=\"confirm\",result=\"ok\"}", 1.0),
+            ("tcc_phase2_retries_total", 2.0),
+            ("tcc_append_bytes_total", 100.0),
+            ("tcc_transactions{state=\"active\"}", 1.0),
+            ("tcc_store_failed", 0.0),
+        ] {
+            assert_eq!(sample(&body, series), Some(value), "{addr}: {series}\n{body}");
+        }
         assert!(sample(&body, "tcc_oldest_unfinished_age_seconds").is_some(), "{body}");
         assert!(sample(&body, "tcc_store_group_size_count").is_some_and(|n| n >= 5.0), "{body}");
         assert!(body.contains("tcc_rpc_seconds_count{method=\"/tcc.v1.Transactions/Begin\",code=\"OK\"}"), "{body}");

@@ -147,15 +147,18 @@ pub fn read_manifest(dir: &Path) -> Result<Option<Summary>> {
     }
 }
 
-/// Records `summary` durably (written aside, synced, renamed).
+/// Records `summary` durably.
 pub fn write_manifest(dir: &Path, summary: &Summary) -> Result<()> {
-    let path = dir.join(MANIFEST);
-    let tmp = dir.join(format!("{MANIFEST}.new"));
-    File::create(&tmp)
-        .and_then(|mut f| f.write_all(summary.encode().as_bytes()).and_then(|()| f.sync_all()))
-        .map_err(|e| io("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| io("cannot write", &path, e))?;
-    sync_dir(dir)
+    replace_durably(dir, MANIFEST, summary.encode().as_bytes()).map_err(|e| io("cannot write", &dir.join(MANIFEST), e))
+}
+
+/// Replaces the file `name` in `dir` with `bytes`, all or nothing, and
+/// durably: written aside, synced, renamed, the directory synced.
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.new"));
+    File::create(&tmp).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Removes the manifest durably: the store is about to change.

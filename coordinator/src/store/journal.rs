@@ -904,15 +904,9 @@ fn read_checkpoint(dir: &Path) -> Result<Option<u64>> {
     }
 }
 
-/// Records the completed checkpoint of `generation` durably (written
-/// aside, synced, renamed).
+/// Records the completed checkpoint of `generation` durably.
 fn write_checkpoint(dir: &Path, generation: u64) -> std::io::Result<()> {
-    let path = dir.join(CHECKPOINT_FILE);
-    let tmp = dir.join(format!("{CHECKPOINT_FILE}.new"));
-    File::create(&tmp)
-        .and_then(|mut f| f.write_all(format!("{generation}\n").as_bytes()).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .and_then(|()| File::open(dir).and_then(|d| d.sync_all()))
+    super::integrity::replace_durably(dir, CHECKPOINT_FILE, format!("{generation}\n").as_bytes())
 }
 
 /// A file's seal: the first frame of a file made by a rotation, recording
