@@ -72,6 +72,39 @@ pub struct Config {
     #[arg(long, env = "TCC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// TLS certificate chain of the coordinator (PEM). With --tls-key, the
+    /// gRPC port serves TLS only; the files are read again when they change.
+    #[arg(long, env = "TCC_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "TCC_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) that sign the certificates of clients and
+    /// participants. Clients must present a certificate it signed (mutual
+    /// TLS), and phase-2 calls go over TLS only, to servers whose
+    /// certificate it signed for the service being called.
+    #[arg(long, env = "TCC_TLS_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Policy file (TOML) naming the admin and composite identities; with
+    /// it, every call needs an identity and least privilege applies (see
+    /// SECURITY.md). Without it, every caller may do everything.
+    #[arg(long, env = "TCC_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Bearer tokens file (`IDENTITY TOKEN` per line), for clients behind a
+    /// proxy that terminates TLS. Needs --policy.
+    #[arg(long, env = "TCC_TOKENS", value_name = "FILE", requires = "policy")]
+    pub tokens: Option<PathBuf>,
+
+    /// Serve plaintext on a non-loopback --listen address. Without TLS the
+    /// coordinator otherwise listens on loopback only: anyone who reaches a
+    /// plaintext port can read every command in transit.
+    #[arg(long, env = "TCC_INSECURE")]
+    pub insecure: bool,
+
     /// Limits on client connections.
     #[command(flatten)]
     pub connections: Connections,
@@ -121,6 +154,18 @@ impl Config {
         if self.salvage_journal && self.database_url.is_some() {
             return Err("--salvage-journal is for the embedded store in --data-dir, not --database-url".to_string());
         }
+        if self.tls_cert.is_none() && !self.insecure && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--listen {} is not a loopback address and TLS is off: give --tls-cert and --tls-key (and --tls-client-ca), or --insecure to serve plaintext there anyway",
+                self.listen
+            ));
+        }
+        if self.policy.is_some() && self.tls_client_ca.is_none() && self.tokens.is_none() {
+            return Err(
+                "--policy needs a way to identify callers: --tls-client-ca (client certificates) or --tokens (bearer tokens)"
+                    .to_string(),
+            );
+        }
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be greater than 0"));
         }
@@ -153,8 +198,14 @@ impl Config {
             None => format!("data dir {}", self.data_dir.display()),
         };
         let l = &self.limits;
+        let tls = match (&self.tls_cert, &self.tls_client_ca) {
+            (None, _) if self.insecure => "plaintext (--insecure)",
+            (None, _) => "plaintext",
+            (Some(_), None) => "TLS",
+            (Some(_), Some(_)) => "mutual TLS",
+        };
         format!(
-            "listen {}, {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
+            "listen {} ({tls}), {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
             self.listen,
             self.participants.len(),
             self.retention_secs,
@@ -375,6 +426,18 @@ mod tests {
         assert!(bad(&["--lease-ms", "10"]).is_err_and(|e| e.contains("--lease-ms")));
         assert!(bad(&["--database-url", "mysql://x"]).is_err_and(|e| e.contains("--database-url")));
         assert!(bad(&["--database-url", "postgres://tcc@127.0.0.1/db"]).is_ok());
+        // Plaintext stays on loopback unless --insecure; TLS may listen anywhere.
+        assert!(bad(&["--listen", "0.0.0.0:50051"]).is_err_and(|e| e.contains("--insecure")));
+        assert!(bad(&["--listen", "[::]:50051"]).is_err_and(|e| e.contains("not a loopback")));
+        assert!(bad(&["--listen", "0.0.0.0:50051", "--insecure"]).is_ok());
+        assert!(bad(&["--listen", "0.0.0.0:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_ok());
+        assert!(bad(&["--listen", "[::1]:50051"]).is_ok());
+        // The TLS flags go together; a policy needs a way to identify callers.
+        assert!(bad(&["--tls-cert", "c.pem"]).is_err());
+        assert!(bad(&["--tls-client-ca", "ca.pem"]).is_err());
+        assert!(bad(&["--tokens", "t"]).is_err());
+        assert!(bad(&["--policy", "p.toml"]).is_err_and(|e| e.contains("--tls-client-ca")));
+        assert!(bad(&["--policy", "p.toml", "--tokens", "t"]).is_ok());
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! | `Conflict`           | ABORTED             |  (lost a race with another writer; safe to retry)
 //! | `Unavailable`        | UNAVAILABLE         |  (the store failed a flush; the database is unreachable)
 //! | `Fenced`             | UNAVAILABLE         |  (this node's lease lapsed, or another node owns the work)
+//! | `Unauthenticated`    | UNAUTHENTICATED     |  (no identity, or one that does not hold up)
+//! | `PermissionDenied`   | PERMISSION_DENIED   |  (a known identity the policy does not allow)
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 
@@ -71,6 +73,14 @@ pub enum Error {
     /// delivering the transaction. Nothing was written; safe to retry.
     #[error("{0}")]
     Fenced(String),
+    /// The request carries no identity, or one that does not hold up
+    /// (see `auth`).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's identity is known and the policy does not allow the
+    /// request.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A stored record cannot be decoded: the data directory is damaged.
     #[error("corrupt record {key}: {cause}")]
     Corrupt {

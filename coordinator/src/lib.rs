@@ -24,15 +24,17 @@
 //!    from the crate.
 //! 2. [`error`], [`clock`] (time and randomness, injected), [`config`],
 //!    [`metrics`] (what is exported, and the recording helpers).
-//! 3. [`store`]: the conditional-write store trait, its backends and the
+//! 3. [`auth`]: identities (client certificates, bearer tokens), the
+//!    policy, and the TLS material for the server and for phase 2.
+//! 4. [`store`]: the conditional-write store trait, its backends and the
 //!    conformance suite every backend passes.
-//! 4. [`engine`]: the operations on transactions, per-transaction
+//! 5. [`engine`]: the operations on transactions, per-transaction
 //!    serialisation, deadlines and GC ([`engine::sweeper`]).
-//! 5. [`delivery`]: phase 2, retries with backoff, the transport and the
+//! 6. [`delivery`]: phase 2, retries with backoff, the transport and the
 //!    endpoint registry.
-//! 6. [`api`]: request parsing and the one `Status` mapping, one file per
+//! 7. [`api`]: request parsing and the one `Status` mapping, one file per
 //!    service; [`net`]: connection limits and deadlines.
-//! 7. [`server`]: wiring, recovery at start, graceful shutdown.
+//! 8. [`server`]: wiring, recovery at start, graceful shutdown.
 //!
 //! `ARCHITECTURE.md` at the repository root describes the protocol, its
 //! invariants and this map in full. The invariants this crate keeps: decisions are
@@ -42,6 +44,7 @@
 //! told); everything is bounded and finished transactions are collected.
 
 pub mod api;
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;

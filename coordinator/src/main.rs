@@ -60,6 +60,8 @@ fn init_logs(format: LogFormat) -> Result<(), String> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Before the port is bound (and before anything is created on disk).
+    config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

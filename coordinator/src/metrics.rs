@@ -49,6 +49,9 @@ pub const STORE_SYNC_SECONDS: &str = "tcc_store_sync_seconds";
 pub const STORE_GROUP_SIZE: &str = "tcc_store_group_size";
 /// RPCs served, by `method` and `code` (histogram, seconds).
 pub const RPC_SECONDS: &str = "tcc_rpc_seconds";
+/// Requests refused by the policy, by `code` (unauthenticated,
+/// permission_denied, quota) (counter).
+pub const AUTH_REFUSALS: &str = "tcc_auth_refusals_total";
 
 /// Every metric name above, for tests and documentation.
 pub const ALL: &[&str] = &[
@@ -66,6 +69,7 @@ pub const ALL: &[&str] = &[
     STORE_SYNC_SECONDS,
     STORE_GROUP_SIZE,
     RPC_SECONDS,
+    AUTH_REFUSALS,
 ];
 
 /// The gRPC methods this server answers; any other path is `other`.
@@ -174,6 +178,12 @@ pub fn phase2(service: &str, decision: Decision, result: &'static str, attempt: 
 pub fn group_commit(writes: usize, elapsed: Duration) {
     histogram!(STORE_SYNC_SECONDS).record(elapsed.as_secs_f64());
     histogram!(STORE_GROUP_SIZE).record(writes as f64);
+}
+
+/// A request was refused by the policy; `code` is one of the labels of
+/// [`AUTH_REFUSALS`].
+pub fn auth_refused(code: &'static str) {
+    counter!(AUTH_REFUSALS, "code" => code).increment(1);
 }
 
 /// The store failed (1) or serves (0).

@@ -11,7 +11,9 @@
 //!   descriptor limit ([`descriptor_budget`]), so the store, the phase-2
 //!   clients and the database pool always have descriptors left.
 //! * A connection that has not sent the 24-byte HTTP/2 preface within
-//!   [`ConnectionLimits::handshake`] is closed.
+//!   [`ConnectionLimits::handshake`] is closed. With TLS, the TLS handshake
+//!   counts against the same deadline, and runs in its own task, so a slow
+//!   client never holds up the accept loop.
 //! * A connection with no request in flight for [`ConnectionLimits::idle`]
 //!   is closed (a client reconnects on its next call). Requests in flight,
 //!   such as a Confirm waiting for its outcome, keep it open however long.
@@ -40,6 +42,8 @@ use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 
+use crate::auth::PeerCert;
+use crate::auth::tls::{self, Tls};
 use crate::lock;
 
 /// How long the accept loop waits after a failed `accept`.
@@ -89,41 +93,86 @@ pub fn descriptor_budget(wanted: usize) -> usize {
     }
 }
 
-/// Accepts connections from `listener` under `limits`, for
-/// `serve_with_incoming`. Never ends and never yields an error.
-pub fn incoming(listener: TcpListener, limits: ConnectionLimits) -> impl Stream<Item = io::Result<Conn>> + Send {
+/// Accepts connections from `listener` under `limits` (and, with `tls`,
+/// completes their TLS handshakes), for `serve_with_incoming`. Never ends
+/// and never yields an error; stops accepting once the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
+) -> impl Stream<Item = io::Result<Conn>> + Send {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<io::Result<Conn>>();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tx.closed() => {}
+            _ = accept_loop(listener, limits, tls, tx.clone()) => {}
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|conn| (conn, rx)) })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
+    tx: tokio::sync::mpsc::UnboundedSender<io::Result<Conn>>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max));
-    let state = (listener, slots, limits, None::<Instant>, None::<Instant>);
-    futures::stream::unfold(state, |(listener, slots, limits, mut full_warned, mut error_warned)| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        if due(&mut full_warned) {
-                            warn!(
-                                %peer,
-                                max = limits.max,
-                                "connection limit reached (--max-connections); closing new connections until some close"
-                            );
-                        }
-                        drop(stream);
-                        continue;
-                    };
-                    if let Err(e) = stream.set_nodelay(true) {
-                        warn!(%peer, cause = %e, "cannot set TCP_NODELAY");
+    let (mut full_warned, mut error_warned) = (None::<Instant>, None::<Instant>);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    if due(&mut full_warned) {
+                        warn!(
+                            %peer,
+                            max = limits.max,
+                            "connection limit reached (--max-connections); closing new connections until some close"
+                        );
                     }
-                    let conn = Conn::new(stream, slot, limits);
-                    return Some((Ok(conn), (listener, slots, limits, full_warned, error_warned)));
+                    drop(stream);
+                    continue;
+                };
+                if let Err(e) = stream.set_nodelay(true) {
+                    warn!(%peer, cause = %e, "cannot set TCP_NODELAY");
                 }
-                Err(e) => {
-                    if due(&mut error_warned) {
-                        warn!(cause = %e, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                let opened = Instant::now();
+                let tcp = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
+                match &tls {
+                    None => {
+                        let _ = tx.send(Ok(Conn::new(Io::Plain(stream), tcp, PeerCert::None, slot, limits, opened)));
                     }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    Some(tls) => {
+                        let (acceptor, tx) = (tls.acceptor(), tx.clone());
+                        tokio::spawn(async move {
+                            let handshake = tokio::time::timeout_at(opened + limits.handshake, acceptor.accept(stream));
+                            match handshake.await {
+                                Ok(Ok(stream)) => {
+                                    let cert = match tls::identity_of(stream.get_ref().1.peer_certificates()) {
+                                        None => PeerCert::None,
+                                        Some(Ok(name)) => PeerCert::Named(name.into()),
+                                        Some(Err(why)) => PeerCert::Unnamed(why.into()),
+                                    };
+                                    let io = Io::Tls(Box::new(stream));
+                                    let _ = tx.send(Ok(Conn::new(io, tcp, cert, slot, limits, opened)));
+                                }
+                                // Plaintext, an unknown CA, an expired
+                                // certificate...: the client sees the alert.
+                                Ok(Err(e)) => tracing::debug!(%peer, cause = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "no TLS handshake within the handshake timeout"),
+                            }
+                        });
+                    }
                 }
             }
+            Err(e) => {
+                if due(&mut error_warned) {
+                    warn!(cause = %e, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
-    })
+    }
 }
 
 /// True at most once per 10 s: for warnings that an attacker could repeat.
@@ -172,6 +221,8 @@ impl Drop for InFlight {
 pub struct ConnInfo {
     /// The peer and local addresses, as tonic reports them for TCP.
     pub tcp: TcpConnectInfo,
+    /// The client certificate's identity, with TLS.
+    pub cert: PeerCert,
     /// The connection's request counter.
     pub state: Arc<ConnState>,
 }
@@ -179,7 +230,7 @@ pub struct ConnInfo {
 /// An accepted connection: the stream, its slot under the cap, and its
 /// handshake and idle deadlines (enforced when the server reads from it).
 pub struct Conn {
-    stream: TcpStream,
+    stream: Io,
     info: ConnInfo,
     limits: ConnectionLimits,
     opened: Instant,
@@ -189,16 +240,21 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, limits: ConnectionLimits) -> Self {
-        let tcp = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: stream.peer_addr().ok() };
-        let opened = Instant::now();
+    fn new(
+        stream: Io,
+        tcp: TcpConnectInfo,
+        cert: PeerCert,
+        slot: OwnedSemaphorePermit,
+        limits: ConnectionLimits,
+        opened: Instant,
+    ) -> Self {
         let state = Arc::new(ConnState {
             in_flight: AtomicUsize::new(0),
             idle_since: opened.into(),
             reader: AtomicWaker::new(),
         });
         let timer = Box::pin(tokio::time::sleep_until(opened + limits.handshake));
-        Conn { stream, info: ConnInfo { tcp, state }, limits, opened, preface_left: PREFACE, timer, _slot: slot }
+        Conn { stream, info: ConnInfo { tcp, cert, state }, limits, opened, preface_left: PREFACE, timer, _slot: slot }
     }
 
     /// With nothing to read: whether the connection is past a deadline
@@ -274,6 +330,62 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// A connection's byte stream: plain TCP, or TLS over it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
 /// A tower layer that counts each request against its connection's idle
 /// clock (see [`ConnState`]) until its response body has ended, so a
 /// stream (health `Watch`, reflection) keeps its connection as a waiting
@@ -309,8 +421,9 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let info = request.extensions().get::<ConnInfo>().cloned();
         let guard = info.map(|info| {
-            // For `Request::remote_addr`.
+            // For `Request::remote_addr`, and for `auth`.
             request.extensions_mut().insert(info.tcp.clone());
+            request.extensions_mut().insert(info.cert.clone());
             info.state.request()
         });
         let method = crate::metrics::method_label(request.uri().path());

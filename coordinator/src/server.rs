@@ -26,6 +26,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
+use crate::auth::tls::{Tls, TlsFiles};
+use crate::auth::{self, Access};
 use crate::clock::{OsEntropy, SystemClock};
 use crate::config::{Config, fixed};
 use crate::delivery::registry::{self, Registry};
@@ -57,17 +59,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let addr = listener.local_addr().context("listener has no local address")?;
+    let (tls, access) = security(&config, addr)?;
     let entropy = Arc::new(OsEntropy);
     let clock = Arc::new(SystemClock);
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
     // Checked before the store is opened: a bad flag creates nothing.
-    Registry::new(&config.participants, connect_timeout, Arc::new(MemStore::new()), clock.clone())
+    Registry::new(&config.participants, connect_timeout, tls.clone(), Arc::new(MemStore::new()), clock.clone())
         .context("bad --participant")?;
     let (store, place) = open_store(&config).await?;
     let (engine, decided) =
         Engine::new(store.clone(), clock.clone(), entropy.clone(), config.limits.clone(), config.retention());
     let registry = Arc::new(
-        Registry::new(&config.participants, connect_timeout, store.clone(), clock.clone())
+        Registry::new(&config.participants, connect_timeout, tls.clone(), store.clone(), clock.clone())
             .context("bad --participant")?,
     );
     registry.load().await.with_context(|| format!("cannot read the registrations from {place}"))?;
@@ -91,6 +94,7 @@ pub async fn run(
     tasks.spawn(delivery.run(decided));
     tasks.spawn(sweeper::run(engine.clone(), background.clone()));
     tasks.spawn(registry::run(registry.clone(), background.clone()));
+    tasks.spawn(auth::watch(tls.clone(), access.clone(), background.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, true).await;
@@ -154,22 +158,22 @@ pub async fn run(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
-            TransactionsServer::new(TransactionsApi::new(engine.clone()))
+            TransactionsServer::new(TransactionsApi::new(engine.clone(), access.clone()))
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )
         .add_service(
-            TopicsServer::new(TopicsApi::new(engine.clone()))
+            TopicsServer::new(TopicsApi::new(engine.clone(), access.clone()))
                 .max_decoding_message_size(append)
                 .max_encoding_message_size(out),
         )
         .add_service(
-            RegistryServer::new(RegistryApi::new(registry, clock))
+            RegistryServer::new(RegistryApi::new(registry, clock, access.clone()))
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )
         .add_service(
-            AdminServer::new(AdminApi::new(engine.clone()))
+            AdminServer::new(AdminApi::new(engine.clone(), access.clone()))
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )
@@ -185,7 +189,7 @@ pub async fn run(
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .layer(net::TrackRequests)
         .add_routes(tonic::service::Routes::from(routes))
-        .serve_with_incoming_shutdown(net::incoming(listener, limits), shutdown.cancelled())
+        .serve_with_incoming_shutdown(net::incoming(listener, limits, tls), shutdown.cancelled())
         .await
         .context("gRPC server failed")?;
 
@@ -196,6 +200,37 @@ pub async fn run(
     store.close().await;
     info!("coordinator stopped");
     Ok(())
+}
+
+/// The TLS material and the access policy the configuration names,
+/// checked before anything is created on disk. Refuses plaintext beyond
+/// loopback without `--insecure`, and warns loudly with it.
+fn security(config: &Config, addr: SocketAddr) -> anyhow::Result<(Option<Arc<Tls>>, Arc<Access>)> {
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
+            Some(Arc::new(Tls::load(files, config.tokens.is_some()).map_err(|e| anyhow::anyhow!("TLS: {e}"))?))
+        }
+        _ => None,
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        if !config.insecure {
+            anyhow::bail!(
+                "{addr} is not a loopback address and TLS is off: give --tls-cert and --tls-key (and --tls-client-ca), or --insecure to serve plaintext there anyway"
+            );
+        }
+        tracing::warn!(
+            %addr,
+            "INSECURE: serving plaintext beyond loopback (--insecure). Anyone who can reach {addr} can read the commands in transit{}",
+            if config.policy.is_none() { ", and, with no --policy, do anything" } else { "" }
+        );
+    }
+    let access = match &config.policy {
+        None => Access::open(),
+        Some(policy) => Access::enforced(policy.clone(), config.tokens.clone()).map_err(|e| anyhow::anyhow!(e))?,
+    };
+    info!(access = %access.summary(), tls = tls.is_some(), mutual = config.tls_client_ca.is_some(), "security");
+    Ok((tls, Arc::new(access)))
 }
 
 /// `GET /metrics`: refreshes the gauges read from the store, then renders

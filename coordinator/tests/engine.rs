@@ -9,6 +9,7 @@ use std::time::Duration;
 use tcc_coordinator::clock::{ManualClock, OsEntropy};
 use tcc_coordinator::config::Limits;
 use tcc_coordinator::engine::Engine;
+use tcc_coordinator::engine::topics::Appender;
 use tcc_coordinator::engine::validate::NewCommand;
 use tcc_coordinator::error::Error;
 use tcc_coordinator::model::{Event, PartialId, Phase2Status, TxnId, TxnState};
@@ -75,14 +76,14 @@ async fn begin_validates_its_input() -> R {
         (svc(&["a"]), 10_001, "out of range"),
     ];
     for (services, timeout, msg) in cases {
-        match f.engine.begin(services.clone(), timeout).await {
+        match f.engine.begin(services.clone(), timeout, String::new()).await {
             Err(Error::InvalidArgument(m)) => {
                 assert!(m.contains(msg), "{services:?}/{timeout}: {m}")
             }
             other => panic!("{services:?}/{timeout}: expected InvalidArgument, got {other:?}"),
         }
     }
-    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
     assert_eq!(t.deadline_ms - t.created_ms, 1_000, "0 means the default timeout");
     Ok(())
 }
@@ -90,7 +91,7 @@ async fn begin_validates_its_input() -> R {
 #[tokio::test]
 async fn the_deadline_cancels_an_active_transaction() -> R {
     let mut f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 500).await?;
+    let t = f.engine.begin(svc(&["a"]), 500, String::new()).await?;
     assert_eq!(f.store.due_deadlines(T0, 10).await?, (vec![], Some(T0 + 500)));
     f.clock.advance(499);
     assert_eq!(f.engine.expire_due().await, (0, Some(T0 + 500)));
@@ -108,10 +109,10 @@ async fn the_deadline_cancels_an_active_transaction() -> R {
 #[tokio::test]
 async fn confirm_or_append_racing_the_deadline_loses() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 500).await?;
+    let t = f.engine.begin(svc(&["a"]), 500, String::new()).await?;
     let p = t.participants[0].partial_id;
     f.clock.advance(500); // the sweeper has not run yet
-    match f.engine.append(p, None, vec![cmd("x", b"1")], "").await {
+    match f.engine.append(p, Appender::Anyone, vec![cmd("x", b"1")], "").await {
         Err(Error::IllegalTransition { state: TxnState::Cancelling, .. }) => {}
         other => panic!("late append: {other:?}"),
     }
@@ -129,7 +130,7 @@ async fn confirm_or_append_racing_the_deadline_loses() -> R {
 async fn confirm_and_cancel_at_once_have_one_winner() -> R {
     let f = fixture();
     for _ in 0..20 {
-        let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+        let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
         let (c, k) = tokio::join!(f.engine.confirm(t.id), f.engine.cancel(t.id, "race".into()));
         let state = f.engine.get(t.id).await?.state;
         match (c, k) {
@@ -148,7 +149,7 @@ async fn confirm_and_cancel_at_once_have_one_winner() -> R {
 #[tokio::test]
 async fn repeated_decisions_return_the_same_outcome() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     let first = f.engine.confirm(t.id).await?;
     let second = f.engine.confirm(t.id).await?;
     assert_eq!(first, second);
@@ -159,21 +160,24 @@ async fn repeated_decisions_return_the_same_outcome() -> R {
 #[tokio::test]
 async fn idempotent_append_stores_once() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     let p = t.participants[0].partial_id;
     let batch = vec![cmd("x", b"1"), cmd("y", b"22")];
-    let (r1, dup1) = f.engine.append(p, None, batch.clone(), "req-1").await?;
-    let (r2, dup2) = f.engine.append(p, None, batch.clone(), "req-1").await?;
+    let (r1, dup1) = f.engine.append(p, Appender::Anyone, batch.clone(), "req-1").await?;
+    let (r2, dup2) = f.engine.append(p, Appender::Anyone, batch.clone(), "req-1").await?;
     assert_eq!((r1, dup1, dup2), (r2, false, true));
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 2);
     // Same key, different batch: refused, nothing stored; also when only the
     // content differs (same count and size).
-    assert!(matches!(f.engine.append(p, None, vec![cmd("z", b"1")], "req-1").await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        f.engine.append(p, Appender::Anyone, vec![cmd("z", b"1")], "req-1").await,
+        Err(Error::InvalidArgument(_))
+    ));
     let same_shape = vec![cmd("x", b"9"), cmd("y", b"99")];
-    assert!(matches!(f.engine.append(p, None, same_shape, "req-1").await, Err(Error::InvalidArgument(_))));
+    assert!(matches!(f.engine.append(p, Appender::Anyone, same_shape, "req-1").await, Err(Error::InvalidArgument(_))));
     // A retry that arrives after the decision still gets its receipt.
     f.engine.confirm(t.id).await?;
-    assert_eq!(f.engine.append(p, None, batch, "req-1").await?, (r1, true));
+    assert_eq!(f.engine.append(p, Appender::Anyone, batch, "req-1").await?, (r1, true));
     assert_eq!(f.engine.get(t.id).await?.participants[0].command_count, 2);
     Ok(())
 }
@@ -181,13 +185,13 @@ async fn idempotent_append_stores_once() -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_retries_of_one_append_store_it_once() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     let p = t.participants[0].partial_id;
     let batch = vec![cmd("x", b"1"), cmd("y", b"2")];
     let tries: Vec<_> = (0..8)
         .map(|_| {
             let (e, b) = (f.engine.clone(), batch.clone());
-            tokio::spawn(async move { e.append(p, None, b, "same-key").await })
+            tokio::spawn(async move { e.append(p, Appender::Anyone, b, "same-key").await })
         })
         .collect();
     let mut fresh = 0;
@@ -204,21 +208,21 @@ async fn concurrent_retries_of_one_append_store_it_once() -> R {
 #[tokio::test]
 async fn an_append_naming_another_service_is_refused() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
     let pa = t.participants[0].partial_id;
-    match f.engine.append(pa, Some("b"), vec![cmd("x", b"1")], "").await {
+    match f.engine.append(pa, Appender::Declared("b"), vec![cmd("x", b"1")], "").await {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("belongs to service \"a\", not \"b\""), "{m}"),
         other => panic!("{other:?}"),
     }
     assert!(f.store.read_topic(pa, 1, 10).await?.is_empty());
-    f.engine.append(pa, Some("a"), vec![cmd("x", b"1")], "").await?;
+    f.engine.append(pa, Appender::Declared("a"), vec![cmd("x", b"1")], "").await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn append_limits() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     let p = t.participants[0].partial_id;
     let too_many = vec![cmd("x", b"1"); 6];
     let cases = vec![
@@ -229,34 +233,40 @@ async fn append_limits() -> R {
         (vec![cmd(&"t".repeat(257), b"")], "", "type is 257"),
     ];
     for (batch, key, msg) in cases {
-        match f.engine.append(p, None, batch, key).await {
+        match f.engine.append(p, Appender::Anyone, batch, key).await {
             Err(Error::InvalidArgument(m)) => assert!(m.contains(msg), "{m}"),
             other => panic!("{msg}: {other:?}"),
         }
     }
     let long_key = "k".repeat(129);
-    assert!(matches!(f.engine.append(p, None, vec![cmd("x", b"")], &long_key).await, Err(Error::InvalidArgument(_))));
-    f.engine.append(p, None, vec![cmd("x", &[0; 90])], "").await?;
-    match f.engine.append(p, None, vec![cmd("x", &[0; 90])], "").await {
+    assert!(matches!(
+        f.engine.append(p, Appender::Anyone, vec![cmd("x", b"")], &long_key).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    f.engine.append(p, Appender::Anyone, vec![cmd("x", &[0; 90])], "").await?;
+    match f.engine.append(p, Appender::Anyone, vec![cmd("x", &[0; 90])], "").await {
         Err(Error::LimitExceeded(m)) => assert!(m.contains("limit is 150"), "{m}"),
         other => panic!("topic limit: {other:?}"),
     }
     assert_eq!(f.store.read_topic(p, 1, 10).await?.len(), 1, "the refused batch left nothing");
-    assert!(matches!(f.engine.append(PartialId::new(), None, vec![cmd("x", b"")], "").await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        f.engine.append(PartialId::new(), Appender::Anyone, vec![cmd("x", b"")], "").await,
+        Err(Error::NotFound(_))
+    ));
     Ok(())
 }
 
 #[tokio::test]
 async fn enlist_rules() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     let b = f.engine.enlist(t.id, "b".into()).await?;
     assert_eq!(
         f.engine.enlist(t.id, "b".into()).await?.partial_id,
         b.partial_id,
         "enlisting twice returns the same partial"
     );
-    f.engine.append(b.partial_id, None, vec![cmd("x", b"1")], "").await?;
+    f.engine.append(b.partial_id, Appender::Anyone, vec![cmd("x", b"1")], "").await?;
     f.engine.enlist(t.id, "c".into()).await?;
     assert!(matches!(f.engine.enlist(t.id, "d".into()).await, Err(Error::LimitExceeded(_))));
     f.engine.confirm(t.id).await?;
@@ -280,9 +290,9 @@ async fn finish(f: &Fixture, id: TxnId) -> R {
 #[tokio::test]
 async fn finished_transactions_are_collected_after_retention() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b"]), 0).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
     let p = t.participants[0].partial_id;
-    f.engine.append(p, None, vec![cmd("x", b"1")], "k").await?;
+    f.engine.append(p, Appender::Anyone, vec![cmd("x", b"1")], "k").await?;
     f.engine.confirm(t.id).await?;
     finish(&f, t.id).await?;
     let done = f.engine.get(t.id).await?;
@@ -302,7 +312,7 @@ async fn finished_transactions_are_collected_after_retention() -> R {
 #[tokio::test]
 async fn failed_transactions_are_listed_and_never_collected() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
     f.engine.confirm(t.id).await?;
     f.engine.record_phase2(t.id, vec![Event::GaveUp { participant: 0, error: "refused".into() }]).await?;
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
@@ -320,7 +330,7 @@ async fn listing_filters_by_state_and_age_and_pages() -> R {
     let f = fixture();
     let mut active = Vec::new();
     for i in 0..7 {
-        let t = f.engine.begin(svc(&["a"]), 0).await?;
+        let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
         if i % 2 == 0 {
             f.engine.cancel(t.id, String::new()).await?;
         } else {
@@ -357,9 +367,9 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     let clock = Arc::new(ManualClock::at(T0));
     let (active, confirming, p) = {
         let (engine, _rx) = engine_on(Arc::new(SledStore::open(dir.path())?), clock.clone());
-        let a = engine.begin(svc(&["a"]), 5_000).await?;
-        let c = engine.begin(svc(&["a", "b"]), 5_000).await?;
-        engine.append(c.participants[1].partial_id, None, vec![cmd("x", b"1")], "k").await?;
+        let a = engine.begin(svc(&["a"]), 5_000, String::new()).await?;
+        let c = engine.begin(svc(&["a", "b"]), 5_000, String::new()).await?;
+        engine.append(c.participants[1].partial_id, Appender::Anyone, vec![cmd("x", b"1")], "k").await?;
         engine.confirm(c.id).await?;
         (a.id, c.id, c.participants[1].partial_id)
     };
@@ -374,14 +384,14 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     assert_eq!(engine.expire_due().await.0, 1);
     assert_eq!(engine.get(active).await?.state, TxnState::Cancelling);
     // The idempotency receipt survived too.
-    assert!(engine.append(p, None, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
+    assert!(engine.append(p, Appender::Anyone, vec![cmd("x", b"1")], "k").await?.1, "duplicate recognised");
     Ok(())
 }
 
 #[tokio::test]
 async fn phase_two_progress_is_recorded_together_or_not_at_all() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b", "c"]), 0).await?;
+    let t = f.engine.begin(svc(&["a", "b", "c"]), 0, String::new()).await?;
     f.engine.confirm(t.id).await?;
     let retry_at = f.engine.now_ms() + 500;
     let recorded = f
@@ -428,11 +438,11 @@ async fn a_second_engine_never_overwrites_a_decision() -> R {
     let clock = Arc::new(ManualClock::at(T0));
     let (a, _) = engine_on(store.clone(), clock.clone());
     let (b, _) = engine_on(store.clone(), clock.clone());
-    let t = a.begin(svc(&["x", "y"]), 0).await?;
+    let t = a.begin(svc(&["x", "y"]), 0, String::new()).await?;
     let px = t.participants[0].partial_id;
     assert_eq!(b.get(t.id).await?.state, TxnState::Active);
-    b.append(px, None, vec![cmd("x", b"1")], "").await?;
-    let (r, _) = a.append(px, None, vec![cmd("x", b"2")], "").await?;
+    b.append(px, Appender::Anyone, vec![cmd("x", b"1")], "").await?;
+    let (r, _) = a.append(px, Appender::Anyone, vec![cmd("x", b"2")], "").await?;
     assert_eq!(r.first_sequence, 2, "numbered after b's append");
     a.confirm(t.id).await?;
     // b's cancel loses, and names the winner.
@@ -441,7 +451,7 @@ async fn a_second_engine_never_overwrites_a_decision() -> R {
         other => panic!("a stale cancel must lose to the confirm: {other:?}"),
     }
     // b's late append is refused too, and stores nothing.
-    match b.append(px, None, vec![cmd("x", b"3")], "").await {
+    match b.append(px, Appender::Anyone, vec![cmd("x", b"3")], "").await {
         Err(Error::IllegalTransition { state: TxnState::Confirming, .. }) => {}
         other => panic!("an append after the decision must be refused: {other:?}"),
     }
@@ -461,7 +471,7 @@ async fn decisions_racing_on_two_engines_have_one_winner() -> R {
     let (a, _) = engine_on(store.clone(), clock.clone());
     let (b, _) = engine_on(store.clone(), clock.clone());
     for _ in 0..50 {
-        let t = a.begin(svc(&["x"]), 0).await?;
+        let t = a.begin(svc(&["x"]), 0, String::new()).await?;
         b.get(t.id).await?;
         let (c, k) = tokio::join!(a.confirm(t.id), b.cancel(t.id, "race".into()));
         let stored = store.get_txn(t.id).await?.map(|t| t.state);
@@ -488,7 +498,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
     // then that confirm was not cut off, and the next transaction is used.)
     let mut cut_off = None;
     for _ in 0..20 {
-        let t = f.engine.begin(svc(&["a"]), 10_000).await?;
+        let t = f.engine.begin(svc(&["a"]), 10_000, String::new()).await?;
         if f.engine.confirm(t.id).now_or_never().is_none() {
             cut_off = Some(t);
             break;
@@ -496,7 +506,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
     }
     let t = cut_off.unwrap_or_else(|| panic!("20 confirms all finished within their first poll"));
     // The journal is FIFO: once a later write is durable, the confirm is too.
-    f.engine.begin(svc(&["b"]), 10_000).await?;
+    f.engine.begin(svc(&["b"]), 10_000, String::new()).await?;
     assert_eq!(f.store.get_txn(t.id).await?.map(|t| t.state), Some(TxnState::Confirming));
     assert!(!f.store.due_deadlines(i64::MAX, 10).await?.0.contains(&t.id), "no deadline once decided");
     assert!(f.store.due_deliveries(f.engine.now_ms(), 100).await?.contains(&t.id), "due for delivery");
@@ -519,7 +529,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_holder_on_any_thread_removes_the_transaction_from_memory() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 10_000).await?;
+    let t = f.engine.begin(svc(&["a"]), 10_000, String::new()).await?;
     for _ in 0..5_000 {
         let (a, b) = (f.engine.clone(), f.engine.clone());
         let (x, y) = tokio::join!(

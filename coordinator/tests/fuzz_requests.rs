@@ -16,6 +16,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use prost::Message;
 use tcc_coordinator::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
+use tcc_coordinator::auth::Access;
 use tcc_coordinator::clock::{OsEntropy, SystemClock};
 use tcc_coordinator::config::Config;
 use tcc_coordinator::delivery::registry::Registry;
@@ -111,12 +112,12 @@ impl Services {
         let clock = Arc::new(SystemClock);
         let (engine, _decided) =
             Engine::new(store.clone(), clock.clone(), Arc::new(OsEntropy), config.limits.clone(), config.retention());
-        let registry = Arc::new(Registry::new(&[], Duration::from_millis(100), store, clock.clone()).unwrap());
+        let registry = Arc::new(Registry::new(&[], Duration::from_millis(100), None, store, clock.clone()).unwrap());
         Services {
-            transactions: TransactionsApi::new(engine.clone()),
-            topics: TopicsApi::new(engine.clone()),
-            admin: AdminApi::new(engine),
-            registry: RegistryApi::new(registry, clock),
+            transactions: TransactionsApi::new(engine.clone(), Arc::new(Access::open())),
+            topics: TopicsApi::new(engine.clone(), Arc::new(Access::open())),
+            admin: AdminApi::new(engine, Arc::new(Access::open())),
+            registry: RegistryApi::new(registry, clock, Arc::new(Access::open())),
             txns: Vec::new(),
             partials: Vec::new(),
         }

@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use goldenscript::{Command, Runner};
 use sim::{Mode, Node, World};
+use tcc_coordinator::engine::topics::Appender;
 use tcc_coordinator::engine::validate::NewCommand;
 use tcc_coordinator::model::{Decision, TxnId, TxnRecord, TxnState};
 
@@ -108,7 +109,10 @@ impl Runner for ScriptRunner {
                 let services: Vec<String> = args.rest_pos().iter().map(|a| a.value.clone()).collect();
                 args.reject_rest()?;
                 let engine = self.node()?.engine.clone();
-                let t = self.rt.block_on(engine.begin(services, timeout)).map_err(|e| self.world.describe(&e))?;
+                let t = self
+                    .rt
+                    .block_on(engine.begin(services, timeout, String::new()))
+                    .map_err(|e| self.world.describe(&e))?;
                 let name = self.world.names().txn(t.id);
                 self.txns.insert(name, t.id);
                 self.describe(&t)
@@ -129,7 +133,7 @@ impl Runner for ScriptRunner {
                     t.participants.iter().find(|p| p.service == service).ok_or("no such participant")?.partial_id;
                 let (r, dup) = self
                     .rt
-                    .block_on(engine.append(partial, Some(&service), commands, &key))
+                    .block_on(engine.append(partial, Appender::Declared(&service), commands, &key))
                     .map_err(|e| self.world.describe(&e))?;
                 let name = self.world.names().partial(partial);
                 let dup = if dup { " (duplicate)" } else { "" };

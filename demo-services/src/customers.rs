@@ -123,8 +123,7 @@ pub async fn run(common: Common) -> anyhow::Result<()> {
     let mut trees = TREES.to_vec();
     trees.push(DEBITS);
     let store = LocalStore::open(&common.data_dir, &trees)?;
-    let coordinator =
-        Coordinator::from_channel(tonic::transport::Endpoint::from_shared(common.coordinator.clone())?.connect_lazy());
+    let coordinator = Coordinator::from_channel(common.tls.channel(&common.coordinator)?);
     let participant = Arc::new(CustomersParticipant);
     let shutdown = crate::runtime::shutdown_on_signal();
     let reconciler = Reconciler::new(
@@ -136,6 +135,6 @@ pub async fn run(common: Common) -> anyhow::Result<()> {
     tokio::spawn(reconciler.run(Duration::from_millis(common.reconcile_period_ms), shutdown.clone()));
     let api = CustomersApi { store: store.clone(), coordinator };
     let routes = tonic::service::Routes::new(CustomersServer::with_interceptor(api, ExtractInterceptor))
-        .add_service(ParticipantService::new(store, participant).into_server());
+        .add_service(common.tls.participant(ParticipantService::new(store, participant)).into_server());
     serve(SERVICE, &["shop.v1.Customers", "tcc.v1.Participant"], &common, routes, shutdown).await
 }

@@ -21,6 +21,7 @@
 pub mod customers;
 pub mod inventory;
 pub mod orders;
+pub mod pki;
 pub mod runtime;
 pub mod shop;
 

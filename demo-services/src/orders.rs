@@ -108,11 +108,10 @@ impl pb::orders_server::Orders for OrdersApi {
 /// Runs the orders service until a signal.
 pub async fn run(common: Common) -> anyhow::Result<()> {
     let store = LocalStore::open(&common.data_dir, &[ORDERS])?;
-    let coordinator =
-        Coordinator::from_channel(tonic::transport::Endpoint::from_shared(common.coordinator.clone())?.connect_lazy());
+    let coordinator = Coordinator::from_channel(common.tls.channel(&common.coordinator)?);
     let shutdown = crate::runtime::shutdown_on_signal();
     let api = OrdersApi { store: store.clone(), coordinator };
     let routes = tonic::service::Routes::new(OrdersServer::with_interceptor(api, ExtractInterceptor))
-        .add_service(ParticipantService::new(store, Arc::new(OrdersParticipant)).into_server());
+        .add_service(common.tls.participant(ParticipantService::new(store, Arc::new(OrdersParticipant))).into_server());
     serve(SERVICE, &["shop.v1.Orders", "tcc.v1.Participant"], &common, routes, shutdown).await
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tcc_domain_sdk::registration::Registration;
+use tcc_domain_sdk::tls::Tls;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
+use tonic::transport::Channel;
 
 /// Flags of a domain service.
 #[derive(Clone, Debug, clap::Args)]
@@ -36,6 +38,55 @@ pub struct Common {
     /// How long after its deadline a hold counts as overdue, in ms.
     #[arg(long, default_value_t = 5_000)]
     pub reconcile_grace_ms: u64,
+    /// Mutual TLS.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Mutual TLS flags: all three, or none for plaintext.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct TlsArgs {
+    /// This service's certificate (PEM); it names the service.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signs every identity, the coordinator's included.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// The identity of the coordinator: the only client allowed to call
+    /// phase 2 (with TLS).
+    #[arg(long, default_value = "tcc-coordinator")]
+    pub coordinator_identity: String,
+}
+
+impl TlsArgs {
+    /// The TLS material, if configured.
+    pub fn load(&self) -> anyhow::Result<Option<Tls>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(Tls::from_files(cert, key, ca)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A lazy channel to `url`, over mutual TLS when configured.
+    pub fn channel(&self, url: &str) -> anyhow::Result<Channel> {
+        let endpoint = match self.load()? {
+            Some(tls) => tls.endpoint(url)?,
+            None => tonic::transport::Endpoint::from_shared(url.to_string())?,
+        };
+        Ok(endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy())
+    }
+
+    /// `service`, accepting phase-2 calls only from the coordinator when
+    /// TLS is on.
+    pub fn participant<P: tcc_domain_sdk::Participant>(
+        &self,
+        service: tcc_domain_sdk::ParticipantService<P>,
+    ) -> tcc_domain_sdk::ParticipantService<P> {
+        if self.tls_cert.is_some() { service.only_from(self.coordinator_identity.clone()) } else { service }
+    }
 }
 
 /// Turns a binary's result into its exit code, printing the error chain.
@@ -96,13 +147,12 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", common.listen))?;
     let addr = listener.local_addr()?;
+    let tls = common.tls.load()?;
     let registration = if common.no_register {
         None
     } else {
-        let channel = tonic::transport::Endpoint::from_shared(common.coordinator.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        let endpoint = format!("http://{addr}");
+        let channel = common.tls.channel(&common.coordinator)?;
+        let endpoint = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
         let reg = Registration::start(channel, name, &endpoint, Duration::from_millis(common.lease_ms))
             .await
             .with_context(|| format!("cannot register with the coordinator at {}", common.coordinator))?;
@@ -123,7 +173,11 @@ pub async fn serve(
     let reflection = reflection.build_v1()?;
     println!("{name} listening on {addr}");
     tracing::info!(%addr, service = name, "serving");
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder.tls_config(tls.server())?;
+    }
+    let result = builder
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)

@@ -10,7 +10,7 @@ use tcc_domain_sdk::composite::RunError;
 use tcc_domain_sdk::propagation::{PropagateInterceptor, within};
 use tcc_domain_sdk::{Coordinator, proto::TransactionState};
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::check_id;
@@ -44,6 +44,9 @@ pub struct ShopArgs {
     /// How long PlaceOrder waits for the commits/rollbacks, in ms.
     #[arg(long, default_value_t = 10_000)]
     pub wait_ms: u64,
+    /// Mutual TLS, to the coordinator and the services and for its own API.
+    #[command(flatten)]
+    pub tls: crate::runtime::TlsArgs,
 }
 
 type Traced = InterceptedService<Channel, PropagateInterceptor>;
@@ -58,13 +61,10 @@ pub struct ShopApi {
     wait: Duration,
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy())
-}
-
 impl ShopApi {
     /// Clients to the coordinator and the three services.
     pub fn new(args: &ShopArgs) -> anyhow::Result<Self> {
+        let channel = |url: &str| args.tls.channel(url);
         Ok(ShopApi {
             coordinator: Coordinator::from_channel(channel(&args.coordinator)?),
             customers: CustomersClient::with_interceptor(channel(&args.customers)?, PropagateInterceptor),
@@ -154,6 +154,7 @@ pub async fn run(args: ShopArgs) -> anyhow::Result<()> {
         no_register: true, // a composite service is not a participant
         reconcile_period_ms: 0,
         reconcile_grace_ms: 0,
+        tls: args.tls.clone(),
     };
     crate::runtime::serve("shop", &["shop.v1.Shop"], &common, routes, shutdown).await
 }

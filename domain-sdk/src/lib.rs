@@ -89,6 +89,7 @@ pub mod propagation;
 pub mod publisher;
 pub mod registration;
 pub mod reservations;
+pub mod tls;
 
 pub use composite::{CompositeTransaction, Coordinator, Outcome};
 pub use error::{Error, Result};

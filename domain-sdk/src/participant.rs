@@ -297,12 +297,23 @@ fn apply_in_transaction<P: Participant>(
 pub struct ParticipantService<P> {
     store: LocalStore,
     participant: Arc<P>,
+    only_from: Option<String>,
 }
 
 impl<P: Participant> ParticipantService<P> {
     /// A service applying calls to `store` through `participant`.
     pub fn new(store: LocalStore, participant: Arc<P>) -> Self {
-        ParticipantService { store, participant }
+        ParticipantService { store, participant, only_from: None }
+    }
+
+    /// Accepts phase-2 calls only from a client whose verified certificate
+    /// names `coordinator` (served over mutual TLS, see [`crate::tls`]):
+    /// a Commit carries the commands to apply, so no other holder of a
+    /// certificate from the CA may send one. Others get PERMISSION_DENIED
+    /// (or UNAUTHENTICATED without a certificate) and nothing is applied.
+    pub fn only_from(mut self, coordinator: impl Into<String>) -> Self {
+        self.only_from = Some(coordinator.into());
+        self
     }
 
     /// The tonic server for it, accepting the largest messages the
@@ -318,6 +329,26 @@ impl<P: Participant> ParticipantService<P> {
         phase: Phase,
         request: Request<v1::PhaseTwoRequest>,
     ) -> Result<Response<v1::PhaseTwoResponse>, Status> {
+        if let Some(expected) = &self.only_from {
+            match crate::tls::caller_identity(&request) {
+                Some(Ok(name)) if name == *expected => {}
+                Some(Ok(name)) => {
+                    tracing::warn!(caller = %name, %expected, ?phase, "phase-2 call refused: not from the coordinator");
+                    return Err(Status::permission_denied(format!(
+                        "identity {name:?} may not call phase 2 here: only the coordinator {expected:?} may"
+                    )));
+                }
+                Some(Err(why)) => {
+                    return Err(Status::unauthenticated(format!("the client certificate names no identity: {why}")));
+                }
+                None => {
+                    tracing::warn!(%expected, ?phase, "phase-2 call refused: no client certificate");
+                    return Err(Status::unauthenticated(format!(
+                        "phase 2 here needs the client certificate of the coordinator {expected:?}"
+                    )));
+                }
+            }
+        }
         let call = Arc::new(PhaseTwo::from(request.into_inner()));
         if call.partial_id.is_empty() || call.partial_id.len() > 64 {
             return Err(Status::invalid_argument("partial_id is missing or too long"));

@@ -13,6 +13,7 @@ pub mod v1 {
 }
 
 pub mod codec;
+pub mod identity;
 
 /// The encoded `FileDescriptorSet` of `tcc.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tcc_descriptor");

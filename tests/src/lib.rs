@@ -536,6 +536,7 @@ struct Shared {
 pub struct TestParticipant {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    scheme: &'static str,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -595,6 +596,21 @@ impl Participant for Service {
 impl TestParticipant {
     /// Starts serving on an ephemeral loopback port.
     pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts serving over TLS with `tls` (its certificate names the
+    /// service it answers as; see `tcc_domain_sdk::tls`).
+    pub async fn start_tls(tls: tonic::transport::ServerTlsConfig) -> Result<Self> {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (changed, _) = watch::channel(0);
@@ -602,7 +618,7 @@ impl TestParticipant {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let svc = ParticipantServer::new(Service(shared.clone()));
         let server = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -612,12 +628,12 @@ impl TestParticipant {
                 )
                 .await;
         });
-        Ok(TestParticipant { shared, addr, stop: Some(stop), server: Some(server) })
+        Ok(TestParticipant { shared, addr, scheme, stop: Some(stop), server: Some(server) })
     }
 
     /// Its endpoint URI.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Answer UNAVAILABLE to the next `n` calls.
@@ -707,6 +723,19 @@ pub async fn start_noop_participant() -> Result<String> {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     Ok(format!("http://{addr}"))
+}
+
+/// [`start_noop_participant`] serving over TLS with `tls`.
+pub async fn start_noop_participant_tls(tls: tonic::transport::ServerTlsConfig) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)?
+            .add_service(ParticipantServer::new(Noop).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    Ok(format!("https://{addr}"))
 }
 
 /// Polls `probe` every 20 ms until it returns `Some`, for at most `limit`.

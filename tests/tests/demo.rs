@@ -2,7 +2,8 @@
 //! the services it serves and reports each as SERVING; `shop-demo` stops
 //! on SIGINT without a warning (the services deregister before the
 //! coordinator stops), and a second `shop-demo` on the same data says why
-//! it cannot start, at once.
+//! it cannot start, at once. `shop-demo --tls` runs the whole shop over
+//! mutual TLS with a policy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -70,10 +71,15 @@ async fn each_shop_service_lists_and_reports_what_it_serves() -> Result<()> {
 /// Starts `shop-demo` on `data` and `port`; returns it once the shop is
 /// open (or its exit, if it ends first), with its output so far.
 async fn shop_demo(data: &std::path::Path, port: u16) -> Result<(tokio::process::Child, String)> {
+    shop_demo_with(data, port, &[]).await
+}
+
+async fn shop_demo_with(data: &std::path::Path, port: u16, extra: &[&str]) -> Result<(tokio::process::Child, String)> {
     let mut child = tokio::process::Command::new(binary("shop-demo"))
         .arg("--data-dir")
         .arg(data)
         .args(["--port", &port.to_string()])
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -128,5 +134,58 @@ async fn shop_demo_stops_cleanly_and_a_second_one_says_why_it_cannot_start() -> 
     assert!(status.success(), "{status:?}\n{stderr}");
     assert!(!stderr.contains("deregistration failed"), "{stderr}");
     assert!(!stderr.contains("WARN") && !stderr.contains("ERROR"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_shop_demo_runs_entirely_over_mutual_tls() -> Result<()> {
+    use tcc_demo_services::pb::{self, customers_client::CustomersClient, shop_client::ShopClient};
+    use tcc_proto::v1::{PhaseTwoRequest, participant_client::ParticipantClient};
+
+    let dir = tempfile::tempdir()?;
+    let port = five_free_ports()?;
+    let (mut demo, seen) = shop_demo_with(dir.path(), port, &["--tls"]).await?;
+    assert!(seen.contains("over mutual TLS"), "{seen}");
+    let tls = dir.path().join("tls");
+    let ops = tcc_domain_sdk::tls::Tls::from_files(&tls.join("ops.pem"), &tls.join("ops.key"), &tls.join("ca.pem"))?;
+    let url = |offset: u16| format!("https://127.0.0.1:{}", port + offset);
+
+    // An order goes through: the shop begins over TLS, the services append
+    // over TLS, and the coordinator delivers phase 2 over TLS to them.
+    let mut shop = ShopClient::new(ops.endpoint(&url(4))?.connect().await?);
+    let line = pb::Line { sku: "book".into(), quantity: 2 };
+    let order = pb::PlaceOrderRequest { customer: "alice".into(), items: vec![line] };
+    let placed = shop.place_order(order).await?.into_inner();
+    assert_eq!(placed.state, "TRANSACTION_STATE_CONFIRMED", "{placed:?}");
+    let mut customers = CustomersClient::new(ops.endpoint(&url(1))?.connect().await?);
+    let alice = customers.get_account(pb::GetAccountRequest { customer: "alice".into() }).await?.into_inner();
+    assert_eq!((alice.available, alice.held, alice.debited), (70, 0, 30), "{alice:?}");
+
+    // Nothing is served in plaintext.
+    for offset in 0..5 {
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", port + offset))?;
+        let answered = match plain.connect().await {
+            Ok(channel) => HealthClient::new(channel).check(HealthCheckRequest::default()).await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!answered, "port {} answered in plaintext", port + offset);
+    }
+    // Phase 2 is accepted from the coordinator only: an operator's valid
+    // certificate cannot make a service apply commands.
+    let mut participant = ParticipantClient::new(ops.endpoint(&url(1))?.connect().await?);
+    let forged = PhaseTwoRequest {
+        transaction_id: placed.transaction_id.clone(),
+        partial_id: "forged".into(),
+        service: "customers".into(),
+        commands: Vec::new(),
+    };
+    let refused = participant.commit(forged).await.expect_err("a forged commit was accepted");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("\"ops\""), "{refused:?}");
+
+    let pid = demo.id().context("pid")?;
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    let status = tokio::time::timeout(Duration::from_secs(20), demo.wait()).await??;
+    assert!(status.success(), "{status:?}");
     Ok(())
 }

@@ -6,6 +6,7 @@ use tcc_proto::v1::{self, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::auth::Access;
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::TxnId;
@@ -13,12 +14,14 @@ use crate::model::TxnId;
 /// The Admin service.
 pub struct AdminApi {
     engine: Arc<Engine>,
+    access: Arc<Access>,
 }
 
 impl AdminApi {
-    /// A service over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        AdminApi { engine }
+    /// A service over `engine`; every call needs the admin role when
+    /// `access` enforces a policy.
+    pub fn new(engine: Arc<Engine>, access: Arc<Access>) -> Self {
+        AdminApi { engine, access }
     }
 }
 
@@ -28,6 +31,8 @@ impl Admin for AdminApi {
         &self,
         request: Request<v1::ListTransactionsRequest>,
     ) -> Result<Response<v1::ListTransactionsResponse>, Status> {
+        let caller = self.access.caller(&request, "Admin.ListTransactions")?;
+        self.access.admin(&caller, "Admin.ListTransactions")?;
         let req = request.into_inner();
         let mut states = Vec::new();
         for (i, raw) in req.states.iter().enumerate() {
@@ -44,9 +49,15 @@ impl Admin for AdminApi {
     }
 
     async fn retry(&self, request: Request<v1::RetryRequest>) -> Result<Response<v1::Transaction>, Status> {
+        let caller = self.access.caller(&request, "Admin.Retry")?;
+        self.access.admin(&caller, "Admin.Retry")?;
         let id = TxnId::parse("transaction_id", &request.into_inner().transaction_id)?;
         let txn = self.engine.retry(id).await?;
-        tracing::warn!(txn = %id, state = %txn.state, "operator retry");
+        let by = match &caller {
+            crate::auth::Caller::Known { name, .. } => name.as_str(),
+            crate::auth::Caller::Anyone => "-",
+        };
+        tracing::warn!(txn = %id, state = %txn.state, identity = by, "operator retry");
         Ok(Response::new(convert::transaction(&txn)))
     }
 }

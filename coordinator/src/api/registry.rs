@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tcc_proto::v1::{self, registry_server};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Access;
 use crate::clock::Clock;
 use crate::delivery::registry::Registry;
 
@@ -12,21 +13,30 @@ use crate::delivery::registry::Registry;
 pub struct RegistryApi {
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
+    access: Arc<Access>,
 }
 
 impl RegistryApi {
     /// A service over `registry`; `clock` turns lease durations into the
-    /// wall times `ListEndpoints` reports.
-    pub fn new(registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Self {
-        RegistryApi { registry, clock }
+    /// wall times `ListEndpoints` reports; `access` decides who may call.
+    pub fn new(registry: Arc<Registry>, clock: Arc<dyn Clock>, access: Arc<Access>) -> Self {
+        RegistryApi { registry, clock, access }
     }
 }
 
 #[tonic::async_trait]
 impl registry_server::Registry for RegistryApi {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        const RPC: &str = "Registry.Register";
+        let caller = self.access.caller(&request, RPC)?;
         let req = request.into_inner();
-        let ttl = self.registry.register(&req.service, &req.endpoint, req.ttl_ms).await?;
+        self.access.service(&caller, RPC, &req.service, false)?;
+        let quota = self.access.endpoint_quota(&caller);
+        let ttl =
+            self.registry.register(&req.service, &req.endpoint, req.ttl_ms, quota).await.map_err(|e| match e {
+                e @ crate::error::Error::LimitExceeded(_) => self.access.refuse(&caller, RPC, e),
+                e => e,
+            })?;
         tracing::debug!(service = %req.service, endpoint = %req.endpoint, ttl_ms = ttl.as_millis() as u64, "endpoint registered");
         Ok(Response::new(v1::RegisterResponse { ttl_ms: ttl.as_millis() as u64 }))
     }
@@ -35,7 +45,9 @@ impl registry_server::Registry for RegistryApi {
         &self,
         request: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
+        let caller = self.access.caller(&request, "Registry.Deregister")?;
         let req = request.into_inner();
+        self.access.service(&caller, "Registry.Deregister", &req.service, true)?;
         let removed = self.registry.deregister(&req.service, &req.endpoint).await?;
         tracing::info!(service = %req.service, endpoint = %req.endpoint, removed, "endpoint deregistered");
         Ok(Response::new(v1::DeregisterResponse { removed }))
@@ -45,6 +57,8 @@ impl registry_server::Registry for RegistryApi {
         &self,
         request: Request<v1::ListEndpointsRequest>,
     ) -> Result<Response<v1::ListEndpointsResponse>, Status> {
+        let caller = self.access.caller(&request, "Registry.ListEndpoints")?;
+        self.access.admin(&caller, "Registry.ListEndpoints")?;
         let req = request.into_inner();
         let now = self.clock.now_ms();
         let service = (!req.service.is_empty()).then_some(req.service.as_str());

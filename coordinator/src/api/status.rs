@@ -14,6 +14,8 @@ impl From<Error> for tonic::Status {
             Error::LimitExceeded(_) => tonic::Status::resource_exhausted(msg),
             Error::Conflict { .. } => tonic::Status::aborted(msg),
             Error::Unavailable(_) | Error::Fenced(_) => tonic::Status::unavailable(msg),
+            Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Corrupt { .. } => tonic::Status::data_loss(msg),
             Error::Storage(_) => tonic::Status::internal(msg),
         };

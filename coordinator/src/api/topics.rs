@@ -6,31 +6,44 @@ use tcc_proto::v1::{self, topics_server::Topics};
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::auth::{Access, Caller};
 use crate::engine::Engine;
+use crate::engine::topics::Appender;
 use crate::engine::validate::NewCommand;
 use crate::model::PartialId;
 
 /// The Topics service.
 pub struct TopicsApi {
     engine: Arc<Engine>,
+    access: Arc<Access>,
 }
 
 impl TopicsApi {
-    /// A service over `engine`.
-    pub fn new(engine: Arc<Engine>) -> Self {
-        TopicsApi { engine }
+    /// A service over `engine`, under `access`.
+    pub fn new(engine: Arc<Engine>, access: Arc<Access>) -> Self {
+        TopicsApi { engine, access }
     }
 }
 
 #[tonic::async_trait]
 impl Topics for TopicsApi {
     async fn append(&self, request: Request<v1::AppendRequest>) -> Result<Response<v1::AppendResponse>, Status> {
+        const RPC: &str = "Topics.Append";
+        let caller = self.access.caller(&request, RPC)?;
         let req = request.into_inner();
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
         let commands =
             req.commands.into_iter().map(|c| NewCommand { kind: c.r#type, key: c.key, payload: c.payload }).collect();
-        let service = (!req.service.is_empty()).then_some(req.service.as_str());
-        let (receipt, duplicate) = self.engine.append(partial, service, commands, &req.idempotency_key).await?;
+        let appender = match &caller {
+            Caller::Known { name, .. } => Appender::Identity(name),
+            Caller::Anyone if req.service.is_empty() => Appender::Anyone,
+            Caller::Anyone => Appender::Declared(&req.service),
+        };
+        let (receipt, duplicate) =
+            self.engine.append(partial, appender, commands, &req.idempotency_key).await.map_err(|e| match e {
+                e @ crate::error::Error::PermissionDenied(_) => self.access.refuse(&caller, RPC, e),
+                e => e,
+            })?;
         Ok(Response::new(v1::AppendResponse {
             first_sequence: receipt.first_sequence,
             last_sequence: receipt.last_sequence,
@@ -39,10 +52,12 @@ impl Topics for TopicsApi {
     }
 
     async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
+        let caller = self.access.caller(&request, "Topics.Read")?;
         let req = request.into_inner();
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
         let (txn, participant, commands) =
             self.engine.read_topic(partial, req.from_sequence, req.limit as usize).await?;
+        self.access.service(&caller, "Topics.Read", &participant.service, true)?;
         let next_sequence = match commands.last() {
             Some(last) if last.sequence < participant.command_count => last.sequence + 1,
             _ => 0,

@@ -12,7 +12,14 @@
 //! Any live instance may receive a call. [`Registry::pick`] rotates among
 //! healthy instances; an instance that fails at the transport level is
 //! marked down for a backoff period (1 s doubling to 30 s) and skipped while
-//! others are up. Channels are created lazily and reused per endpoint.
+//! others are up. Channels are created lazily and reused per service and
+//! endpoint.
+//!
+//! With TLS material that has a client CA ([`Tls::delivers_over_tls`]),
+//! only `https://` endpoints are accepted, and every channel verifies that
+//! the server's certificate names the service it is kept for (see
+//! [`crate::auth::tls`]); a channel is never shared between services, so
+//! an endpoint registered under two names is checked against each.
 
 use crate::lock;
 use std::collections::HashMap;
@@ -24,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::warn;
 
+use crate::auth::tls::Tls;
 use crate::clock::Clock;
 use crate::config::fixed;
 use crate::engine::validate;
@@ -65,9 +73,11 @@ pub struct EndpointInfo {
 /// The endpoint registry. See the module docs.
 pub struct Registry {
     services: Mutex<HashMap<String, Vec<Instance>>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// By (service, endpoint).
+    channels: Mutex<HashMap<(String, String), Channel>>,
     next: AtomicUsize,
     connect_timeout: Duration,
+    tls: Option<Arc<Tls>>,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     /// Registrations and deregistrations made through this registry (see
@@ -115,6 +125,7 @@ impl Registry {
     pub fn new(
         static_entries: &[String],
         connect_timeout: Duration,
+        tls: Option<Arc<Tls>>,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
@@ -123,6 +134,7 @@ impl Registry {
             channels: Mutex::default(),
             next: AtomicUsize::new(0),
             connect_timeout,
+            tls,
             store,
             clock,
             changes: AtomicUsize::new(0),
@@ -133,9 +145,20 @@ impl Registry {
             };
             validate::service_name("participant service", service)?;
             parse_endpoint(uri)?;
+            reg.check_scheme(uri)?;
             reg.upsert(service, uri, None);
         }
         Ok(reg)
+    }
+
+    /// Over TLS, only https:// endpoints.
+    fn check_scheme(&self, endpoint: &str) -> Result<()> {
+        if self.tls.as_ref().is_some_and(|t| t.delivers_over_tls()) && !endpoint.starts_with("https://") {
+            return Err(Error::invalid(format!(
+                "endpoint {endpoint:?} is plaintext; this coordinator calls participants over TLS only (--tls-client-ca): give an https:// endpoint"
+            )));
+        }
+        Ok(())
     }
 
     fn upsert(&self, service: &str, endpoint: &str, expires: Option<i64>) {
@@ -174,10 +197,13 @@ impl Registry {
     }
 
     /// Registers or renews `endpoint` for `service` with a lease of `ttl_ms`
-    /// (0 = default), durably. Returns the lease granted.
-    pub async fn register(&self, service: &str, endpoint: &str, ttl_ms: u64) -> Result<Duration> {
+    /// (0 = default), durably. Returns the lease granted. With `quota`, the
+    /// service may have at most that many registered endpoints (its
+    /// identity's quota; renewing one it has is always allowed).
+    pub async fn register(&self, service: &str, endpoint: &str, ttl_ms: u64, quota: Option<usize>) -> Result<Duration> {
         validate::service_name("service", service)?;
         parse_endpoint(endpoint)?;
+        self.check_scheme(endpoint)?;
         let ttl = if ttl_ms == 0 { fixed::DEFAULT_LEASE_MS } else { ttl_ms };
         if !(fixed::MIN_LEASE_MS..=fixed::MAX_LEASE_MS).contains(&ttl) {
             return Err(Error::invalid(format!(
@@ -198,8 +224,18 @@ impl Registry {
                     fixed::MAX_SERVICES
                 )));
             }
-            if let Some(list) = known {
-                if list.len() >= fixed::MAX_INSTANCES_PER_SERVICE && !list.iter().any(|i| i.endpoint == endpoint) {
+            if let Some(list) = known
+                && !list.iter().any(|i| i.endpoint == endpoint)
+            {
+                let registered = list.iter().filter(|i| i.expires.is_some()).count();
+                if let Some(quota) = quota
+                    && registered >= quota
+                {
+                    return Err(Error::LimitExceeded(format!(
+                        "identity {service:?} has {registered} endpoints registered; its quota is {quota} (max_endpoints_per_identity in the policy)"
+                    )));
+                }
+                if list.len() >= fixed::MAX_INSTANCES_PER_SERVICE {
                     return Err(Error::LimitExceeded(format!(
                         "service {service:?} has {} instances registered; the limit is {}",
                         list.len(),
@@ -248,7 +284,7 @@ impl Registry {
         }
         services.retain(|_, list| !list.is_empty());
         let mut channels = lock(&self.channels);
-        channels.retain(|ep, _| services.values().flatten().any(|i| &i.endpoint == ep));
+        channels.retain(|(service, ep), _| services.get(service).is_some_and(|l| l.iter().any(|i| &i.endpoint == ep)));
     }
 
     /// Every known instance, ordered by service and endpoint; expired leases
@@ -292,18 +328,27 @@ impl Registry {
                 healthy[n % healthy.len()].endpoint.clone()
             }
         };
-        let channel = self.channel(&endpoint)?;
+        let channel = self.channel(service, &endpoint)?;
         Some((endpoint, channel))
     }
 
-    fn channel(&self, endpoint: &str) -> Option<Channel> {
+    fn channel(&self, service: &str, endpoint: &str) -> Option<Channel> {
+        let key = (service.to_string(), endpoint.to_string());
         let mut channels = lock(&self.channels);
-        if let Some(c) = channels.get(endpoint) {
+        if let Some(c) = channels.get(&key) {
             return Some(c.clone());
         }
-        let ep = parse_endpoint(endpoint).ok()?.connect_timeout(self.connect_timeout).tcp_nodelay(true);
-        let channel = ep.connect_lazy();
-        channels.insert(endpoint.to_string(), channel.clone());
+        let channel = match &self.tls {
+            Some(tls) if tls.delivers_over_tls() => {
+                // The connector does TLS itself (tonic would wrap an https
+                // URI in its own TLS, which cannot check the identity).
+                let plain = endpoint.replacen("https://", "http://", 1);
+                let ep = parse_endpoint(&plain).ok()?.connect_timeout(self.connect_timeout);
+                ep.connect_with_connector_lazy(connector(tls.clone(), service))
+            }
+            _ => parse_endpoint(endpoint).ok()?.connect_timeout(self.connect_timeout).tcp_nodelay(true).connect_lazy(),
+        };
+        channels.insert(key, channel.clone());
         Some(channel)
     }
 
@@ -322,6 +367,40 @@ impl Registry {
             }
         }
     }
+}
+
+/// Connects to a participant of `service` over TLS, with the current TLS
+/// material at each connection (so rotated certificates are used as soon
+/// as they load).
+fn connector(
+    tls: Arc<Tls>,
+    service: &str,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let service = service.to_string();
+    tower::service_fn(move |uri: http::Uri| {
+        let (tls, service) = (tls.clone(), service.clone());
+        async move {
+            use std::io::{Error as IoError, ErrorKind};
+            let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let config = tls
+                .participant_config(&service)
+                .ok_or_else(|| IoError::other("no TLS client configuration for phase-2 calls"))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| IoError::new(ErrorKind::InvalidInput, format!("{host:?}: {e}")))?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
 }
 
 /// On a store shared by several coordinators, reads the registrations
@@ -352,7 +431,7 @@ mod tests {
     use crate::store::memory::MemStore;
 
     fn on(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> Registry {
-        match Registry::new(&["orders=http://127.0.0.1:7001".into()], Duration::from_secs(1), store, clock) {
+        match Registry::new(&["orders=http://127.0.0.1:7001".into()], Duration::from_secs(1), None, store, clock) {
             Ok(r) => r,
             Err(e) => panic!("{e}"),
         }
@@ -366,15 +445,18 @@ mod tests {
     fn static_entries_are_validated() {
         for bad in ["orders", "orders=127.0.0.1:1", "or ders=http://127.0.0.1:1", "orders=http://host"] {
             let (store, clock) = (Arc::new(MemStore::new()), Arc::new(ManualClock::at(0)));
-            assert!(Registry::new(&[bad.into()], Duration::from_secs(1), store, clock).is_err(), "{bad} accepted");
+            assert!(
+                Registry::new(&[bad.into()], Duration::from_secs(1), None, store, clock).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 
     #[tokio::test]
     async fn register_renew_deregister_and_rotation() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok());
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok(), "renewal");
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok(), "renewal");
         assert_eq!(r.list(Some("orders")).len(), 2);
         let picks: std::collections::HashSet<String> =
             (0..4).filter_map(|_| r.pick("orders").map(|(e, _)| e)).collect();
@@ -388,7 +470,7 @@ mod tests {
     #[tokio::test]
     async fn an_instance_that_fails_is_skipped_while_another_is_up() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000).await.is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok());
         r.report("http://127.0.0.1:7001", false);
         for _ in 0..4 {
             assert_eq!(r.pick("orders").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7002"));
@@ -403,27 +485,27 @@ mod tests {
     async fn registrations_are_bounded_and_pruned() {
         let r = reg();
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
-            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000).await.is_ok());
+            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000, None).await.is_ok());
         }
-        let over = r.register("many", "http://127.0.0.1:9999", 5_000).await;
+        let over = r.register("many", "http://127.0.0.1:9999", 5_000, None).await;
         assert!(matches!(over, Err(Error::LimitExceeded(_))), "{over:?}");
-        assert!(r.register("many", "http://127.0.0.1:10000", 5_000).await.is_ok(), "renewing stays allowed");
+        assert!(r.register("many", "http://127.0.0.1:10000", 5_000, None).await.is_ok(), "renewing stays allowed");
         let _ = r.pick("many");
         assert_eq!(lock(&r.channels).len(), 1, "one pick, one channel");
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
             assert!(r.deregister("many", &format!("http://127.0.0.1:{}", 10_000 + i)).await.unwrap_or(false));
         }
-        assert!(r.register("many", "http://127.0.0.1:9999", 5_000).await.is_ok(), "room again");
+        assert!(r.register("many", "http://127.0.0.1:9999", 5_000, None).await.is_ok(), "room again");
         assert_eq!(lock(&r.channels).len(), 0, "channels of removed instances dropped");
     }
 
     #[tokio::test]
     async fn bad_registrations_are_refused() {
         let r = reg();
-        assert!(r.register("", "http://127.0.0.1:1", 0).await.is_err());
-        assert!(r.register("a", "ftp://x:1", 0).await.is_err());
-        assert!(r.register("a", "http://127.0.0.1:1", 10).await.is_err(), "lease too short");
-        assert!(r.register("a", "http://127.0.0.1:1", 0).await.is_ok());
+        assert!(r.register("", "http://127.0.0.1:1", 0, None).await.is_err());
+        assert!(r.register("a", "ftp://x:1", 0, None).await.is_err());
+        assert!(r.register("a", "http://127.0.0.1:1", 10, None).await.is_err(), "lease too short");
+        assert!(r.register("a", "http://127.0.0.1:1", 0, None).await.is_ok());
     }
 
     #[tokio::test]
@@ -431,8 +513,8 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let clock = Arc::new(ManualClock::at(1_000_000));
         let first = on(store.clone(), clock.clone());
-        assert!(first.register("bank", "http://127.0.0.1:7100", 5_000).await.is_ok());
-        assert!(first.register("bank", "http://127.0.0.1:7101", 60_000).await.is_ok());
+        assert!(first.register("bank", "http://127.0.0.1:7100", 5_000, None).await.is_ok());
+        assert!(first.register("bank", "http://127.0.0.1:7101", 60_000, None).await.is_ok());
         drop(first);
 
         // A restart: a new registry on the same store.
@@ -541,7 +623,7 @@ mod tests {
             async move { r.load().await }
         });
         store.read.notified().await; // the load read the store: no registration yet
-        assert!(r.register("bank", "http://127.0.0.1:7100", 60_000).await.is_ok());
+        assert!(r.register("bank", "http://127.0.0.1:7100", 60_000, None).await.is_ok());
         store.go.notify_one();
         assert!(matches!(loading.await, Ok(Ok(()))));
         assert_eq!(r.pick("bank").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7100"), "still registered");

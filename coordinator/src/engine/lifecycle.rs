@@ -22,14 +22,16 @@ pub struct DeliveryPlan {
 }
 
 impl Engine {
-    /// Begins a transaction for `services` with `timeout_ms` (0 = default).
-    pub async fn begin(&self, services: Vec<String>, timeout_ms: u64) -> Result<TxnRecord> {
+    /// Begins a transaction for `services` with `timeout_ms` (0 = default),
+    /// owned by the identity `owner` (empty when the coordinator runs open).
+    pub async fn begin(&self, services: Vec<String>, timeout_ms: u64, owner: String) -> Result<TxnRecord> {
         validate::participants(&self.limits, &services)?;
         let timeout = validate::timeout_ms(&self.limits, timeout_ms)?;
         let now = self.clock.now_ms();
         let parts = services.into_iter().map(|s| ParticipantRecord::new(s, self.entropy.partial_id())).collect();
         let mut txn = TxnRecord::new(self.entropy.txn_id(now), parts, now, now.saturating_add(timeout as i64));
         txn.version = 1;
+        txn.owner = owner;
         self.store.create_txn(&txn).await?;
         crate::metrics::begun();
         self.remember_partials(txn.id, txn.participants.iter().map(|p| p.partial_id));

@@ -16,14 +16,27 @@ use crate::model::{AppendReceipt, CommandRecord, Event, PartialId, ParticipantRe
 use crate::store::AppendBatch;
 use validate::NewCommand;
 
+/// Who appends, as far as the partial's service is concerned.
+#[derive(Clone, Copy, Debug)]
+pub enum Appender<'a> {
+    /// Not said: any partial.
+    Anyone,
+    /// The request says it comes from this service (`AppendRequest.service`):
+    /// a partial of another service is INVALID_ARGUMENT.
+    Declared(&'a str),
+    /// The caller's authenticated identity: a partial of another service is
+    /// PERMISSION_DENIED.
+    Identity(&'a str),
+}
+
 impl Engine {
     /// Appends a batch to a partial topic. Returns the receipt and whether it
     /// was a duplicate of an earlier append with the same idempotency key.
-    /// With `service`, the partial must belong to that participant service.
+    /// The partial must belong to the service `appender` names, if any.
     pub async fn append(
         &self,
         partial: PartialId,
-        service: Option<&str>,
+        appender: Appender<'_>,
         commands: Vec<NewCommand>,
         idempotency_key: &str,
     ) -> Result<(AppendReceipt, bool)> {
@@ -64,13 +77,19 @@ impl Engine {
                 let idx = guard
                     .participant_index(partial)
                     .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
-                if let Some(service) = service {
-                    let owner = &guard.participants[idx].service;
-                    if owner != service {
+                let owner = &guard.participants[idx].service;
+                match appender {
+                    Appender::Declared(service) if owner != service => {
                         return Err(Error::invalid(format!(
                             "partial transaction {partial} belongs to service {owner:?}, not {service:?}"
                         )));
                     }
+                    Appender::Identity(name) if owner != name => {
+                        return Err(Error::PermissionDenied(format!(
+                            "identity {name:?} may not call Topics.Append on partial transaction {partial}: it belongs to service {owner:?}, and a service appends only to its own partials"
+                        )));
+                    }
+                    _ => {}
                 }
                 if let Some(key) = key
                     && let Some(r) = self.store.find_receipt(partial, key).await?

@@ -159,9 +159,41 @@ pub struct TxnRecord {
     pub finished_ms: i64,
     /// Why it was cancelled; empty otherwise.
     pub reason: String,
+    /// The identity that began it (see `auth`), empty when the coordinator
+    /// ran without authorization. Encoded after the rest of the record by
+    /// [`TxnRecord::encode`], so records written before owners existed
+    /// still read (as unowned).
+    #[serde(skip)]
+    pub owner: String,
 }
 
 impl TxnRecord {
+    /// The stored encoding (without the version, which the store keeps
+    /// beside it): postcard of the record, then, when it has an owner,
+    /// postcard of the owner.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut out = postcard::to_stdvec(self).map_err(|e| format!("cannot encode record: {e}"))?;
+        if !self.owner.is_empty() {
+            out.extend(postcard::to_stdvec(&self.owner).map_err(|e| format!("cannot encode record: {e}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Reads what [`TxnRecord::encode`] wrote; `bytes` must hold exactly
+    /// that. The version is left at 0 for the store to set.
+    pub fn decode(bytes: &[u8]) -> Result<TxnRecord, String> {
+        let (mut txn, tail): (TxnRecord, _) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+        if !tail.is_empty() {
+            let (owner, rest): (String, _) =
+                postcard::take_from_bytes(tail).map_err(|e| format!("unreadable owner: {e}"))?;
+            if !rest.is_empty() || owner.is_empty() {
+                return Err(format!("{} trailing bytes", tail.len()));
+            }
+            txn.owner = owner;
+        }
+        Ok(txn)
+    }
+
     /// A new ACTIVE transaction.
     pub fn new(id: TxnId, participants: Vec<ParticipantRecord>, now_ms: i64, deadline_ms: i64) -> Self {
         TxnRecord {
@@ -174,6 +206,7 @@ impl TxnRecord {
             decided_ms: 0,
             finished_ms: 0,
             reason: String::new(),
+            owner: String::new(),
         }
     }
 
@@ -238,4 +271,30 @@ pub struct Registration {
     pub endpoint: String,
     /// When the lease ends unless renewed (unix ms).
     pub expires_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TxnRecord {
+        TxnRecord::new(TxnId::new(), vec![ParticipantRecord::new("a".into(), PartialId::new())], 1, 2)
+    }
+
+    #[test]
+    fn owner_is_encoded_after_the_record_and_old_records_read_unowned() -> Result<(), String> {
+        let mut t = record();
+        // A record written before owners existed is exactly postcard(t).
+        let old = postcard::to_stdvec(&t).map_err(|e| e.to_string())?;
+        assert_eq!(t.encode()?, old);
+        assert_eq!(TxnRecord::decode(&old)?.owner, "");
+        t.owner = "shop".into();
+        let new = t.encode()?;
+        assert_eq!(TxnRecord::decode(&new)?, t);
+        // Anything after the owner is damage, not ignored.
+        let mut longer = new.clone();
+        longer.push(0);
+        assert!(TxnRecord::decode(&longer).is_err());
+        Ok(())
+    }
 }

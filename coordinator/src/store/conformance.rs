@@ -137,7 +137,17 @@ pub async fn create_get_update_round_trip<H: Harness>(h: &H) -> Result<()> {
     step(&mut t, Event::Delivered { participant: 0 }, 3_500)?;
     s.update_txn(&t, None).await?;
     check(s.get_txn(t.id).await? == Some(t.clone()), "second update reads back")?;
-    check(s.get_txn(TxnId::new()).await?.is_none(), "missing txn is None")
+    check(s.get_txn(TxnId::new()).await?.is_none(), "missing txn is None")?;
+    // The owner (who began it) is kept, through updates and a reopen.
+    let mut owned = txn(&["a"]);
+    owned.owner = "shop".into();
+    s.create_txn(&owned).await?;
+    step(&mut owned, Event::Cancel { reason: "r".into() }, 3_000)?;
+    s.update_txn(&owned, None).await?;
+    drop(s);
+    let s = h.open().await?;
+    check(s.get_txn(owned.id).await?.map(|b| b.owner) == Some("shop".into()), "owner reads back after reopen")?;
+    check(s.get_txn(t.id).await?.map(|b| b.owner) == Some(String::new()), "no owner reads back as none")
 }
 
 /// Every participant's partial id, including enlisted ones, finds its txn.

@@ -197,7 +197,7 @@ impl Columns {
             deadline: (txn.state == TxnState::Active).then_some(txn.deadline_ms),
             due: txn.delivery_due_ms(),
             finished: txn.state.is_finished().then_some(txn.finished_ms),
-            record: postcard::to_stdvec(txn).map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?,
+            record: txn.encode().map_err(Error::Storage)?,
         })
     }
 }
@@ -759,10 +759,7 @@ fn decode_txn(id: TxnId, row: &tokio_postgres::Row) -> Result<TxnRecord> {
     let version: i64 = row.try_get(0).map_err(read_error)?;
     let bytes: &[u8] = row.try_get(1).map_err(read_error)?;
     let corrupt = |cause: String| Error::Corrupt { key: format!("transaction {id}"), cause };
-    let (mut txn, tail): (TxnRecord, _) = postcard::take_from_bytes(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if !tail.is_empty() {
-        return Err(corrupt(format!("{} trailing bytes", tail.len())));
-    }
+    let mut txn = TxnRecord::decode(bytes).map_err(corrupt)?;
     if txn.id != id {
         return Err(corrupt(format!("the record holds id {}", txn.id)));
     }

@@ -456,13 +456,15 @@ fn conflict(key: &[u8], expected: u64, found: u64) -> Error {
 fn encode_txn(txn: &TxnRecord) -> Result<Vec<u8>> {
     let mut out = vec![FORMAT_VERSIONED];
     out.extend_from_slice(&txn.version.to_le_bytes());
-    postcard::to_io(txn, &mut out).map_err(|e| Error::Storage(format!("cannot encode record: {e}")))?;
+    out.extend(txn.encode().map_err(Error::Storage)?);
     Ok(out)
 }
 
 fn decode_txn(key: &[u8], value: &[u8]) -> Result<TxnRecord> {
     let decoded = match value.split_first() {
-        Some((&FORMAT_VERSIONED, rest)) if rest.len() >= 8 => take_all(&rest[8..]).map(|t| (t, version_of(value))),
+        Some((&FORMAT_VERSIONED, rest)) if rest.len() >= 8 => {
+            TxnRecord::decode(&rest[8..]).map(|t| (t, version_of(value)))
+        }
         // Written before records carried versions: the first version.
         Some((&FORMAT, _)) => decode(value).map(|t| (t, 1)),
         Some((v, _)) => Err(format!("unknown format version {v} or truncated header")),

@@ -640,6 +640,8 @@ impl World {
             Error::Conflict { .. } => "ABORTED",
             Error::Unavailable(_) | Error::Fenced(_) => "UNAVAILABLE",
             Error::Corrupt { .. } => "DATA_LOSS",
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::PermissionDenied(_) => "PERMISSION_DENIED",
             Error::Storage(_) => "INTERNAL",
         };
         format!("{kind}: {}", self.rename(&e.to_string()))

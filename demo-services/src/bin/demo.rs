@@ -2,6 +2,12 @@
 //! four shop services on consecutive ports (each service with its own
 //! data directory under `--data-dir`), seeds customers and items on first
 //! start, prints what to try, and stops everything on Ctrl-C.
+//!
+//! With `--tls`, everything runs over mutual TLS: a demo CA and one
+//! certificate per identity are made in `DATA_DIR/tls` on first start
+//! (kept after), the coordinator enforces a policy (`shop` is the only
+//! composite, `ops` the only admin, each service acts only on its own
+//! partials and endpoints), and only the coordinator may call phase 2.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tcc_demo_services::pb::{self, customers_client::CustomersClient, inventory_client::InventoryClient};
-use tcc_demo_services::runtime::{Common, exit_code, init_tracing};
+use tcc_demo_services::pki::{Options, Pki};
+use tcc_demo_services::runtime::{Common, TlsArgs, exit_code, init_tracing};
 use tcc_demo_services::{customers, inventory, orders, shop};
 
 #[derive(Parser)]
@@ -21,6 +28,39 @@ struct Args {
     /// Coordinator port; customers, inventory, orders and shop take the next four.
     #[arg(long, default_value_t = 50051)]
     port: u16,
+    /// Run everything over mutual TLS, with a policy (see the module docs).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The identities of the demo.
+const IDENTITIES: [&str; 6] = ["tcc-coordinator", "customers", "inventory", "orders", "shop", "ops"];
+
+/// Makes (on first start) the demo CA, a certificate per identity and the
+/// coordinator's policy in `dir`; returns the TLS flags of `identity`.
+fn tls_material(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir.join("ca.pem").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let pki = Pki::new("tcc demo CA")?;
+    for identity in IDENTITIES {
+        pki.write(dir, identity, &Options::default())?;
+    }
+    std::fs::write(dir.join("policy.toml"), "admin = [\"ops\"]\n\n[composite]\nshop = \"own\"\n")?;
+    // Last: its presence means the rest is there.
+    std::fs::write(dir.join("ca.pem"), pki.ca_pem())?;
+    println!("made a demo CA and certificates for {} in {}", IDENTITIES.join(", "), dir.display());
+    Ok(())
+}
+
+fn tls_args(dir: &std::path::Path, identity: &str) -> TlsArgs {
+    TlsArgs {
+        tls_cert: Some(dir.join(format!("{identity}.pem"))),
+        tls_key: Some(dir.join(format!("{identity}.key"))),
+        tls_ca: Some(dir.join("ca.pem")),
+        coordinator_identity: "tcc-coordinator".to_string(),
+    }
 }
 
 #[tokio::main]
@@ -32,7 +72,13 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let addr = |offset: u16| format!("127.0.0.1:{}", args.port + offset);
-    let url = |offset: u16| format!("http://{}", addr(offset));
+    let scheme = if args.tls { "https" } else { "http" };
+    let url = |offset: u16| format!("{scheme}://{}", addr(offset));
+    let tls_dir = args.data_dir.join("tls");
+    if args.tls {
+        tls_material(&tls_dir)?;
+    }
+    let tls = |identity: &str| if args.tls { tls_args(&tls_dir, identity) } else { TlsArgs::default() };
     // Each service stops on SIGINT/SIGTERM by itself; the coordinator stops
     // after them, so that they deregister from a coordinator still there.
     let stop_coordinator = tokio_util::sync::CancellationToken::new();
@@ -40,13 +86,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = {
         use clap::Parser as _;
         let dir = args.data_dir.join("coordinator");
-        tcc_coordinator::Config::try_parse_from([
-            "tcc-coordinator",
-            "--listen",
-            &addr(0),
-            "--data-dir",
-            &dir.to_string_lossy(),
-        ])?
+        let mut flags = vec![
+            "tcc-coordinator".to_string(),
+            "--listen".to_string(),
+            addr(0),
+            "--data-dir".to_string(),
+            dir.to_string_lossy().into_owned(),
+        ];
+        if args.tls {
+            let file = |name: &str| tls_dir.join(name).to_string_lossy().into_owned();
+            for (flag, name) in [
+                ("--tls-cert", "tcc-coordinator.pem"),
+                ("--tls-key", "tcc-coordinator.key"),
+                ("--tls-client-ca", "ca.pem"),
+                ("--policy", "policy.toml"),
+            ] {
+                flags.extend([flag.to_string(), file(name)]);
+            }
+        }
+        tcc_coordinator::Config::try_parse_from(flags)?
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -63,6 +121,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         no_register: false,
         reconcile_period_ms: 2_000,
         reconcile_grace_ms: 5_000,
+        tls: tls(name),
     };
     let mut services = tokio::task::JoinSet::new();
     services.spawn(customers::run(common(1, "customers")));
@@ -76,13 +135,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         orders: url(3),
         timeout_ms: 10_000,
         wait_ms: 10_000,
+        tls: tls("shop"),
     }));
 
     let (customers_url, inventory_url) = (url(1), url(2));
     // A part that stops during start-up (its data directory locked by
     // another demo, say) says why at once.
+    let ops = tls("ops");
     tokio::select! {
-        seeded = seed(&customers_url, &inventory_url) => seeded?,
+        seeded = seed(&customers_url, &inventory_url, &ops) => seeded?,
         Some(stopped) = services.join_next() => {
             stopped??;
             anyhow::bail!("a shop service stopped during start-up");
@@ -92,12 +153,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("the coordinator stopped during start-up");
         }
     }
-    println!(
-        "\nThe shop is open. Try:\n  grpcurl -plaintext -d '{{\"customer\": \"alice\", \"items\": [{{\"sku\": \"book\", \"quantity\": 2}}]}}' {} shop.v1.Shop/PlaceOrder\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Customers/ListAccounts\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Inventory/ListItems\nCtrl-C stops everything.\n",
-        addr(4),
-        addr(1),
-        addr(2)
-    );
+    if args.tls {
+        let file = |name: &str| tls_dir.join(name).display().to_string();
+        let flags = format!("-cacert {} -cert {} -key {}", file("ca.pem"), file("ops.pem"), file("ops.key"));
+        println!(
+            "\nThe shop is open, over mutual TLS. Try (as the identity ops):\n  grpcurl {flags} -d '{{\"customer\": \"alice\", \"items\": [{{\"sku\": \"book\", \"quantity\": 2}}]}}' {} shop.v1.Shop/PlaceOrder\n  grpcurl {flags} -d '{{}}' {} tcc.v1.Admin/ListTransactions\n  grpcurl {flags} -d '{{}}' {} shop.v1.Customers/ListAccounts\nCtrl-C stops everything.\n",
+            addr(4),
+            addr(0),
+            addr(1)
+        );
+    } else {
+        println!(
+            "\nThe shop is open. Try:\n  grpcurl -plaintext -d '{{\"customer\": \"alice\", \"items\": [{{\"sku\": \"book\", \"quantity\": 2}}]}}' {} shop.v1.Shop/PlaceOrder\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Customers/ListAccounts\n  grpcurl -plaintext -d '{{}}' {} shop.v1.Inventory/ListItems\nCtrl-C stops everything.\n",
+            addr(4),
+            addr(1),
+            addr(2)
+        );
+    }
 
     while let Some(stopped) = services.join_next().await {
         stopped??;
@@ -108,9 +180,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Seeds sample customers and items unless they exist.
-async fn seed(customers_url: &str, inventory_url: &str) -> anyhow::Result<()> {
-    let mut customers = connect(customers_url, CustomersClient::new).await?;
-    let mut inventory = connect(inventory_url, InventoryClient::new).await?;
+async fn seed(customers_url: &str, inventory_url: &str, tls: &TlsArgs) -> anyhow::Result<()> {
+    let mut customers = connect(customers_url, tls, CustomersClient::new).await?;
+    let mut inventory = connect(inventory_url, tls, InventoryClient::new).await?;
     if customers.list_accounts(pb::ListRequest {}).await?.into_inner().accounts.is_empty() {
         for (customer, credit) in [("alice", 100), ("bob", 30)] {
             customers.seed(pb::SeedCustomerRequest { customer: customer.into(), credit }).await?;
@@ -123,9 +195,13 @@ async fn seed(customers_url: &str, inventory_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect<C>(url: &str, make: impl Fn(tonic::transport::Channel) -> C) -> anyhow::Result<C> {
+async fn connect<C>(url: &str, tls: &TlsArgs, make: impl Fn(tonic::transport::Channel) -> C) -> anyhow::Result<C> {
+    let endpoint = match tls.load()? {
+        Some(tls) => tls.endpoint(url)?,
+        None => tonic::transport::Endpoint::from_shared(url.to_string())?,
+    };
     for _ in 0..100 {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_string())?.connect().await {
+        if let Ok(ch) = endpoint.connect().await {
             return Ok(make(ch));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -31,6 +31,13 @@
 //! -N` (simple update) at the same concurrency on the same server. The
 //! ratio is then `tps x writes per transaction / pgbench TPS`.
 //!
+//! `--tls` runs everything over mutual TLS with a policy, as a secure
+//! deployment does: certificates from a throwaway CA, the workers' Begin and
+//! Confirm as the composite `bench`, each Append as its participant's
+//! service `bench-N`, phase 2 to participants serving TLS with the
+//! coordinator checking their identity. The floor is then measured over
+//! TLS as well.
+//!
 //! Every loop is bounded by `--duration-secs` or `--count`; only loopback
 //! addresses are used.
 
@@ -101,6 +108,9 @@ struct Args {
     /// Cluster mode: how many coordinators.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Mutual TLS and a policy everywhere (see the module docs).
+    #[arg(long)]
+    tls: bool,
     /// Extra flags for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
@@ -145,19 +155,81 @@ fn memory_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The throwaway CA and the certificates of `--tls`.
+struct Security {
+    _dir: tempfile::TempDir,
+    ca: String,
+    issued: std::collections::HashMap<String, tcc_demo_services::pki::Issued>,
+    /// The coordinator's flags.
+    flags: Vec<String>,
+}
+
+static SECURITY: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+
+impl Security {
+    fn make(participants: usize) -> Result<Security> {
+        use tcc_demo_services::pki::{Options, Pki};
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new("bench CA")?;
+        let mut issued = std::collections::HashMap::new();
+        let mut names = vec!["bench".to_string(), "tcc-coordinator".to_string()];
+        names.extend((0..participants).map(|i| format!("bench-{i}")));
+        for name in names {
+            issued.insert(name.clone(), pki.issue(&name, &Options::default())?);
+        }
+        let file = |name: &str, text: &str| -> Result<String> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(path.to_string_lossy().into_owned())
+        };
+        let flags = vec![
+            "--tls-cert".into(),
+            file("c.pem", &issued["tcc-coordinator"].cert)?,
+            "--tls-key".into(),
+            file("c.key", &issued["tcc-coordinator"].key)?,
+            "--tls-client-ca".into(),
+            file("ca.pem", &pki.ca_pem())?,
+            "--policy".into(),
+            file("policy.toml", "[composite]\nbench = \"own\"\n")?,
+        ];
+        Ok(Security { _dir: dir, ca: pki.ca_pem(), issued, flags })
+    }
+
+    fn tls(&self, identity: &str) -> Result<tcc_domain_sdk::tls::Tls> {
+        let i = self.issued.get(identity).with_context(|| format!("no certificate for {identity}"))?;
+        Ok(tcc_domain_sdk::tls::Tls::from_pem(&i.cert, &i.key, &self.ca))
+    }
+}
+
+/// A connection to `node` as `identity` (over mutual TLS with `--tls`).
+async fn connect(node: &Coordinator, identity: &str) -> Result<Channel> {
+    match SECURITY.get() {
+        Some(s) => Ok(s.tls(identity)?.endpoint(&format!("https://{}", node.addr()))?.connect().await?),
+        None => node.channel().await,
+    }
+}
+
 struct Clients {
     tx: Vec<TransactionsClient<Channel>>,
-    topics: Vec<TopicsClient<Channel>>,
+    /// Per channel, a client for each participant service (with `--tls`,
+    /// on a channel of that service's identity).
+    topics: Vec<Vec<TopicsClient<Channel>>>,
 }
 
 /// `n` channels to each of `nodes`, interleaved.
-async fn clients(nodes: &[Coordinator], n: usize) -> Result<Clients> {
+async fn clients(nodes: &[Coordinator], n: usize, participants: usize) -> Result<Clients> {
     let mut tx = Vec::new();
     let mut topics = Vec::new();
     for i in 0..n.max(1) * nodes.len() {
-        let ch = nodes[i % nodes.len()].channel().await?;
+        let node = &nodes[i % nodes.len()];
+        let ch = connect(node, "bench").await?;
         tx.push(TransactionsClient::new(ch.clone()));
-        topics.push(TopicsClient::new(ch));
+        let mut per_service = Vec::new();
+        for p in 0..participants {
+            let ch = if SECURITY.get().is_some() { connect(node, &format!("bench-{p}")).await? } else { ch.clone() };
+            per_service.push(TopicsClient::new(ch));
+        }
+        topics.push(per_service);
     }
     Ok(Clients { tx, topics })
 }
@@ -175,7 +247,7 @@ fn hist() -> Histogram<u64> {
 /// One composite transaction; returns (whole, decision) latency in µs.
 async fn one_transaction(
     tx: &mut TransactionsClient<Channel>,
-    topics: &TopicsClient<Channel>,
+    topics: &[TopicsClient<Channel>],
     args: &Args,
     services: &[String],
     payload: &[u8],
@@ -183,8 +255,8 @@ async fn one_transaction(
 ) -> Result<(u64, u64)> {
     let start = Instant::now();
     let begun = tx.begin(v1::BeginRequest { participants: services.to_vec(), timeout_ms: 60_000 }).await?.into_inner();
-    let appends = begun.partials.iter().map(|p| {
-        let mut topics = topics.clone();
+    let appends = begun.partials.iter().enumerate().map(|(i, p)| {
+        let mut topics = topics[i % topics.len()].clone();
         let commands = (0..args.commands)
             .map(|i| v1::Command { r#type: "bench.Cmd".into(), key: format!("k{i}"), payload: payload.to_vec() })
             .collect();
@@ -225,7 +297,7 @@ async fn run_load(
     services: &[String],
     measure_for: Duration,
 ) -> Result<(u64, u64, Stats, Duration)> {
-    let clients = clients(nodes, args.channels).await?;
+    let clients = clients(nodes, args.channels, args.participants).await?;
     let payload = vec![0x5a_u8; args.payload];
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -305,7 +377,7 @@ async fn run_load(
 /// small in-place write to a file in the coordinator's data directory (what
 /// the journal does), each measured `n` times.
 async fn latency_floor(c: &Coordinator, n: usize) -> Result<(f64, f64)> {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel().await?);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(connect(c, "bench").await?);
     let mut rpc = hist();
     for _ in 0..n {
         let t = Instant::now();
@@ -338,7 +410,7 @@ async fn latency_floor(c: &Coordinator, n: usize) -> Result<(f64, f64)> {
 async fn floor(c: &Coordinator, args: &Args) -> Result<f64> {
     let mut chans = Vec::new();
     for _ in 0..args.channels.max(1) {
-        chans.push(c.channel().await?);
+        chans.push(connect(c, "bench").await?);
     }
     let deadline = Instant::now() + Duration::from_secs(args.floor_secs);
     let count = Arc::new(AtomicU64::new(0));
@@ -368,7 +440,7 @@ fn ms(us: u64) -> f64 {
 async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
     let pid = c.pid().context("coordinator pid")?;
     let rss_before = memory_mib(pid, "VmRSS:").unwrap_or(0.0);
-    let clients = clients(std::slice::from_ref(c), args.channels).await?;
+    let clients = clients(std::slice::from_ref(c), args.channels, 1).await?;
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -481,6 +553,12 @@ async fn main() -> Result<()> {
         None
     };
     let mut coordinator_args: Vec<String> = Vec::new();
+    if args.tls {
+        anyhow::ensure!(args.active == 0 && !args.postgres, "--tls goes with the load scenarios on one coordinator");
+        let security = Security::make(args.participants)?;
+        coordinator_args.extend(security.flags.iter().cloned());
+        let _ = SECURITY.set(security);
+    }
     if !args.coordinator_args.iter().any(|a| a.starts_with("--retention-secs")) {
         coordinator_args.extend(["--retention-secs".into(), "5".into()]);
     }
@@ -501,17 +579,21 @@ async fn main() -> Result<()> {
         return run_active(&mut nodes[0], &args).await;
     }
 
-    let mut registry = RegistryClient::new(nodes[0].channel().await?);
     let mut services = Vec::new();
     for i in 0..args.participants {
         let name = format!("bench-{i}");
-        let url = tcc_tests::start_noop_participant().await?;
+        let url = match SECURITY.get() {
+            Some(s) => tcc_tests::start_noop_participant_tls(s.tls(&name)?.server()).await?,
+            None => tcc_tests::start_noop_participant().await?,
+        };
+        let mut registry = RegistryClient::new(connect(&nodes[0], &name).await?);
         registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
         services.push(name);
     }
     // Registrations reach the other nodes within a refresh (1 s).
     for node in &nodes[1..] {
         let mut registry = RegistryClient::new(node.channel().await?);
+        anyhow::ensure!(SECURITY.get().is_none(), "--tls is for one coordinator");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let listed = registry.list_endpoints(v1::ListEndpointsRequest::default()).await?.into_inner();
