@@ -8,7 +8,18 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn the_benchmark_harness_runs_clean() {
+    smoke(&[]).await;
+}
+
+/// Mutual TLS and the policy, as `tcc-bench --tls` measures them.
+#[tokio::test]
+async fn the_benchmark_harness_runs_clean_over_mutual_tls() {
+    smoke(&["--tls"]).await;
+}
+
+async fn smoke(extra: &[&str]) {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tcc-bench"))
+        .args(extra)
         .args([
             "--duration-secs",
             "2",
