@@ -1,20 +1,34 @@
 //! Configuration: command-line flags, each also settable by a `TCC_*`
-//! environment variable. Every setting has a default, so the coordinator
-//! runs with no configuration at all.
+//! environment variable and in a TOML file (`--config`). Every setting has
+//! a default, so the coordinator runs with no configuration at all.
+//!
+//! Precedence, highest first: a flag on the command line, its environment
+//! variable, the `--config` file, the default. The file's keys are the
+//! flags' long names (`max-participants = 64`, or `max_participants`); a
+//! switch is `true`; a repeatable flag takes an array. `coordinator/ops/tcc.toml`
+//! lists every setting with its default and meaning (a test keeps it
+//! complete). Each value goes through the flag's own parser, so the file
+//! and the command line accept exactly the same values.
 //!
 //! The same structs are the library's configuration: `Config::default()` is
 //! what the binary runs with when given no flags.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser};
+use clap::{Args, CommandFactory, Parser};
 
 /// The coordinator's configuration.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "tcc-coordinator", version, about = "TCC composite-transaction coordinator")]
 pub struct Config {
+    /// Settings file (TOML; keys are these flags' long names). Flags and
+    /// environment variables override it.
+    #[arg(long, env = "TCC_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on for gRPC (all services, health and reflection).
     #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -124,7 +138,87 @@ impl Default for Config {
     }
 }
 
+/// Why the configuration could not be read.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The command line (or `--help`/`--version`, which clap answers).
+    Flags(clap::Error),
+    /// The `--config` file: unreadable, not TOML, an unknown key or a bad
+    /// value. The message names the file and the key.
+    File(String),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Flags(e) => write!(f, "{e}"),
+            ConfigError::File(e) => f.write_str(e),
+        }
+    }
+}
+
 impl Config {
+    /// Reads the command line `args` (program name first), the environment
+    /// and the `--config` file, with the precedence in the module docs.
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let plain = Config::try_parse_from(&args).map_err(ConfigError::Flags)?;
+        let Some(path) = plain.config.clone() else { return Ok(plain) };
+        let shown = path.display();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::File(format!("cannot read the settings file {shown} (--config): {e}")))?;
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::File(format!("{shown} is not valid TOML: {}", e.to_string().trim_end()))
+        })?;
+        let command = Config::command();
+        let given: Vec<String> = args.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut from_file: Vec<OsString> = args.first().cloned().into_iter().collect();
+        for (key, value) in &table {
+            let long = key.replace('_', "-");
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+                .ok_or_else(|| {
+                    ConfigError::File(format!(
+                        "{shown}: unknown setting {key:?}; `tcc-coordinator --help` lists the settings (without the leading --)"
+                    ))
+                })?;
+            let flag = format!("--{long}");
+            let on_command_line = given.iter().any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+            let in_environment = arg.get_env().is_some_and(|env| std::env::var_os(env).is_some());
+            if on_command_line || in_environment {
+                continue;
+            }
+            let bad = |what: &str| ConfigError::File(format!("{shown}: setting {key:?} {what}"));
+            let takes_value = arg.get_action().takes_values();
+            let values: Vec<&toml::Value> = match value {
+                toml::Value::Array(items) => items.iter().collect(),
+                other => vec![other],
+            };
+            for value in values {
+                match (value, takes_value) {
+                    (toml::Value::Boolean(true), false) => from_file.push(flag.clone().into()),
+                    (toml::Value::Boolean(false), false) => {}
+                    (_, false) => return Err(bad("is a switch: give true or false")),
+                    (toml::Value::String(s), true) => from_file.push(format!("{flag}={s}").into()),
+                    (toml::Value::Integer(n), true) => from_file.push(format!("{flag}={n}").into()),
+                    (toml::Value::Float(n), true) => from_file.push(format!("{flag}={n}").into()),
+                    (toml::Value::Boolean(b), true) => from_file.push(format!("{flag}={b}").into()),
+                    (_, true) => return Err(bad("must be a string, a number, or an array of them")),
+                }
+            }
+        }
+        from_file.extend(args.into_iter().skip(1));
+        Config::try_parse_from(from_file).map_err(|e| {
+            let e = e.to_string();
+            ConfigError::File(format!("{shown}: {}", e.trim_end().trim_start_matches("error: ")))
+        })
+    }
+
     /// Checks that the settings make sense together; the message names the
     /// flag to fix.
     pub fn validate(&self) -> Result<(), String> {
@@ -205,7 +299,8 @@ impl Config {
             (Some(_), Some(_)) => "mutual TLS",
         };
         format!(
-            "listen {} ({tls}), {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
+            "{}listen {} ({tls}), {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
+            self.config.as_ref().map(|p| format!("settings file {}, ", p.display())).unwrap_or_default(),
             self.listen,
             self.participants.len(),
             self.retention_secs,
@@ -438,6 +533,71 @@ mod tests {
         assert!(bad(&["--tokens", "t"]).is_err());
         assert!(bad(&["--policy", "p.toml"]).is_err_and(|e| e.contains("--tls-client-ca")));
         assert!(bad(&["--policy", "p.toml", "--tokens", "t"]).is_ok());
+    }
+
+    /// Loads `args` with `toml` as the --config file.
+    fn with_file(toml: &str, args: &[&str]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("tcc.toml");
+        std::fs::write(&path, toml).map_err(|e| e.to_string())?;
+        let path = path.to_string_lossy().into_owned();
+        let mut all = vec!["tcc-coordinator", "--config", &path];
+        all.extend_from_slice(args);
+        Config::load_from(all).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_settings_file_is_read_under_the_flags() -> Result<(), String> {
+        let toml = "max-participants = 2\nretention_secs = 60\ninsecure = true\nparticipant = [\"a=http://127.0.0.1:1\", \"b=http://127.0.0.1:2\"]\n";
+        let c = with_file(toml, &[])?;
+        assert_eq!((c.limits.max_participants, c.retention_secs, c.insecure), (2, 60, true));
+        assert_eq!(c.participants.len(), 2);
+        assert!(c.summary().starts_with("settings file "), "{}", c.summary());
+        // A flag beats the file.
+        assert_eq!(with_file(toml, &["--max-participants", "5"])?.limits.max_participants, 5);
+        assert_eq!(with_file(toml, &["--max-participants=6"])?.limits.max_participants, 6);
+        assert!(!with_file("insecure = false", &[])?.insecure);
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_settings_file_is_refused_naming_the_key() {
+        let err = |toml: &str| with_file(toml, &[]).err().unwrap_or_default();
+        let unknown = err("max-participant = 2");
+        assert!(unknown.contains("unknown setting \"max-participant\"") && unknown.contains("tcc.toml"), "{unknown}");
+        let bad = err("max-participants = \"many\"");
+        assert!(bad.contains("--max-participants") && bad.contains("many") && bad.contains("tcc.toml"), "{bad}");
+        assert!(err("insecure = \"yes\"").contains("switch"));
+        assert!(err("max-participants = { a = 1 }").contains("must be a string"));
+        assert!(err("this is not toml").contains("not valid TOML"));
+        assert!(err("config = \"other.toml\"").contains("unknown setting"));
+        let missing = Config::load_from(["tcc-coordinator", "--config", "/nonexistent/tcc.toml"]).err();
+        assert!(missing.is_some_and(|e| e.to_string().contains("cannot read the settings file")));
+    }
+
+    #[test]
+    fn the_example_settings_file_names_every_setting_and_loads() -> Result<(), String> {
+        let example = include_str!("../ops/tcc.toml");
+        for arg in Config::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version" | "config") {
+                continue;
+            }
+            assert!(example.contains(&format!("# {long} = ")), "ops/tcc.toml does not document {long}");
+        }
+        // Every setting uncommented: the file loads and validates.
+        let all: String = example
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = with_file(&all, &[])?;
+        c.validate()?;
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        Ok(())
     }
 
     #[test]

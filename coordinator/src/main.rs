@@ -11,8 +11,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
-use tcc_coordinator::config::LogFormat;
+use tcc_coordinator::config::{ConfigError, LogFormat};
 use tcc_coordinator::{Config, server};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -25,7 +24,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = match Config::load_from(std::env::args_os()) {
+        Ok(config) => config,
+        // --help, --version, and bad flags: clap prints and exits.
+        Err(ConfigError::Flags(e)) => e.exit(),
+        Err(e @ ConfigError::File(_)) => {
+            eprintln!("tcc-coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = init_logs(config.log_format) {
         eprintln!("tcc-coordinator: {e}");
         return ExitCode::FAILURE;

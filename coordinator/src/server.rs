@@ -91,7 +91,7 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let transport = Arc::new(GrpcTransport::new(registry.clone()));
     let delivery = Delivery::new(engine.clone(), transport, entropy, config.delivery.clone(), background.clone());
-    tasks.spawn(delivery.run(decided));
+    tasks.spawn(delivery.clone().run(decided));
     tasks.spawn(sweeper::run(engine.clone(), background.clone()));
     tasks.spawn(registry::run(registry.clone(), background.clone()));
     tasks.spawn(auth::watch(tls.clone(), access.clone(), background.clone()));
@@ -173,7 +173,7 @@ pub async fn run(
                 .max_encoding_message_size(out),
         )
         .add_service(
-            AdminServer::new(AdminApi::new(engine.clone(), access.clone()))
+            AdminServer::new(AdminApi::new(engine.clone(), delivery.clone(), access.clone()))
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )

@@ -320,7 +320,7 @@ async fn failed_transactions_are_listed_and_never_collected() -> R {
     assert_eq!(f.engine.collect_garbage().await.0, 0);
     let page = f.engine.list(&[TxnState::FailedToConfirm], 0, 10, None).await?;
     assert_eq!(page.transactions.iter().map(|t| t.id).collect::<Vec<_>>(), vec![t.id]);
-    let retried = f.engine.retry(t.id).await?;
+    let retried = f.engine.retry(t.id, "").await?;
     assert_eq!(retried.state, TxnState::Confirming);
     Ok(())
 }

@@ -113,10 +113,18 @@ impl Services {
         let (engine, _decided) =
             Engine::new(store.clone(), clock.clone(), Arc::new(OsEntropy), config.limits.clone(), config.retention());
         let registry = Arc::new(Registry::new(&[], Duration::from_millis(100), None, store, clock.clone()).unwrap());
+        let transport = Arc::new(tcc_coordinator::delivery::transport::GrpcTransport::new(registry.clone()));
+        let delivery = tcc_coordinator::delivery::Delivery::new(
+            engine.clone(),
+            transport,
+            Arc::new(OsEntropy),
+            config.delivery.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        );
         Services {
             transactions: TransactionsApi::new(engine.clone(), Arc::new(Access::open())),
             topics: TopicsApi::new(engine.clone(), Arc::new(Access::open())),
-            admin: AdminApi::new(engine, Arc::new(Access::open())),
+            admin: AdminApi::new(engine, delivery, Arc::new(Access::open())),
             registry: RegistryApi::new(registry, clock, Arc::new(Access::open())),
             txns: Vec::new(),
             partials: Vec::new(),

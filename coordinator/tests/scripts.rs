@@ -156,7 +156,7 @@ impl Runner for ScriptRunner {
                     match command.name.as_str() {
                         "confirm" => engine.confirm(id).await,
                         "cancel" => engine.cancel(id, reason).await,
-                        "retry" => engine.retry(id).await,
+                        "retry" => engine.retry(id, "").await,
                         _ => engine.get(id).await,
                     }
                 });

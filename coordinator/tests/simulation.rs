@@ -304,7 +304,7 @@ async fn settle(world: &World, nodes: &Nodes) {
         }
         for t in failed {
             let name = world.names().txn(t.id);
-            match engine.retry(t.id).await {
+            match engine.retry(t.id, "").await {
                 Ok(t) => world.log(format!("operator: retry {name} (round {round}) -> {}", t.state)),
                 Err(e) => world.log(format!("operator: retry {name} -> {}", world.describe(&e))),
             }

@@ -326,6 +326,18 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
         Code::PermissionDenied,
         &["\"orders\""],
     );
+    refused(
+        admin("shop").await.deliver_now(v1::DeliverNowRequest { transaction_id: txn.clone() }).await,
+        Code::PermissionDenied,
+        &["\"shop\"", "Admin.DeliverNow"],
+    );
+    let resolve = v1::ResolveRequest { transaction_id: txn.clone(), service: "orders".into(), reason: "x".into() };
+    refused(admin("orders").await.resolve(resolve).await, Code::PermissionDenied, &["Admin.Resolve"]);
+    refused(
+        admin("orders").await.watch(v1::WatchRequest::default()).await.map(|_| ()),
+        Code::PermissionDenied,
+        &["Admin.Watch"],
+    );
     // Past the policy, the state decides.
     refused(
         admin("ops").await.retry(v1::RetryRequest { transaction_id: txn.clone() }).await,

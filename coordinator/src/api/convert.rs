@@ -65,6 +65,12 @@ pub fn transaction(t: &TxnRecord) -> v1::Transaction {
         decided_unix_ms: t.decided_ms,
         finished_unix_ms: t.finished_ms,
         reason: t.reason.clone(),
+        history: t
+            .history
+            .iter()
+            .map(|h| v1::HistoryEntry { at_unix_ms: h.at_ms, state: state(h.state).into(), cause: h.cause.clone() })
+            .collect(),
+        owner: t.owner.clone(),
     }
 }
 

@@ -25,6 +25,9 @@
 //!   restart delivery resumes with the right attempt count and next time.
 //!   Recovery re-queues every CONFIRMING/CANCELLING transaction at start.
 //! * The driver never decides anything: it only reports progress.
+//! * An operator's "deliver now" ([`Delivery::deliver_now`]) cuts short the
+//!   backoff waits of the transaction's pending participants (the engine
+//!   has made them due in the record, for a driver that starts afresh).
 //! * Waits derived from a persisted time (the next attempt of a
 //!   participant) are capped at the maximum backoff, so a wall clock that
 //!   stepped back (at a restart, say) postpones a due call by at most that.
@@ -67,6 +70,8 @@ struct Call {
     /// (a retry reads the topic again rather than every delivery keeping a
     /// copy: a decided topic never changes).
     request: Option<Phase2Call>,
+    /// The transaction's "deliver now" count when this call last waited.
+    kicks_seen: u64,
     attempts: u32,
     /// When the next attempt is due (unix ms; 0 = now).
     next_at: i64,
@@ -95,6 +100,9 @@ pub struct Delivery {
     warned: Mutex<HashMap<TxnId, i64>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Per transaction being delivered: how many times "deliver now" was
+    /// asked (see [`Delivery::deliver_now`]).
+    kicks: Mutex<HashMap<TxnId, tokio::sync::watch::Sender<u64>>>,
 }
 
 impl Delivery {
@@ -115,7 +123,20 @@ impl Delivery {
             warned: Mutex::default(),
             tasks: TaskTracker::new(),
             shutdown,
+            kicks: Mutex::default(),
         })
+    }
+
+    /// Calls `id`'s pending participants now: wakes the retries waiting
+    /// out their backoff, and starts a driver if none runs.
+    pub fn deliver_now(self: &Arc<Self>, id: TxnId) {
+        lock(&self.kicks).entry(id).or_insert_with(|| tokio::sync::watch::channel(0).0).send_modify(|n| *n += 1);
+        self.start(id);
+    }
+
+    /// The "deliver now" counter of `id`.
+    fn kicks(&self, id: TxnId) -> tokio::sync::watch::Receiver<u64> {
+        lock(&self.kicks).entry(id).or_insert_with(|| tokio::sync::watch::channel(0).0).subscribe()
     }
 
     /// The transactions with a running driver, in id order.
@@ -183,6 +204,7 @@ impl Delivery {
                 _ => {
                     running.remove(&id);
                     lock(&self.warned).remove(&id);
+                    lock(&self.kicks).remove(&id);
                     return;
                 }
             }
@@ -199,7 +221,8 @@ impl Delivery {
             match self.request(txn, decision, &p).await {
                 Ok(request) => {
                     let (attempts, next_at) = (p.attempts, p.next_attempt_ms);
-                    Some(Call { txn, decision, idx, attempts, next_at, p, request: Some(request) })
+                    let kicks_seen = lock(&self.kicks).get(&txn).map_or(0, |k| *k.borrow());
+                    Some(Call { txn, decision, idx, attempts, next_at, p, request: Some(request), kicks_seen })
                 }
                 Err(e) => {
                     error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
@@ -272,7 +295,16 @@ impl Delivery {
         // Capped: `next_at` may come from before a clock step.
         let wait = call.next_at.saturating_sub(self.engine.now_ms()).min(self.policy.retry_max_ms as i64);
         if wait > 0 {
-            self.pause(Duration::from_millis(wait as u64)).await;
+            // Unless an operator asked for it now (since this call last
+            // waited, or while it waits).
+            let mut kicked = self.kicks(txn);
+            if *kicked.borrow() == call.kicks_seen {
+                tokio::select! {
+                    _ = self.pause(Duration::from_millis(wait as u64)) => {}
+                    _ = kicked.changed() => debug!(txn = %txn, partial = %p.partial_id, "delivering now, as asked"),
+                }
+            }
+            call.kicks_seen = *kicked.borrow();
         }
         if self.shutdown.is_cancelled() {
             return None;

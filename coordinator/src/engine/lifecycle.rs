@@ -33,6 +33,7 @@ impl Engine {
         txn.version = 1;
         txn.owner = owner;
         self.store.create_txn(&txn).await?;
+        self.announce(&txn);
         crate::metrics::begun();
         self.remember_partials(txn.id, txn.participants.iter().map(|p| p.partial_id));
         tracing::debug!(txn = %txn.id, participants = txn.participants.len(), timeout_ms = timeout, "transaction begun");
@@ -124,9 +125,35 @@ impl Engine {
         }
     }
 
-    /// Resumes delivery of a FAILED_TO_* transaction.
-    pub async fn retry(&self, id: TxnId) -> Result<TxnRecord> {
-        self.transition(id, vec![Event::Retry]).await
+    /// Resumes delivery of a FAILED_TO_* transaction, for the operator
+    /// `by` (kept in its history).
+    pub async fn retry(&self, id: TxnId, by: &str) -> Result<TxnRecord> {
+        self.transition(id, vec![Event::Retry { by: by.to_string() }]).await
+    }
+
+    /// Marks the failed participant `service` of a FAILED_TO_* transaction
+    /// as done by hand, for the operator `by`, with `reason` (both kept in
+    /// its history). Once no participant is failed, the transaction is
+    /// CONFIRMED or CANCELLED.
+    pub async fn resolve(&self, id: TxnId, service: &str, reason: &str, by: &str) -> Result<TxnRecord> {
+        crate::engine::validate::reason(reason)?;
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("reason must say why the participant is resolved by hand"));
+        }
+        let txn = self.get(id).await?;
+        let participant = txn
+            .participants
+            .iter()
+            .position(|p| p.service == service)
+            .ok_or_else(|| Error::NotFound(format!("transaction {id} has no participant {service:?}")))?;
+        self.transition(id, vec![Event::Resolve { participant, reason: reason.to_string(), by: by.to_string() }]).await
+    }
+
+    /// Makes the pending participants of a CONFIRMING/CANCELLING
+    /// transaction due now (delivery must also be woken: see
+    /// `Delivery::deliver_now`).
+    pub async fn deliver_now(&self, id: TxnId) -> Result<TxnRecord> {
+        self.transition(id, vec![Event::DeliverNow]).await
     }
 
     /// The pending phase-2 work of a transaction, or `None` if it is not

@@ -129,7 +129,13 @@ pub struct Engine {
     /// Cancelled at shutdown: every waiting Confirm/Cancel answers with the
     /// state reached so far, so shutdown is not held up by waits.
     stopping: tokio_util::sync::CancellationToken,
+    /// Every record this engine writes or reloads, for [`Engine::watch`]
+    /// (sent only while someone watches).
+    changes: tokio::sync::broadcast::Sender<Arc<TxnRecord>>,
 }
+
+/// How many changes a slow watcher may fall behind before it misses some.
+pub const WATCH_BACKLOG: usize = 4096;
 
 /// Where a transaction is.
 enum Found<'a> {
@@ -219,8 +225,29 @@ impl Engine {
             next_sweep_ms: AtomicI64::new(0),
             to_deliver: tx,
             stopping: tokio_util::sync::CancellationToken::new(),
+            changes: tokio::sync::broadcast::channel(WATCH_BACKLOG).0,
         };
         (Arc::new(engine), rx)
+    }
+
+    /// Every transaction record written (or re-read after another writer's
+    /// change) from now on, in the order written. A receiver more than
+    /// [`WATCH_BACKLOG`] changes behind skips ahead (`Lagged`). Records
+    /// written by other coordinators of a cluster are not seen.
+    pub fn watch(&self) -> tokio::sync::broadcast::Receiver<Arc<TxnRecord>> {
+        self.changes.subscribe()
+    }
+
+    /// Resolves once shutdown has begun (see [`Engine::release_waiters`]).
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await
+    }
+
+    /// Sends `txn` to the watchers, if any.
+    fn announce(&self, txn: &TxnRecord) {
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(Arc::new(txn.clone()));
+        }
     }
 
     /// Shutdown has begun: every Confirm/Cancel waiting for an outcome
@@ -375,6 +402,7 @@ impl Engine {
         let old = guard.state;
         *guard = next;
         let txn = &*guard;
+        self.announce(txn);
         if old == txn.state {
             return;
         }

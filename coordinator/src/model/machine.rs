@@ -15,6 +15,11 @@
 //!                     FAILED_TO_CANCEL
 //! ```
 //!
+//! An operator may also resolve a failed participant by hand (it counts as
+//! acknowledged: once no participant is failed, FAILED_TO_CONFIRM becomes
+//! CONFIRMED and FAILED_TO_CANCEL CANCELLED), and skip the backoff of
+//! pending ones (deliver now).
+//!
 //! [`apply`] is the only place where a [`TxnRecord`] changes. It is pure (no
 //! I/O, time passed in), checks the current state for every [`Event`], and
 //! answers with a typed [`Refusal`] for an illegal move. The engine persists the
@@ -27,10 +32,12 @@
 //! * repeating a decision that was already taken is not an error
 //!   ([`Outcome::Unchanged`]), so retried Confirm/Cancel calls are safe;
 //! * a transaction finishes exactly when no participant is pending: all
-//!   acknowledged gives CONFIRMED/CANCELLED, any failed gives FAILED_TO_*.
+//!   acknowledged gives CONFIRMED/CANCELLED, any failed gives FAILED_TO_*;
+//! * every change of state, and every operator action, adds an entry to the
+//!   transaction's history, with the time and the cause.
 
 use super::ids::{PartialId, TxnId};
-use super::txn::{DEADLINE_REASON, ParticipantRecord, Phase2Status, TxnRecord, TxnState};
+use super::txn::{DEADLINE_REASON, Decision, ParticipantRecord, Phase2Status, TxnRecord, TxnState};
 
 /// Why [`apply`] refused an event; the record is left untouched.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +119,23 @@ pub enum Event {
         error: String,
     },
     /// An operator resumes delivery of a FAILED_TO_* transaction.
-    Retry,
+    Retry {
+        /// Who (an identity; empty when the coordinator runs open).
+        by: String,
+    },
+    /// An operator marks failed participant `participant` of a FAILED_TO_*
+    /// transaction as done by hand.
+    Resolve {
+        /// Index into `participants`.
+        participant: usize,
+        /// Why, e.g. "applied manually in the ledger".
+        reason: String,
+        /// Who (an identity; empty when the coordinator runs open).
+        by: String,
+    },
+    /// An operator asks for the pending participants of a delivering
+    /// transaction to be called now, skipping their backoff.
+    DeliverNow,
 }
 
 impl Event {
@@ -127,8 +150,36 @@ impl Event {
             Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. } => {
                 "record phase-2 progress of"
             }
-            Event::Retry => "retry",
+            Event::Retry { .. } => "retry",
+            Event::Resolve { .. } => "resolve a participant of",
+            Event::DeliverNow => "deliver now",
         }
+    }
+
+    /// The history entry's cause, if the event is worth one when it changes
+    /// the state (or always, for operator actions).
+    fn cause(&self, txn: &TxnRecord) -> String {
+        let service = |i: &usize| txn.participants.get(*i).map(|p| p.service.as_str()).unwrap_or("?");
+        let by = |by: &str| if by.is_empty() { String::new() } else { format!(" by {by}") };
+        match self {
+            Event::Confirm => "confirm".to_string(),
+            Event::Cancel { reason } if reason.is_empty() => "cancel".to_string(),
+            Event::Cancel { reason } => format!("cancel: {reason}"),
+            Event::Expire => DEADLINE_REASON.to_string(),
+            Event::Delivered { participant } => format!("{} acknowledged", service(participant)),
+            Event::GaveUp { participant, error } => format!("{} failed: {error}", service(participant)),
+            Event::Retry { by: who } => format!("operator retry{}", by(who)),
+            Event::Resolve { participant, reason, by: who } => {
+                format!("{} resolved by hand{}: {reason}", service(participant), by(who))
+            }
+            Event::DeliverNow => "deliver now".to_string(),
+            Event::Enlist { .. } | Event::Append { .. } | Event::AttemptFailed { .. } => String::new(),
+        }
+    }
+
+    /// Operator actions are kept in the history even when the state stays.
+    fn is_operator_action(&self) -> bool {
+        matches!(self, Event::Retry { .. } | Event::Resolve { .. } | Event::DeliverNow)
     }
 }
 
@@ -144,6 +195,17 @@ pub enum Outcome {
 /// Applies `event` to `txn` at time `now_ms`: the one function that moves a
 /// transaction. On error `txn` is left untouched.
 pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome, Refusal> {
+    let before = txn.state;
+    let (cause, operator) = (event.cause(txn), event.is_operator_action());
+    let outcome = step(txn, event, now_ms)?;
+    if outcome == Outcome::Changed && (txn.state != before || operator) {
+        txn.record(now_ms, cause);
+    }
+    Ok(outcome)
+}
+
+/// [`apply`] without the history.
+fn step(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome, Refusal> {
     use TxnState::*;
     let illegal = |txn: &TxnRecord, event: &Event| {
         Err(Refusal::Illegal { action: event.action(), txn: txn.id, state: txn.state, reason: txn.reason.clone() })
@@ -227,7 +289,7 @@ pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome, 
         }
 
         // --- operator -----------------------------------------------------
-        (FailedToConfirm | FailedToCancel, Event::Retry) => {
+        (FailedToConfirm | FailedToCancel, Event::Retry { .. }) => {
             txn.state = if txn.state == FailedToConfirm { Confirming } else { Cancelling };
             for p in &mut txn.participants {
                 if p.status == Phase2Status::Failed {
@@ -237,6 +299,33 @@ pub fn apply(txn: &mut TxnRecord, event: Event, now_ms: i64) -> Result<Outcome, 
                 }
             }
             Ok(Outcome::Changed)
+        }
+        (FailedToConfirm | FailedToCancel, Event::Resolve { participant, .. }) => {
+            let Some(p) = txn.participants.get_mut(participant) else {
+                return Err(Refusal::NoParticipant { txn: txn.id, index: participant });
+            };
+            if p.status != Phase2Status::Failed {
+                // Only a failed participant is resolved by hand.
+                let why = format!("participant {:?} has not failed", p.service);
+                return Err(Refusal::Illegal {
+                    action: "resolve a participant of",
+                    txn: txn.id,
+                    state: txn.state,
+                    reason: why,
+                });
+            }
+            p.status = Phase2Status::Acknowledged;
+            p.next_attempt_ms = 0;
+            finish_if_resolved(txn, now_ms);
+            Ok(Outcome::Changed)
+        }
+        (Confirming | Cancelling, Event::DeliverNow) => {
+            let mut any = false;
+            for p in txn.participants.iter_mut().filter(|p| p.status == Phase2Status::Pending) {
+                p.next_attempt_ms = now_ms;
+                any = true;
+            }
+            Ok(if any { Outcome::Changed } else { Outcome::Unchanged })
         }
 
         (_, event) => illegal(txn, &event),
@@ -263,11 +352,11 @@ fn finish_if_resolved(txn: &mut TxnRecord, now_ms: i64) {
         return;
     }
     let failed = txn.participants.iter().any(|p| p.status == Phase2Status::Failed);
-    txn.state = match (txn.state, failed) {
-        (TxnState::Confirming, false) => TxnState::Confirmed,
-        (TxnState::Confirming, true) => TxnState::FailedToConfirm,
-        (TxnState::Cancelling, false) => TxnState::Cancelled,
-        (_, _) => TxnState::FailedToCancel,
+    txn.state = match (txn.state.decision(), failed) {
+        (Some(Decision::Confirm), false) => TxnState::Confirmed,
+        (Some(Decision::Confirm), true) => TxnState::FailedToConfirm,
+        (_, false) => TxnState::Cancelled,
+        (_, true) => TxnState::FailedToCancel,
     };
     if txn.state.is_finished() {
         txn.finished_ms = now_ms;
@@ -320,7 +409,9 @@ mod tests {
             Event::Delivered { participant: 0 },
             Event::AttemptFailed { participant: 0, error: "down".into(), next_attempt_ms: NOW + 5 },
             Event::GaveUp { participant: 0, error: "refused".into() },
-            Event::Retry,
+            Event::Retry { by: String::new() },
+            Event::Resolve { participant: 1, reason: "done by hand".into(), by: "ops".into() },
+            Event::DeliverNow,
         ]
     }
 
@@ -340,8 +431,12 @@ mod tests {
             (Confirming | Cancelling, Event::Delivered { .. } | Event::AttemptFailed { .. } | Event::GaveUp { .. }) => {
                 Ok(state)
             }
-            (FailedToConfirm, Event::Retry) => Ok(Confirming),
-            (FailedToCancel, Event::Retry) => Ok(Cancelling),
+            (FailedToConfirm, Event::Retry { .. }) => Ok(Confirming),
+            (FailedToCancel, Event::Retry { .. }) => Ok(Cancelling),
+            // participant 1 is the failed one; resolving it finishes
+            (FailedToConfirm, Event::Resolve { .. }) => Ok(Confirmed),
+            (FailedToCancel, Event::Resolve { .. }) => Ok(Cancelled),
+            (Confirming | Cancelling, Event::DeliverNow) => Ok(state),
             _ => Err(()),
         }
     }
@@ -363,6 +458,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn history_records_state_changes_and_operator_actions_with_their_cause() {
+        let mut txn = txn_in(TxnState::Active);
+        assert_eq!(txn.history.len(), 1);
+        apply(&mut txn, Event::Append { participant: 0, commands: 1, bytes: 1 }, NOW).ok();
+        assert_eq!(txn.history.len(), 1, "an append is not a change of state");
+        apply(&mut txn, Event::Confirm, NOW + 1).ok();
+        apply(&mut txn, Event::Delivered { participant: 0 }, NOW + 2).ok();
+        apply(&mut txn, Event::GaveUp { participant: 1, error: "refused: no".into() }, NOW + 3).ok();
+        // Only participant 1 failed: resolving participant 0 is refused, naming it.
+        let err = apply(&mut txn, Event::Resolve { participant: 0, reason: "x".into(), by: "ops".into() }, NOW + 4);
+        assert!(err.is_err_and(|e| e.to_string().contains("participant \"a\" has not failed")));
+        apply(
+            &mut txn,
+            Event::Resolve { participant: 1, reason: "applied in the ledger".into(), by: "ops".into() },
+            NOW + 5,
+        )
+        .ok();
+        let seen: Vec<(i64, TxnState, &str)> =
+            txn.history.iter().map(|h| (h.at_ms, h.state, h.cause.as_str())).collect();
+        assert_eq!(
+            seen,
+            vec![
+                (NOW - 10, TxnState::Active, "begun"),
+                (NOW + 1, TxnState::Confirming, "confirm"),
+                (NOW + 3, TxnState::FailedToConfirm, "b failed: refused: no"),
+                (NOW + 5, TxnState::Confirmed, "b resolved by hand by ops: applied in the ledger"),
+            ]
+        );
+        assert_eq!(txn.finished_ms, NOW + 5);
     }
 
     #[test]
@@ -421,7 +548,7 @@ mod tests {
         apply(&mut txn, Event::Delivered { participant: 0 }, NOW).ok();
         assert_eq!(txn.state, TxnState::FailedToConfirm);
         assert_eq!(txn.finished_ms, 0);
-        apply(&mut txn, Event::Retry, NOW).ok();
+        apply(&mut txn, Event::Retry { by: String::new() }, NOW).ok();
         assert_eq!(txn.state, TxnState::Confirming);
         assert_eq!(txn.participants[1].status, Phase2Status::Pending);
         assert_eq!(txn.participants[1].attempts, 0);

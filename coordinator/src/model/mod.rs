@@ -17,6 +17,6 @@ pub mod txn;
 pub use ids::{BadId, PartialId, TxnId};
 pub use machine::{Event, Outcome, Refusal, apply};
 pub use txn::{
-    AppendReceipt, CommandRecord, DEADLINE_REASON, Decision, ParticipantRecord, Phase2Status, Registration, TxnRecord,
-    TxnState,
+    AppendReceipt, CommandRecord, DEADLINE_REASON, Decision, HistoryEntry, ParticipantRecord, Phase2Status,
+    Registration, TxnRecord, TxnState,
 };

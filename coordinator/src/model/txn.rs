@@ -165,16 +165,42 @@ pub struct TxnRecord {
     /// still read (as unowned).
     #[serde(skip)]
     pub owner: String,
+    /// Every change of state, and every operator action, oldest first (at
+    /// most [`MAX_HISTORY`]: past that, the oldest after the first are
+    /// dropped). Encoded after the owner by [`TxnRecord::encode`].
+    #[serde(skip)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// The most history entries a transaction keeps.
+pub const MAX_HISTORY: usize = 64;
+
+/// One entry of a transaction's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When (unix ms).
+    pub at_ms: i64,
+    /// The state after it.
+    pub state: TxnState,
+    /// What happened, e.g. "confirm", "deadline exceeded", "orders
+    /// acknowledged", "orders resolved by hand by ops: applied manually".
+    pub cause: String,
 }
 
 impl TxnRecord {
     /// The stored encoding (without the version, which the store keeps
-    /// beside it): postcard of the record, then, when it has an owner,
-    /// postcard of the owner.
+    /// beside it): postcard of the record; then, when it has an owner or a
+    /// history, postcard of the owner; then, when it has a history,
+    /// postcard of the history. Records written before owners and
+    /// histories existed are just the first part.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
-        let mut out = postcard::to_stdvec(self).map_err(|e| format!("cannot encode record: {e}"))?;
-        if !self.owner.is_empty() {
-            out.extend(postcard::to_stdvec(&self.owner).map_err(|e| format!("cannot encode record: {e}"))?);
+        let encode_error = |e: postcard::Error| format!("cannot encode record: {e}");
+        let mut out = postcard::to_stdvec(self).map_err(encode_error)?;
+        if !self.owner.is_empty() || !self.history.is_empty() {
+            out.extend(postcard::to_stdvec(&self.owner).map_err(encode_error)?);
+        }
+        if !self.history.is_empty() {
+            out.extend(postcard::to_stdvec(&self.history).map_err(encode_error)?);
         }
         Ok(out)
     }
@@ -183,15 +209,30 @@ impl TxnRecord {
     /// that. The version is left at 0 for the store to set.
     pub fn decode(bytes: &[u8]) -> Result<TxnRecord, String> {
         let (mut txn, tail): (TxnRecord, _) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
-        if !tail.is_empty() {
-            let (owner, rest): (String, _) =
-                postcard::take_from_bytes(tail).map_err(|e| format!("unreadable owner: {e}"))?;
-            if !rest.is_empty() || owner.is_empty() {
-                return Err(format!("{} trailing bytes", tail.len()));
+        if tail.is_empty() {
+            return Ok(txn);
+        }
+        let (owner, rest): (String, _) =
+            postcard::take_from_bytes(tail).map_err(|e| format!("unreadable owner: {e}"))?;
+        txn.owner = owner;
+        if !rest.is_empty() {
+            let (history, rest): (Vec<HistoryEntry>, _) =
+                postcard::take_from_bytes(rest).map_err(|e| format!("unreadable history: {e}"))?;
+            if !rest.is_empty() {
+                return Err(format!("{} trailing bytes", rest.len()));
             }
-            txn.owner = owner;
+            txn.history = history;
         }
         Ok(txn)
+    }
+
+    /// Adds a history entry for the current state (see
+    /// [`TxnRecord::history`] for the bound).
+    pub fn record(&mut self, at_ms: i64, cause: impl Into<String>) {
+        if self.history.len() >= MAX_HISTORY {
+            self.history.remove(1);
+        }
+        self.history.push(HistoryEntry { at_ms, state: self.state, cause: cause.into() });
     }
 
     /// A new ACTIVE transaction.
@@ -207,6 +248,7 @@ impl TxnRecord {
             finished_ms: 0,
             reason: String::new(),
             owner: String::new(),
+            history: vec![HistoryEntry { at_ms: now_ms, state: TxnState::Active, cause: "begun".to_string() }],
         }
     }
 
@@ -282,13 +324,22 @@ mod tests {
     }
 
     #[test]
-    fn owner_is_encoded_after_the_record_and_old_records_read_unowned() -> Result<(), String> {
+    fn owner_and_history_are_encoded_after_the_record_and_old_records_read_without() -> Result<(), String> {
         let mut t = record();
+        t.history.clear();
         // A record written before owners existed is exactly postcard(t).
         let old = postcard::to_stdvec(&t).map_err(|e| e.to_string())?;
         assert_eq!(t.encode()?, old);
-        assert_eq!(TxnRecord::decode(&old)?.owner, "");
+        let back = TxnRecord::decode(&old)?;
+        assert_eq!((back.owner.as_str(), back.history.len()), ("", 0));
+        // Owner only (as written before histories existed).
         t.owner = "shop".into();
+        let owned = t.encode()?;
+        assert_eq!(TxnRecord::decode(&owned)?, t);
+        // Owner and history, and a history without an owner.
+        t.record(5, "confirm");
+        assert_eq!(TxnRecord::decode(&t.encode()?)?, t);
+        t.owner.clear();
         let new = t.encode()?;
         assert_eq!(TxnRecord::decode(&new)?, t);
         // Anything after the owner is damage, not ignored.
@@ -296,5 +347,16 @@ mod tests {
         longer.push(0);
         assert!(TxnRecord::decode(&longer).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn history_is_bounded_and_keeps_its_first_entry() {
+        let mut t = record();
+        for i in 0..(MAX_HISTORY as i64 * 2) {
+            t.record(10 + i, format!("e{i}"));
+        }
+        assert_eq!(t.history.len(), MAX_HISTORY);
+        assert_eq!(t.history[0].cause, "begun");
+        assert_eq!(t.history.last().map(|h| h.at_ms), Some(10 + MAX_HISTORY as i64 * 2 - 1));
     }
 }
