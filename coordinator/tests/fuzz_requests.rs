@@ -224,7 +224,7 @@ impl Services {
     /// does goes through the service.
     async fn decoded(&mut self, n: u8, bytes: &[u8]) -> Result<(), tonic::Status> {
         let bad = |e: prost::DecodeError| tonic::Status::invalid_argument(e.to_string());
-        match n % 8 {
+        match n % 11 {
             0 => self.transactions.begin(Request::new(v1::BeginRequest::decode(bytes).map_err(bad)?)).await.map(|_| ()),
             1 => {
                 self.transactions.enlist(Request::new(v1::EnlistRequest::decode(bytes).map_err(bad)?)).await.map(|_| ())
@@ -245,6 +245,12 @@ impl Services {
                 let req = v1::ListTransactionsRequest::decode(bytes).map_err(bad)?;
                 self.admin.list_transactions(Request::new(req)).await.map(|_| ())
             }
+            7 => {
+                let req = v1::DeliverNowRequest::decode(bytes).map_err(bad)?;
+                self.admin.deliver_now(Request::new(req)).await.map(|_| ())
+            }
+            8 => self.admin.resolve(Request::new(v1::ResolveRequest::decode(bytes).map_err(bad)?)).await.map(|_| ()),
+            9 => self.admin.watch(Request::new(v1::WatchRequest::decode(bytes).map_err(bad)?)).await.map(|_| ()),
             _ => {
                 self.registry.register(Request::new(v1::RegisterRequest::decode(bytes).map_err(bad)?)).await.map(|_| ())
             }
