@@ -185,7 +185,11 @@ impl Access {
         let token = match request.metadata().get("authorization") {
             None => None,
             Some(value) => {
-                let text = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+                // The scheme is case-insensitive (RFC 7235).
+                let text = value.to_str().ok().and_then(|v| {
+                    let (scheme, token) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                });
                 let Some(token) = text else {
                     return Err(refuse("the authorization header is not `Bearer <token>`".to_string()));
                 };
