@@ -34,18 +34,20 @@ pub const PHASE2_CALLS: &str = "tcc_phase2_calls_total";
 pub const PHASE2_RETRIES: &str = "tcc_phase2_retries_total";
 /// Bytes of commands appended (counter).
 pub const APPEND_BYTES: &str = "tcc_append_bytes_total";
-/// Unfinished and failed transactions by `state`, counted up to 1,000 per
-/// state at each scrape (gauge).
+/// Unfinished and failed transactions by `state`, counted exactly at each
+/// scrape (gauge).
 pub const BY_STATE: &str = "tcc_transactions";
 /// Age of the oldest unfinished transaction (gauge, seconds; 0 if none).
 pub const OLDEST_UNFINISHED: &str = "tcc_oldest_unfinished_age_seconds";
 /// 1 once the store has failed for good and takes no more requests
 /// (gauge).
 pub const STORE_FAILED: &str = "tcc_store_failed";
-/// One group commit of the embedded store: write and sync (histogram,
-/// seconds).
+/// One durable write: a group commit of the embedded store (write and
+/// sync), or one write statement of the PostgreSQL store, committed
+/// (histogram, seconds).
 pub const STORE_SYNC_SECONDS: &str = "tcc_store_sync_seconds";
-/// Writes per group commit of the embedded store (histogram).
+/// Writes per durable write: per group commit of the embedded store, 1 on
+/// PostgreSQL (histogram).
 pub const STORE_GROUP_SIZE: &str = "tcc_store_group_size";
 /// RPCs served, by `method` and `code` (histogram, seconds).
 pub const RPC_SECONDS: &str = "tcc_rpc_seconds";

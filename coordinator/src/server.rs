@@ -243,13 +243,17 @@ fn metrics_route(
         let (engine, handle) = (engine.clone(), handle.clone());
         async move {
             use crate::model::TxnState::*;
-            let mut counts = Vec::new();
-            for state in [Active, Confirming, Cancelling, FailedToConfirm, FailedToCancel] {
-                match engine.list(&[state], 0, fixed::MAX_PAGE, None).await {
-                    Ok(page) => counts.push((state, page.transactions.len())),
-                    Err(e) => tracing::warn!(cause = %e, "metrics: cannot count the transactions"),
+            // Exact counts; on an error the gauges keep their last values.
+            let counts: Vec<(crate::model::TxnState, usize)> = match engine.count_unfinished().await {
+                Ok(exact) => [Active, Confirming, Cancelling, FailedToConfirm, FailedToCancel]
+                    .into_iter()
+                    .map(|state| (state, exact.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n as usize)))
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "metrics: cannot count the transactions");
+                    Vec::new()
                 }
-            }
+            };
             let oldest = engine.list(&[Active, Confirming, Cancelling], 0, 1, None).await.ok().and_then(|page| {
                 let created = page.transactions.first()?.created_ms;
                 Some(Duration::from_millis(engine.now_ms().saturating_sub(created).max(0) as u64))

@@ -144,3 +144,27 @@ async fn the_dashboard_and_the_alerts_use_only_exported_metrics() -> Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn transactions_by_state_are_counted_exactly_past_a_thousand() -> Result<()> {
+    let c = tcc_tests::Coordinator::start_logged(&[], "warn").await?;
+    const N: usize = 1_050;
+    let client = c.transactions().await?;
+    // In batches of 64 at a time.
+    for batch in (0..N).collect::<Vec<_>>().chunks(64) {
+        let begins = batch.iter().map(|_| {
+            let mut client = client.clone();
+            async move {
+                let req = tcc_proto::v1::BeginRequest { participants: vec!["a".into()], timeout_ms: 600_000 };
+                client.begin(req).await
+            }
+        });
+        for r in futures::future::join_all(begins).await {
+            r?;
+        }
+    }
+    let (_, body) = scrape(c.addr()).await?;
+    assert_eq!(sample(&body, "tcc_transactions{state=\"active\"}"), Some(N as f64), "{body}");
+    assert_eq!(sample(&body, "tcc_transactions{state=\"confirming\"}"), Some(0.0));
+    Ok(())
+}

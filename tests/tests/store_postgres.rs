@@ -65,7 +65,8 @@ conformance_on_postgres!(
     a_refused_append_stores_nothing,
     a_stale_delete_is_refused,
     due_work_queries_follow_the_records,
-    registrations_are_stored_renewed_and_removed
+    registrations_are_stored_renewed_and_removed,
+    unfinished_transactions_are_counted_by_state
 );
 
 fn txn(services: &[&str]) -> TxnRecord {

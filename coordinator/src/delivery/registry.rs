@@ -590,6 +590,9 @@ mod tests {
         async fn list(&self, q: &crate::store::ListQuery) -> Result<crate::store::ListPage> {
             self.inner.list(q).await
         }
+        async fn count_unfinished(&self) -> Result<Vec<(crate::model::TxnState, u64)>> {
+            self.inner.count_unfinished().await
+        }
         async fn collectable(&self, u: i64, l: usize) -> Result<(Vec<crate::model::TxnRecord>, Option<i64>)> {
             self.inner.collectable(u, l).await
         }

@@ -15,6 +15,12 @@ pub const POLL_FIRST: Duration = Duration::from_millis(5);
 pub const POLL_MAX: Duration = Duration::from_millis(200);
 
 impl Engine {
+    /// How many transactions are in each unfinished or failed state,
+    /// exactly (for metrics).
+    pub async fn count_unfinished(&self) -> Result<Vec<(crate::model::TxnState, u64)>> {
+        self.store.count_unfinished().await
+    }
+
     /// Reads a transaction.
     /// While an operation holds it, that is (after the operation's write)
     /// the record in memory; otherwise what the store holds. With a store

@@ -50,7 +50,7 @@ macro_rules! store_conformance_tests {
             delete_removes_everything_of_one_txn, survives_reopen, concurrent_writers_share_flushes,
             stale_and_skipped_versions_are_refused, concurrent_writers_of_one_version_have_one_winner,
             a_refused_append_stores_nothing, a_stale_delete_is_refused, due_work_queries_follow_the_records,
-            registrations_are_stored_renewed_and_removed);
+            registrations_are_stored_renewed_and_removed, unfinished_transactions_are_counted_by_state);
     };
 }
 
@@ -513,4 +513,32 @@ pub async fn registrations_are_stored_renewed_and_removed<H: Harness>(h: &H) -> 
     check(s.remove_expired_endpoints(4_999).await? == 0, "nothing expired before 5_000")?;
     check(s.remove_expired_endpoints(5_000).await? == 1, "bank's lease ended at 5_000")?;
     check(s.endpoints().await? == vec![reg("orders", "http://127.0.0.1:7002", 9_000)], "the live one stays")
+}
+
+/// Exact counts per unfinished state, following every write.
+pub async fn unfinished_transactions_are_counted_by_state<H: Harness>(h: &H) -> Result<()> {
+    let s = h.open().await?;
+    let count = |counts: Vec<(TxnState, u64)>, state: TxnState| {
+        counts.iter().filter(|(st, _)| *st == state).map(|(_, n)| *n).sum::<u64>()
+    };
+    check(count(s.count_unfinished().await?, TxnState::Active) == 0, "empty store counts nothing")?;
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let t = txn(&["a"]);
+        s.create_txn(&t).await?;
+        all.push(t);
+    }
+    step(&mut all[0], Event::Confirm, 2_000)?;
+    s.update_txn(&all[0], None).await?;
+    step(&mut all[1], Event::Cancel { reason: "r".into() }, 2_000)?;
+    s.update_txn(&all[1], None).await?;
+    finish(&*s, &mut all[2], 2_500).await?;
+    let counts = s.count_unfinished().await?;
+    check(count(counts.clone(), TxnState::Active) == 2, "two ACTIVE")?;
+    check(count(counts.clone(), TxnState::Confirming) == 1, "one CONFIRMING")?;
+    check(count(counts.clone(), TxnState::Cancelling) == 1, "one CANCELLING")?;
+    check(count(counts.clone(), TxnState::Confirmed) == 0, "finished ones are not counted")?;
+    drop(s);
+    let s = h.open().await?;
+    check(count(s.count_unfinished().await?, TxnState::Active) == 2, "counts survive a reopen")
 }

@@ -151,6 +151,17 @@ impl TxnIndex {
         due(&self.finished, until, limit)
     }
 
+    /// How many unfinished transactions are in each state (a scan of the
+    /// unfinished ones, for a metrics scrape).
+    pub fn count_unfinished(&self) -> Vec<(TxnState, u64)> {
+        let mut counts: BTreeMap<usize, (TxnState, u64)> = BTreeMap::new();
+        for e in self.unfinished.values() {
+            let slot = TxnState::ALL.iter().position(|s| *s == e.state).unwrap_or(0);
+            counts.entry(slot).or_insert((e.state, 0)).1 += 1;
+        }
+        counts.into_values().collect()
+    }
+
     /// Whether every state in `states` is an unfinished one (so the index
     /// alone can answer a listing of them).
     pub fn covers(states: &[TxnState]) -> bool {

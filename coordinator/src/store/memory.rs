@@ -145,6 +145,10 @@ impl Store for MemStore {
         Ok(lock(&self.inner).index.due_deliveries(until_ms, limit))
     }
 
+    async fn count_unfinished(&self) -> Result<Vec<(crate::model::TxnState, u64)>> {
+        Ok(lock(&self.inner).index.count_unfinished())
+    }
+
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         let s = lock(&self.inner);
         let limit = q.limit.max(1);

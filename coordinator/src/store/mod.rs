@@ -194,6 +194,11 @@ pub trait Store: Send + Sync + 'static {
     /// Lists records by state and age, in id order, in pages.
     async fn list(&self, query: &ListQuery) -> Result<ListPage>;
 
+    /// How many transactions are in each state that is not CONFIRMED or
+    /// CANCELLED (for metrics): exact, however many there are. States with
+    /// none may be left out.
+    async fn count_unfinished(&self) -> Result<Vec<(TxnState, u64)>>;
+
     /// Up to `limit` CONFIRMED/CANCELLED records that finished at or before
     /// `finished_until_ms`, earliest first; and the earliest finish time
     /// after it, if any.

@@ -255,7 +255,11 @@ impl PgStore {
     async fn write(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
+        // One statement, committed when it returns (autocommit): the
+        // durable write's latency.
+        let started = std::time::Instant::now();
         let row = client.query_one(&stmt, params).await.map_err(write_error)?;
+        crate::metrics::group_commit(1, started.elapsed());
         let n: i64 = row.try_get(0).map_err(read_error)?;
         Ok(n > 0)
     }
@@ -500,6 +504,25 @@ impl Store for PgStore {
              ORDER BY due_ms, id LIMIT $3"
         );
         self.ids(&sql, &[&until_ms, &node, &sql_limit(limit)]).await
+    }
+
+    async fn count_unfinished(&self) -> Result<Vec<(TxnState, u64)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT state, count(*) FROM tcc_txn WHERE state NOT IN (2, 4) GROUP BY state", &[])
+            .await
+            .map_err(read_error)?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let code: i16 = row.try_get(0).map_err(read_error)?;
+            let n: i64 = row.try_get(1).map_err(read_error)?;
+            let state = TxnState::ALL.into_iter().find(|s| state_code(*s) == code).ok_or_else(|| Error::Corrupt {
+                key: "tcc_txn.state".to_string(),
+                cause: format!("unknown state code {code}"),
+            })?;
+            counts.push((state, n.max(0) as u64));
+        }
+        Ok(counts)
     }
 
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {

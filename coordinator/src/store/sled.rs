@@ -283,6 +283,11 @@ impl Store for SledStore {
         Ok(lock(&self.index).due_deliveries(until_ms, limit))
     }
 
+    async fn count_unfinished(&self) -> Result<Vec<(crate::model::TxnState, u64)>> {
+        self.check()?;
+        Ok(lock(&self.index).count_unfinished())
+    }
+
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         self.check()?;
         let limit = q.limit.max(1);

@@ -477,6 +477,9 @@ impl Store for SimStore {
     async fn list(&self, query: &ListQuery) -> Result<ListPage> {
         self.inner.list(query).await
     }
+    async fn count_unfinished(&self) -> Result<Vec<(TxnState, u64)>> {
+        self.inner.count_unfinished().await
+    }
     async fn collectable(&self, until: i64, limit: usize) -> Result<(Vec<TxnRecord>, Option<i64>)> {
         self.inner.collectable(until, limit).await
     }
