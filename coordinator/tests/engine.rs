@@ -215,7 +215,20 @@ async fn an_append_naming_another_service_is_refused() -> R {
         other => panic!("{other:?}"),
     }
     assert!(f.store.read_topic(pa, 1, 10).await?.is_empty());
-    f.engine.append(pa, Appender::Declared("a"), vec![cmd("x", b"1")], "").await?;
+    f.engine.append(pa, Appender::Declared("a"), vec![cmd("x", b"1")], "k").await?;
+    match f.engine.append(pa, Appender::Identity("b"), vec![cmd("x", b"1")], "k").await {
+        Err(Error::PermissionDenied(m)) => assert!(m.contains("identity \"b\"") && m.contains("service \"a\""), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Finished, a retried append with the key still answers only its own
+    // service: the receipt is not handed to another.
+    f.engine.confirm(t.id).await?;
+    finish(&f, t.id).await?;
+    assert!(f.engine.append(pa, Appender::Identity("a"), vec![cmd("x", b"1")], "k").await?.1, "a duplicate");
+    match f.engine.append(pa, Appender::Identity("b"), vec![cmd("x", b"1")], "k").await {
+        Err(Error::PermissionDenied(_)) => {}
+        other => panic!("a finished partial's receipt went to another identity: {other:?}"),
+    }
     Ok(())
 }
 

@@ -29,6 +29,21 @@ pub enum Appender<'a> {
     Identity(&'a str),
 }
 
+impl Appender<'_> {
+    /// Whether this appender may append to `partial`, of service `owner`.
+    fn check(self, partial: PartialId, owner: &str) -> Result<()> {
+        match self {
+            Appender::Declared(service) if owner != service => Err(Error::invalid(format!(
+                "partial transaction {partial} belongs to service {owner:?}, not {service:?}"
+            ))),
+            Appender::Identity(name) if owner != name => Err(Error::PermissionDenied(format!(
+                "identity {name:?} may not call Topics.Append on partial transaction {partial}: it belongs to service {owner:?}, and a service appends only to its own partials"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Engine {
     /// Appends a batch to a partial topic. Returns the receipt and whether it
     /// was a duplicate of an earlier append with the same idempotency key.
@@ -54,6 +69,9 @@ impl Engine {
         let live = match found? {
             Found::Live(live) => live,
             Found::Finished(txn) => {
+                if let Some(owner) = txn.participant_index(partial).map(|i| txn.participants[i].service.as_str()) {
+                    appender.check(partial, owner)?;
+                }
                 if let Some(key) = key
                     && let Some(r) = self.store.find_receipt(partial, key).await?
                 {
@@ -77,20 +95,7 @@ impl Engine {
                 let idx = guard
                     .participant_index(partial)
                     .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
-                let owner = &guard.participants[idx].service;
-                match appender {
-                    Appender::Declared(service) if owner != service => {
-                        return Err(Error::invalid(format!(
-                            "partial transaction {partial} belongs to service {owner:?}, not {service:?}"
-                        )));
-                    }
-                    Appender::Identity(name) if owner != name => {
-                        return Err(Error::PermissionDenied(format!(
-                            "identity {name:?} may not call Topics.Append on partial transaction {partial}: it belongs to service {owner:?}, and a service appends only to its own partials"
-                        )));
-                    }
-                    _ => {}
-                }
+                appender.check(partial, &guard.participants[idx].service)?;
                 if let Some(key) = key
                     && let Some(r) = self.store.find_receipt(partial, key).await?
                 {
