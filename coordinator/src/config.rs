@@ -81,6 +81,13 @@ pub struct Config {
     #[arg(long, env = "TCC_HTTP_LISTEN", value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
 
+    /// Export traces over OTLP/gRPC to this collector (e.g.
+    /// http://127.0.0.1:4317): a span per request served and per phase-2
+    /// call, joined to the caller's W3C trace context (`traceparent`).
+    /// Without it, nothing is traced.
+    #[arg(long, env = "TCC_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log format on stderr: `text` (colour only on a terminal) or `json`
     /// (one object per line). `RUST_LOG` filters, as `info` by default.
     #[arg(long, env = "TCC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -222,6 +229,14 @@ impl Config {
     /// Checks that the settings make sense together; the message names the
     /// flag to fix.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(e) = &self.otlp_endpoint {
+            let uri = e.parse::<http::Uri>().ok();
+            if !uri.is_some_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()) {
+                return Err(format!(
+                    "--otlp-endpoint {e:?} is not an http:// or https:// URL of an OTLP/gRPC collector (e.g. http://127.0.0.1:4317)"
+                ));
+            }
+        }
         let l = &self.limits;
         let d = &self.delivery;
         let positive = [
@@ -299,7 +314,7 @@ impl Config {
             (Some(_), Some(_)) => "mutual TLS",
         };
         format!(
-            "{}listen {} ({tls}), {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms",
+            "{}listen {} ({tls}), {store}, {} static participant(s), retention {} s, timeouts {}..{} ms (default {}), call timeout {} ms, retries {}..{} ms x {}, max connections {}, shutdown within {} ms{}",
             self.config.as_ref().map(|p| format!("settings file {}, ", p.display())).unwrap_or_default(),
             self.listen,
             self.participants.len(),
@@ -313,6 +328,7 @@ impl Config {
             self.delivery.retry_max_attempts,
             self.connections.max_connections,
             self.shutdown_timeout_ms,
+            self.otlp_endpoint.as_ref().map(|e| format!(", traces to {e}")).unwrap_or_default(),
         )
     }
 

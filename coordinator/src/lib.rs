@@ -23,7 +23,8 @@
 //! 1. [`model`]: ids, records, states, the state machine. Imports nothing
 //!    from the crate.
 //! 2. [`error`], [`clock`] (time and randomness, injected), [`config`],
-//!    [`metrics`] (what is exported, and the recording helpers).
+//!    [`metrics`] (what is exported, and the recording helpers),
+//!    [`telemetry`] (trace context and OTLP export).
 //! 3. [`auth`]: identities (client certificates, bearer tokens), the
 //!    policy, and the TLS material for the server and for phase 2.
 //! 4. [`store`]: the conditional-write store trait, its backends and the
@@ -56,6 +57,7 @@ pub mod model;
 pub mod net;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 

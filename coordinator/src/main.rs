@@ -12,9 +12,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tcc_coordinator::config::{ConfigError, LogFormat};
+use tcc_coordinator::telemetry::Telemetry;
 use tcc_coordinator::{Config, server};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer, prelude::*};
 
 /// mimalloc instead of glibc's malloc: the RPC path allocates on every
 /// worker thread, and glibc's arena locks and consolidation cost about a
@@ -33,37 +34,56 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = init_logs(config.log_format) {
-        eprintln!("tcc-coordinator: {e}");
-        return ExitCode::FAILURE;
-    }
+    let telemetry = match init_logs(config.log_format, config.otlp_endpoint.as_deref()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("tcc-coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "tcc-coordinator starting: {}", config.summary());
-    match run(config).await {
+    let code = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once, on stderr: the message says what to do.
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(telemetry) = telemetry {
+        // Blocks until the last spans are exported (or its timeout).
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     }
+    code
 }
 
 /// Logs to stderr in `format`, filtered by `RUST_LOG` (`info` when unset).
-/// An invalid `RUST_LOG` is refused, not ignored.
-fn init_logs(format: LogFormat) -> Result<(), String> {
+/// An invalid `RUST_LOG` is refused, not ignored. With `otlp_endpoint`,
+/// spans are also exported there (see `telemetry`); the spans themselves
+/// stay out of the log lines.
+fn init_logs(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Option<Telemetry>, String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) => EnvFilter::try_new(&spec).map_err(|e| {
             format!("RUST_LOG={spec:?} is not a valid log filter ({e}); e.g. RUST_LOG=info or RUST_LOG=info,tcc_coordinator=debug")
         })?,
         Err(_) => EnvFilter::new("info"),
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
+    let filter = filter.add_directive("tcc_coordinator::telemetry=off".parse().map_err(|e| format!("{e}"))?);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
         // Colour only on a terminal: no escape codes in files and pipes.
-        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        LogFormat::Json => logs.json().init(),
-    }
-    Ok(())
+        LogFormat::Text => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    let (telemetry, spans) = match otlp_endpoint {
+        Some(endpoint) => {
+            let (telemetry, layer) = Telemetry::start(endpoint, "tcc-coordinator")?;
+            (Some(telemetry), Some(layer))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(spans).init();
+    Ok(telemetry)
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -230,7 +230,7 @@ pub fn rpc(method: &'static str, code: &str, elapsed: Duration) {
 }
 
 /// The label of a gRPC code: its canonical name.
-fn code_label(code: tonic::Code) -> &'static str {
+pub fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

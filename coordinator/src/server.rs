@@ -1,5 +1,6 @@
 //! Assembles and runs the coordinator: store, engine, recovery, phase-2
-//! delivery, sweeper, and the gRPC server with health and reflection.
+//! delivery, sweeper, and the gRPC server with health and reflection,
+//! `/metrics` and the web console on the same port.
 //!
 //! Start-up order matters: recovery runs before the listener serves, so no
 //! client sees a transaction the engine has not loaded. Shutdown is the
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::api::console::{self, Console};
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
 use crate::auth::tls::{Tls, TlsFiles};
 use crate::auth::{self, Access};
@@ -141,9 +143,13 @@ pub async fn run(
     };
     let metrics = crate::metrics::install();
     crate::metrics::store_failed(false);
+    let console = Console::new(engine.clone(), delivery.clone(), registry.clone(), access.clone(), metrics.clone());
     if let Some(http) = config.http_listen {
         let listener =
             TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http} (--http-listen)"))?;
+        // Metrics only: this listener is plaintext wherever it is bound, so
+        // the console (which acts) stays on the main port, under its TLS and
+        // its loopback rule.
         let router = axum::Router::new().route("/metrics", metrics_route(engine.clone(), metrics.clone()));
         let stop = background.clone();
         info!(addr = %http, "serving /metrics over HTTP");
@@ -168,7 +174,7 @@ pub async fn run(
                 .max_encoding_message_size(out),
         )
         .add_service(
-            RegistryServer::new(RegistryApi::new(registry, clock, access.clone()))
+            RegistryServer::new(RegistryApi::new(registry.clone(), clock, access.clone()))
                 .max_decoding_message_size(small)
                 .max_encoding_message_size(out),
         )
@@ -178,8 +184,9 @@ pub async fn run(
                 .max_encoding_message_size(out),
         )
         .into_axum_router()
-        // Plain HTTP beside gRPC on the same port.
-        .route("/metrics", metrics_route(engine.clone(), metrics));
+        // Plain HTTP beside gRPC on the same port: metrics and the console.
+        .route("/metrics", metrics_route(engine.clone(), metrics))
+        .merge(console::router(console));
     info!(%addr, max_connections = limits.max, "serving");
     on_ready(addr);
     tonic::transport::Server::builder()
@@ -254,10 +261,12 @@ fn metrics_route(
                     Vec::new()
                 }
             };
-            let oldest = engine.list(&[Active, Confirming, Cancelling], 0, 1, None).await.ok().and_then(|page| {
-                let created = page.transactions.first()?.created_ms;
-                Some(Duration::from_millis(engine.now_ms().saturating_sub(created).max(0) as u64))
-            });
+            let oldest = engine
+                .oldest_unfinished_created_ms()
+                .await
+                .ok()
+                .flatten()
+                .map(|created| Duration::from_millis(engine.now_ms().saturating_sub(created).max(0) as u64));
             crate::metrics::set_states(&counts, oldest);
             (
                 [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -76,14 +76,14 @@ async fn begin_validates_its_input() -> R {
         (svc(&["a"]), 10_001, "out of range"),
     ];
     for (services, timeout, msg) in cases {
-        match f.engine.begin(services.clone(), timeout, String::new()).await {
+        match f.engine.begin(services.clone(), timeout, String::new(), String::new()).await {
             Err(Error::InvalidArgument(m)) => {
                 assert!(m.contains(msg), "{services:?}/{timeout}: {m}")
             }
             other => panic!("{services:?}/{timeout}: expected InvalidArgument, got {other:?}"),
         }
     }
-    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new(), String::new()).await?;
     assert_eq!(t.deadline_ms - t.created_ms, 1_000, "0 means the default timeout");
     Ok(())
 }
@@ -91,7 +91,7 @@ async fn begin_validates_its_input() -> R {
 #[tokio::test]
 async fn the_deadline_cancels_an_active_transaction() -> R {
     let mut f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 500, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 500, String::new(), String::new()).await?;
     assert_eq!(f.store.due_deadlines(T0, 10).await?, (vec![], Some(T0 + 500)));
     f.clock.advance(499);
     assert_eq!(f.engine.expire_due().await, (0, Some(T0 + 500)));
@@ -109,7 +109,7 @@ async fn the_deadline_cancels_an_active_transaction() -> R {
 #[tokio::test]
 async fn confirm_or_append_racing_the_deadline_loses() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 500, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 500, String::new(), String::new()).await?;
     let p = t.participants[0].partial_id;
     f.clock.advance(500); // the sweeper has not run yet
     match f.engine.append(p, Appender::Anyone, vec![cmd("x", b"1")], "").await {
@@ -130,7 +130,7 @@ async fn confirm_or_append_racing_the_deadline_loses() -> R {
 async fn confirm_and_cancel_at_once_have_one_winner() -> R {
     let f = fixture();
     for _ in 0..20 {
-        let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
+        let t = f.engine.begin(svc(&["a", "b"]), 0, String::new(), String::new()).await?;
         let (c, k) = tokio::join!(f.engine.confirm(t.id), f.engine.cancel(t.id, "race".into()));
         let state = f.engine.get(t.id).await?.state;
         match (c, k) {
@@ -149,7 +149,7 @@ async fn confirm_and_cancel_at_once_have_one_winner() -> R {
 #[tokio::test]
 async fn repeated_decisions_return_the_same_outcome() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     let first = f.engine.confirm(t.id).await?;
     let second = f.engine.confirm(t.id).await?;
     assert_eq!(first, second);
@@ -160,7 +160,7 @@ async fn repeated_decisions_return_the_same_outcome() -> R {
 #[tokio::test]
 async fn idempotent_append_stores_once() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     let p = t.participants[0].partial_id;
     let batch = vec![cmd("x", b"1"), cmd("y", b"22")];
     let (r1, dup1) = f.engine.append(p, Appender::Anyone, batch.clone(), "req-1").await?;
@@ -185,7 +185,7 @@ async fn idempotent_append_stores_once() -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_retries_of_one_append_store_it_once() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     let p = t.participants[0].partial_id;
     let batch = vec![cmd("x", b"1"), cmd("y", b"2")];
     let tries: Vec<_> = (0..8)
@@ -208,7 +208,7 @@ async fn concurrent_retries_of_one_append_store_it_once() -> R {
 #[tokio::test]
 async fn an_append_naming_another_service_is_refused() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new(), String::new()).await?;
     let pa = t.participants[0].partial_id;
     match f.engine.append(pa, Appender::Declared("b"), vec![cmd("x", b"1")], "").await {
         Err(Error::InvalidArgument(m)) => assert!(m.contains("belongs to service \"a\", not \"b\""), "{m}"),
@@ -235,7 +235,7 @@ async fn an_append_naming_another_service_is_refused() -> R {
 #[tokio::test]
 async fn append_limits() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     let p = t.participants[0].partial_id;
     let too_many = vec![cmd("x", b"1"); 6];
     let cases = vec![
@@ -272,7 +272,7 @@ async fn append_limits() -> R {
 #[tokio::test]
 async fn enlist_rules() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     let b = f.engine.enlist(t.id, "b".into()).await?;
     assert_eq!(
         f.engine.enlist(t.id, "b".into()).await?.partial_id,
@@ -303,7 +303,7 @@ async fn finish(f: &Fixture, id: TxnId) -> R {
 #[tokio::test]
 async fn finished_transactions_are_collected_after_retention() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a", "b"]), 0, String::new(), String::new()).await?;
     let p = t.participants[0].partial_id;
     f.engine.append(p, Appender::Anyone, vec![cmd("x", b"1")], "k").await?;
     f.engine.confirm(t.id).await?;
@@ -325,7 +325,7 @@ async fn finished_transactions_are_collected_after_retention() -> R {
 #[tokio::test]
 async fn failed_transactions_are_listed_and_never_collected() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
     f.engine.confirm(t.id).await?;
     f.engine.record_phase2(t.id, vec![Event::GaveUp { participant: 0, error: "refused".into() }]).await?;
     assert_eq!(f.engine.get(t.id).await?.state, TxnState::FailedToConfirm);
@@ -343,7 +343,7 @@ async fn listing_filters_by_state_and_age_and_pages() -> R {
     let f = fixture();
     let mut active = Vec::new();
     for i in 0..7 {
-        let t = f.engine.begin(svc(&["a"]), 0, String::new()).await?;
+        let t = f.engine.begin(svc(&["a"]), 0, String::new(), String::new()).await?;
         if i % 2 == 0 {
             f.engine.cancel(t.id, String::new()).await?;
         } else {
@@ -380,8 +380,8 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
     let clock = Arc::new(ManualClock::at(T0));
     let (active, confirming, p) = {
         let (engine, _rx) = engine_on(Arc::new(SledStore::open(dir.path())?), clock.clone());
-        let a = engine.begin(svc(&["a"]), 5_000, String::new()).await?;
-        let c = engine.begin(svc(&["a", "b"]), 5_000, String::new()).await?;
+        let a = engine.begin(svc(&["a"]), 5_000, String::new(), String::new()).await?;
+        let c = engine.begin(svc(&["a", "b"]), 5_000, String::new(), String::new()).await?;
         engine.append(c.participants[1].partial_id, Appender::Anyone, vec![cmd("x", b"1")], "k").await?;
         engine.confirm(c.id).await?;
         (a.id, c.id, c.participants[1].partial_id)
@@ -404,7 +404,7 @@ async fn recovery_reloads_every_unfinished_transaction() -> R {
 #[tokio::test]
 async fn phase_two_progress_is_recorded_together_or_not_at_all() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a", "b", "c"]), 0, String::new()).await?;
+    let t = f.engine.begin(svc(&["a", "b", "c"]), 0, String::new(), String::new()).await?;
     f.engine.confirm(t.id).await?;
     let retry_at = f.engine.now_ms() + 500;
     let recorded = f
@@ -451,7 +451,7 @@ async fn a_second_engine_never_overwrites_a_decision() -> R {
     let clock = Arc::new(ManualClock::at(T0));
     let (a, _) = engine_on(store.clone(), clock.clone());
     let (b, _) = engine_on(store.clone(), clock.clone());
-    let t = a.begin(svc(&["x", "y"]), 0, String::new()).await?;
+    let t = a.begin(svc(&["x", "y"]), 0, String::new(), String::new()).await?;
     let px = t.participants[0].partial_id;
     assert_eq!(b.get(t.id).await?.state, TxnState::Active);
     b.append(px, Appender::Anyone, vec![cmd("x", b"1")], "").await?;
@@ -484,7 +484,7 @@ async fn decisions_racing_on_two_engines_have_one_winner() -> R {
     let (a, _) = engine_on(store.clone(), clock.clone());
     let (b, _) = engine_on(store.clone(), clock.clone());
     for _ in 0..50 {
-        let t = a.begin(svc(&["x"]), 0, String::new()).await?;
+        let t = a.begin(svc(&["x"]), 0, String::new(), String::new()).await?;
         b.get(t.id).await?;
         let (c, k) = tokio::join!(a.confirm(t.id), b.cancel(t.id, "race".into()));
         let stored = store.get_txn(t.id).await?.map(|t| t.state);
@@ -511,7 +511,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
     // then that confirm was not cut off, and the next transaction is used.)
     let mut cut_off = None;
     for _ in 0..20 {
-        let t = f.engine.begin(svc(&["a"]), 10_000, String::new()).await?;
+        let t = f.engine.begin(svc(&["a"]), 10_000, String::new(), String::new()).await?;
         if f.engine.confirm(t.id).now_or_never().is_none() {
             cut_off = Some(t);
             break;
@@ -519,7 +519,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
     }
     let t = cut_off.unwrap_or_else(|| panic!("20 confirms all finished within their first poll"));
     // The journal is FIFO: once a later write is durable, the confirm is too.
-    f.engine.begin(svc(&["b"]), 10_000, String::new()).await?;
+    f.engine.begin(svc(&["b"]), 10_000, String::new(), String::new()).await?;
     assert_eq!(f.store.get_txn(t.id).await?.map(|t| t.state), Some(TxnState::Confirming));
     assert!(!f.store.due_deadlines(i64::MAX, 10).await?.0.contains(&t.id), "no deadline once decided");
     assert!(f.store.due_deliveries(f.engine.now_ms(), 100).await?.contains(&t.id), "due for delivery");
@@ -542,7 +542,7 @@ async fn a_decision_whose_caller_went_away_is_still_delivered() -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_holder_on_any_thread_removes_the_transaction_from_memory() -> R {
     let f = fixture();
-    let t = f.engine.begin(svc(&["a"]), 10_000, String::new()).await?;
+    let t = f.engine.begin(svc(&["a"]), 10_000, String::new(), String::new()).await?;
     for _ in 0..5_000 {
         let (a, b) = (f.engine.clone(), f.engine.clone());
         let (x, y) = tokio::join!(

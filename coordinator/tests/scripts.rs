@@ -111,7 +111,7 @@ impl Runner for ScriptRunner {
                 let engine = self.node()?.engine.clone();
                 let t = self
                     .rt
-                    .block_on(engine.begin(services, timeout, String::new()))
+                    .block_on(engine.begin(services, timeout, String::new(), String::new()))
                     .map_err(|e| self.world.describe(&e))?;
                 let name = self.world.names().txn(t.id);
                 self.txns.insert(name, t.id);

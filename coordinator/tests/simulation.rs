@@ -76,7 +76,7 @@ async fn client(world: Arc<World>, nodes: Nodes, c: usize, n: usize, seed: u64) 
         let k = rng.random_range(1..=SERVICES.len());
         let services: Vec<String> = SERVICES[..k].iter().map(|s| s.to_string()).collect();
         let timeout = rng.random_range(50..=3_000u64);
-        let txn = match engine.begin(services.clone(), timeout, String::new()).await {
+        let txn = match engine.begin(services.clone(), timeout, String::new(), String::new()).await {
             Ok(t) => t,
             Err(e) => {
                 world.log(format!("c{c} n{node} begin -> {}", world.describe(&e)));
@@ -468,8 +468,11 @@ fn a_pending_delivery_is_prompt_after_a_restart_with_the_clock_two_hours_back() 
         world.latency.store(false, std::sync::atomic::Ordering::SeqCst);
         world.net.set("b", Mode::Down);
         let node = world.start_node().await.unwrap_or_else(|e| panic!("start: {e}"));
-        let t =
-            node.engine.begin(vec!["a".into(), "b".into()], 0, String::new()).await.unwrap_or_else(|e| panic!("{e}"));
+        let t = node
+            .engine
+            .begin(vec!["a".into(), "b".into()], 0, String::new(), String::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         node.engine.confirm(t.id).await.unwrap_or_else(|e| panic!("{e}"));
         // Long enough for b's backoff to reach its maximum (2 s).
         tokio::time::sleep(Duration::from_secs(10)).await;

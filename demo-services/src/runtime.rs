@@ -41,6 +41,9 @@ pub struct Common {
     /// Mutual TLS.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Export traces over OTLP/gRPC to this collector.
+    #[arg(long, env = "TCC_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Mutual TLS flags: all three, or none for plaintext.
@@ -100,11 +103,41 @@ pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::Exit
     }
 }
 
-/// Sets up `tracing` to stderr (`RUST_LOG`, default `info`).
-pub fn init_tracing() {
+/// Logs and traces, set up by [`init_tracing`]; [`Tracing::finish`]
+/// exports the spans still buffered.
+pub struct Tracing(Option<tcc_coordinator::telemetry::Telemetry>);
+
+impl Tracing {
+    /// Exports the last spans (bounded by the exporter's timeout).
+    pub async fn finish(self) {
+        if let Some(telemetry) = self.0 {
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        }
+    }
+}
+
+/// Sets up `tracing` to stderr (`RUST_LOG`, default `info`), and, with
+/// `otlp_endpoint`, span export as `service` (the SDK's request spans join
+/// the callers' traces: see `tcc_domain_sdk::telemetry`). Runs inside the
+/// runtime.
+pub fn init_tracing(service: &'static str, otlp_endpoint: Option<&str>) -> anyhow::Result<Tracing> {
+    use tracing_subscriber::{Layer, prelude::*};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // The request spans go to the exporter, not into the log lines.
+        .add_directive("tcc_domain_sdk::telemetry=off".parse()?)
+        .add_directive("tcc_coordinator::telemetry=off".parse()?);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let (telemetry, spans) = match otlp_endpoint {
+        Some(endpoint) => {
+            let (telemetry, layer) =
+                tcc_coordinator::telemetry::Telemetry::start(endpoint, service).map_err(|e| anyhow::anyhow!(e))?;
+            (Some(telemetry), Some(layer))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(logs).with(spans).init();
+    Ok(Tracing(telemetry))
 }
 
 /// A token cancelled on SIGINT or SIGTERM.
@@ -178,6 +211,7 @@ pub async fn serve(
         builder = builder.tls_config(tls.server())?;
     }
     let result = builder
+        .layer(tcc_domain_sdk::telemetry::TraceLayer)
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection)

@@ -47,6 +47,9 @@ pub struct ShopArgs {
     /// Mutual TLS, to the coordinator and the services and for its own API.
     #[command(flatten)]
     pub tls: crate::runtime::TlsArgs,
+    /// Export traces over OTLP/gRPC to this collector.
+    #[arg(long, env = "TCC_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 type Traced = InterceptedService<Channel, PropagateInterceptor>;
@@ -155,6 +158,7 @@ pub async fn run(args: ShopArgs) -> anyhow::Result<()> {
         reconcile_period_ms: 0,
         reconcile_grace_ms: 0,
         tls: args.tls.clone(),
+        otlp_endpoint: None,
     };
     crate::runtime::serve("shop", &["shop.v1.Shop"], &common, routes, shutdown).await
 }

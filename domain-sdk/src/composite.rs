@@ -15,14 +15,16 @@ use futures::FutureExt;
 use tcc_proto::v1::{self, TransactionState, topics_client::TopicsClient, transactions_client::TransactionsClient};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::telemetry::{TraceInterceptor, Traced};
+
 use crate::error::{Error, Result};
 use crate::propagation::PartialContext;
 
 /// A connection to the coordinator.
 #[derive(Clone, Debug)]
 pub struct Coordinator {
-    pub(crate) transactions: TransactionsClient<Channel>,
-    pub(crate) topics: TopicsClient<Channel>,
+    pub(crate) transactions: TransactionsClient<Traced>,
+    pub(crate) topics: TopicsClient<Traced>,
 }
 
 /// The outcome of a decision.
@@ -68,7 +70,10 @@ impl Coordinator {
 
     /// Uses an existing channel.
     pub fn from_channel(channel: Channel) -> Self {
-        Coordinator { transactions: TransactionsClient::new(channel.clone()), topics: TopicsClient::new(channel) }
+        Coordinator {
+            transactions: TransactionsClient::with_interceptor(channel.clone(), TraceInterceptor),
+            topics: TopicsClient::with_interceptor(channel, TraceInterceptor),
+        }
     }
 
     /// Begins a composite transaction for `services`, cancelled by the
@@ -160,7 +165,7 @@ pub struct CompositeTransaction {
     /// When the coordinator cancels it if still undecided (unix ms).
     pub deadline_ms: i64,
     partials: Vec<(String, PartialContext)>,
-    client: TransactionsClient<Channel>,
+    client: TransactionsClient<Traced>,
 }
 
 impl CompositeTransaction {

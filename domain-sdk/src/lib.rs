@@ -89,6 +89,7 @@ pub mod propagation;
 pub mod publisher;
 pub mod registration;
 pub mod reservations;
+pub mod telemetry;
 pub mod tls;
 
 pub use composite::{CompositeTransaction, Coordinator, Outcome};

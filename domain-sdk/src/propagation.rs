@@ -92,13 +92,15 @@ pub fn attach<T>(request: &mut Request<T>, ctx: &PartialContext) {
 }
 
 /// Client interceptor: adds the current task's partial context (see
-/// [`within`]) to every outgoing request.
+/// [`within`]) to every outgoing request, and the current span's trace
+/// context (see [`crate::telemetry`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PropagateInterceptor;
 
 impl tonic::service::Interceptor for PropagateInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let _ = CURRENT.try_with(|ctx| ctx.write(request.metadata_mut()));
+        crate::telemetry::inject(request.metadata_mut());
         Ok(request)
     }
 }

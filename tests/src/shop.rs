@@ -65,21 +65,33 @@ impl Shop {
 
     /// See the module docs.
     pub async fn start_with(customers_extra: &[&str]) -> Result<Self> {
-        let coordinator = Coordinator::start(FAST).await?;
+        Self::start_everywhere(customers_extra, &[]).await
+    }
+
+    /// The shop with every one of the five processes exporting its spans
+    /// to the OTLP collector at `endpoint`.
+    pub async fn start_traced(endpoint: &str) -> Result<Self> {
+        Self::start_everywhere(&[], &["--otlp-endpoint", endpoint]).await
+    }
+
+    /// `all_extra` goes to all five processes, `customers_extra` to
+    /// customers too.
+    async fn start_everywhere(customers_extra: &[&str], all_extra: &[&str]) -> Result<Self> {
+        let mut coordinator_args = FAST.to_vec();
+        coordinator_args.extend(all_extra);
+        let coordinator = Coordinator::start(&coordinator_args).await?;
         let tmp = coordinator.tmp();
-        let customers = Process::start(
-            "shop-customers",
-            "customers",
-            service_args(&coordinator, "customers", customers_extra),
-            tmp.clone(),
-        )
-        .await?;
-        let inventory =
-            Process::start("shop-inventory", "inventory", service_args(&coordinator, "inventory", &[]), tmp.clone())
-                .await?;
-        let orders =
-            Process::start("shop-orders", "orders", service_args(&coordinator, "orders", &[]), tmp.clone()).await?;
-        let shop_args = vec![
+        let with = |extra: &[&str]| -> Vec<String> { extra.iter().chain(all_extra).map(|s| s.to_string()).collect() };
+        let args = |name: &str, extra: &[&str]| {
+            let extra = with(extra);
+            service_args(&coordinator, name, &extra.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let customers =
+            Process::start("shop-customers", "customers", args("customers", customers_extra), tmp.clone()).await?;
+        let inventory = Process::start("shop-inventory", "inventory", args("inventory", &[]), tmp.clone()).await?;
+        let orders = Process::start("shop-orders", "orders", args("orders", &[]), tmp.clone()).await?;
+        let mut shop_args = with(&[]);
+        shop_args.extend([
             "--coordinator".into(),
             coordinator.url(),
             "--customers".into(),
@@ -88,7 +100,7 @@ impl Shop {
             inventory.url(),
             "--orders".into(),
             orders.url(),
-        ];
+        ]);
         let shop = Process::start("shop", "shop", shop_args, tmp).await?;
         Ok(Shop {
             coordinator,

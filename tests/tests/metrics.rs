@@ -104,6 +104,20 @@ async fn metrics_are_served_beside_grpc_and_say_what_happened() -> Result<()> {
             assert!(!body.contains(id.as_str()), "an id in the metrics: {id}");
         }
     }
+    // The plaintext --http-listen serves metrics only: no console page,
+    // and above all none of its actions.
+    for path in ["/", "/api/transactions", &format!("/api/transactions/{}/cancel", active.transaction_id)] {
+        let mut socket = tokio::net::TcpStream::connect(http).await?;
+        let ask = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        socket.write_all(ask.as_bytes()).await?;
+        let mut answer = String::new();
+        socket.read_to_string(&mut answer).await?;
+        assert!(answer.starts_with("HTTP/1.1 404"), "--http-listen answers {path}: {answer}");
+    }
+    let still = tx.get(v1::GetRequest { transaction_id: active.transaction_id.clone() }).await?.into_inner();
+    assert_eq!(still.state, S::Active as i32, "cancelled through --http-listen");
     // An unknown path is not a label of its own.
     let mut grpc = tonic::client::Grpc::new(c.channel().await?);
     grpc.ready().await?;

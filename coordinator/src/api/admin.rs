@@ -47,16 +47,18 @@ fn name(caller: &Caller) -> &str {
 }
 
 /// Watch over one transaction: its current state, then every change,
-/// until it is finished or the client goes away.
-async fn watch_one(
+/// until it is finished or the client goes away. Each record is sent as
+/// `view` makes it (a gRPC message here, JSON for the console).
+pub(super) async fn watch_one<T>(
     engine: Arc<Engine>,
     id: TxnId,
     current: TxnRecord,
     mut changes: tokio::sync::broadcast::Receiver<Arc<TxnRecord>>,
-    out: tokio::sync::mpsc::Sender<Result<v1::Transaction, Status>>,
+    out: tokio::sync::mpsc::Sender<Result<T, Status>>,
+    view: fn(&TxnRecord) -> T,
 ) {
     let mut last = current.version;
-    if out.send(Ok(convert::transaction(&current))).await.is_err() || current.state.is_finished() {
+    if out.send(Ok(view(&current))).await.is_err() || current.state.is_finished() {
         return;
     }
     loop {
@@ -83,19 +85,24 @@ async fn watch_one(
             continue;
         }
         last = txn.version;
-        if out.send(Ok(convert::transaction(&txn))).await.is_err() || txn.state.is_finished() {
+        if out.send(Ok(view(&txn))).await.is_err() || txn.state.is_finished() {
             return;
         }
     }
 }
 
 /// Watch over every transaction whose new state is in `states` (all when
-/// empty), until the client goes away.
-async fn watch_all(
+/// empty), until the client goes away; sent as `view` makes them. A
+/// watcher that fell behind skips the changes it missed and is sent
+/// `lagged(missed)`, when that gives something (the console then reloads
+/// its list; a gRPC stream has no such message).
+pub(super) async fn watch_all<T>(
     engine: Arc<Engine>,
     states: Vec<TxnState>,
     mut changes: tokio::sync::broadcast::Receiver<Arc<TxnRecord>>,
-    out: tokio::sync::mpsc::Sender<Result<v1::Transaction, Status>>,
+    out: tokio::sync::mpsc::Sender<Result<T, Status>>,
+    view: fn(&TxnRecord) -> T,
+    lagged: fn(u64) -> Option<T>,
 ) {
     loop {
         let txn = tokio::select! {
@@ -105,13 +112,17 @@ async fn watch_all(
                 Ok(txn) => txn,
                 Err(RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "a Watch fell behind and skipped {missed} changes");
+                    if let Some(notice) = lagged(missed) {
+                        if out.send(Ok(notice)).await.is_err() {
+                            return;
+                        }
+                    }
                     continue;
                 }
                 Err(RecvError::Closed) => return,
             },
         };
-        if (states.is_empty() || states.contains(&txn.state)) && out.send(Ok(convert::transaction(&txn))).await.is_err()
-        {
+        if (states.is_empty() || states.contains(&txn.state)) && out.send(Ok(view(&txn))).await.is_err() {
             return;
         }
     }
@@ -183,14 +194,14 @@ impl Admin for AdminApi {
                     states.push(s);
                 }
             }
-            tokio::spawn(watch_all(engine, states, changes, out));
+            tokio::spawn(watch_all(engine, states, changes, out, convert::transaction, |_| None));
         } else {
             if !req.states.is_empty() {
                 return Err(Status::invalid_argument("give either transaction_id or states, not both"));
             }
             let id = TxnId::parse("transaction_id", &req.transaction_id)?;
             let current = self.engine.get(id).await?;
-            tokio::spawn(watch_one(engine, id, current, changes, out));
+            tokio::spawn(watch_one(engine, id, current, changes, out, convert::transaction));
         }
         Ok(Response::new(ReceiverStream::new(stream)))
     }

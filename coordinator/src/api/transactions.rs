@@ -63,7 +63,9 @@ impl Transactions for TransactionsApi {
         let caller = self.access.caller(&request, "Transactions.Begin")?;
         let owner = self.access.begin(&caller, "Transactions.Begin")?;
         let req = request.into_inner();
-        let txn = self.engine.begin(req.participants, req.timeout_ms, owner).await?;
+        // Phase-2 calls join the trace of this Begin (see `telemetry`).
+        let trace = crate::telemetry::current();
+        let txn = self.engine.begin(req.participants, req.timeout_ms, owner, trace).await?;
         Ok(Response::new(v1::BeginResponse {
             transaction_id: txn.id.to_string(),
             partials: txn

@@ -178,15 +178,37 @@ impl Access {
     /// when a policy is enforced and the request carries no identity that
     /// holds up.
     pub fn caller<T>(&self, request: &tonic::Request<T>, rpc: &'static str) -> Result<Caller> {
+        let authorization = request.metadata().get("authorization").map(|v| v.to_str().unwrap_or(""));
+        self.identify(request.extensions(), authorization, request.remote_addr(), rpc)
+    }
+
+    /// [`Access::caller`] for a plain HTTP request (the console): the same
+    /// identities, from the same client certificate or bearer token.
+    pub fn http_caller(&self, parts: &http::request::Parts, rpc: &'static str) -> Result<Caller> {
+        let authorization = parts.headers.get(http::header::AUTHORIZATION).map(|v| v.to_str().unwrap_or(""));
+        let peer =
+            parts.extensions.get::<tonic::transport::server::TcpConnectInfo>().and_then(|info| info.remote_addr());
+        self.identify(&parts.extensions, authorization, peer, rpc)
+    }
+
+    /// Who is calling, from the connection's client certificate (a
+    /// [`PeerCert`] extension) and the `authorization` header, if any (an
+    /// unreadable header is given as "").
+    fn identify(
+        &self,
+        extensions: &http::Extensions,
+        authorization: Option<&str>,
+        peer: Option<SocketAddr>,
+        rpc: &'static str,
+    ) -> Result<Caller> {
         let Some(r) = &self.rules else { return Ok(Caller::Anyone) };
-        let peer = request.remote_addr();
         let refuse = |why: String| refused(Error::Unauthenticated(format!("{rpc}: {why}")), rpc, None, peer);
-        let cert = request.extensions().get::<PeerCert>().cloned().unwrap_or_default();
-        let token = match request.metadata().get("authorization") {
+        let cert = extensions.get::<PeerCert>().cloned().unwrap_or_default();
+        let token = match authorization {
             None => None,
             Some(value) => {
                 // The scheme is case-insensitive (RFC 7235).
-                let text = value.to_str().ok().and_then(|v| {
+                let text = Some(value).and_then(|v| {
                     let (scheme, token) = v.split_once(' ')?;
                     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
                 });

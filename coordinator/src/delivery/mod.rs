@@ -70,6 +70,8 @@ struct Call {
     /// (a retry reads the topic again rather than every delivery keeping a
     /// copy: a decided topic never changes).
     request: Option<Phase2Call>,
+    /// The transaction's trace context (`traceparent`, empty if none).
+    trace: Arc<str>,
     /// The transaction's "deliver now" count when this call last waited.
     kicks_seen: u64,
     attempts: u32,
@@ -216,17 +218,31 @@ impl Delivery {
     /// acknowledging at once, costs one write per transaction); those not
     /// done, and those backing off, then retry on their own.
     async fn deliver_all(&self, plan: DeliveryPlan) {
-        let DeliveryPlan { txn, decision, pending } = plan;
-        let calls = pending.into_iter().map(|(idx, p)| async move {
-            match self.request(txn, decision, &p).await {
-                Ok(request) => {
-                    let (attempts, next_at) = (p.attempts, p.next_attempt_ms);
-                    let kicks_seen = lock(&self.kicks).get(&txn).map_or(0, |k| *k.borrow());
-                    Some(Call { txn, decision, idx, attempts, next_at, p, request: Some(request), kicks_seen })
-                }
-                Err(e) => {
-                    error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
-                    None
+        let DeliveryPlan { txn, decision, pending, trace } = plan;
+        let trace: Arc<str> = trace.into();
+        let calls = pending.into_iter().map(|(idx, p)| {
+            let trace = trace.clone();
+            async move {
+                match self.request(txn, decision, &p, &trace).await {
+                    Ok(request) => {
+                        let (attempts, next_at) = (p.attempts, p.next_attempt_ms);
+                        let kicks_seen = lock(&self.kicks).get(&txn).map_or(0, |k| *k.borrow());
+                        Some(Call {
+                            txn,
+                            decision,
+                            idx,
+                            attempts,
+                            next_at,
+                            p,
+                            request: Some(request),
+                            trace,
+                            kicks_seen,
+                        })
+                    }
+                    Err(e) => {
+                        error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
+                        None
+                    }
                 }
             }
         });
@@ -311,7 +327,7 @@ impl Delivery {
         }
         let request = match call.request.take() {
             Some(r) => r,
-            None => match self.request(txn, call.decision, p).await {
+            None => match self.request(txn, call.decision, p, &call.trace).await {
                 Ok(r) => r,
                 Err(e) => {
                     error!(txn = %txn, partial = %p.partial_id, cause = %e, "cannot read topic for delivery");
@@ -378,9 +394,10 @@ impl Delivery {
         })
     }
 
-    async fn request(&self, txn: TxnId, decision: Decision, p: &ParticipantRecord) -> Result<Phase2Call> {
+    async fn request(&self, txn: TxnId, decision: Decision, p: &ParticipantRecord, trace: &str) -> Result<Phase2Call> {
         let commands = self.engine.commands(p.partial_id).await?;
-        Ok(Phase2Call { txn, partial: p.partial_id, service: p.service.clone(), decision, commands })
+        let trace = trace.to_string();
+        Ok(Phase2Call { txn, partial: p.partial_id, service: p.service.clone(), decision, commands, trace })
     }
 
     /// Sleeps, or returns at once on shutdown.

@@ -32,6 +32,9 @@ pub struct Phase2Call {
     pub decision: Decision,
     /// The partial's whole topic, in order.
     pub commands: Vec<CommandRecord>,
+    /// The transaction's trace context (`traceparent`; empty if none):
+    /// the call joins that trace.
+    pub trace: String,
 }
 
 /// Why a phase-2 call did not succeed.
@@ -85,10 +88,22 @@ impl Transport for GrpcTransport {
                 .collect(),
         });
         req.set_timeout(timeout);
+        let span = crate::telemetry::enabled().then(|| {
+            let verb = if decision == Decision::Confirm { "Commit" } else { "Rollback" };
+            let span = crate::telemetry::phase2_span(&call.trace, verb, &service, &call.txn.to_string());
+            span.in_scope(|| crate::telemetry::inject(req.metadata_mut()));
+            span
+        });
         let rpc = async {
             match decision {
                 Decision::Confirm => client.commit(req).await,
                 Decision::Cancel => client.rollback(req).await,
+            }
+        };
+        let rpc = async move {
+            match span {
+                Some(span) => tracing::Instrument::instrument(rpc, span).await,
+                None => rpc.await,
             }
         };
         // The grpc-timeout header asks the server to give up; this bounds the

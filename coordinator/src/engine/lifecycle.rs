@@ -19,12 +19,21 @@ pub struct DeliveryPlan {
     pub decision: Decision,
     /// Pending participants with their index.
     pub pending: Vec<(usize, ParticipantRecord)>,
+    /// The transaction's trace context (`traceparent`; empty if none).
+    pub trace: String,
 }
 
 impl Engine {
     /// Begins a transaction for `services` with `timeout_ms` (0 = default),
-    /// owned by the identity `owner` (empty when the coordinator runs open).
-    pub async fn begin(&self, services: Vec<String>, timeout_ms: u64, owner: String) -> Result<TxnRecord> {
+    /// owned by the identity `owner` (empty when the coordinator runs open),
+    /// in the trace `trace` (a W3C `traceparent`; empty when untraced).
+    pub async fn begin(
+        &self,
+        services: Vec<String>,
+        timeout_ms: u64,
+        owner: String,
+        trace: String,
+    ) -> Result<TxnRecord> {
         validate::participants(&self.limits, &services)?;
         let timeout = validate::timeout_ms(&self.limits, timeout_ms)?;
         let now = self.clock.now_ms();
@@ -32,6 +41,7 @@ impl Engine {
         let mut txn = TxnRecord::new(self.entropy.txn_id(now), parts, now, now.saturating_add(timeout as i64));
         txn.version = 1;
         txn.owner = owner;
+        txn.trace = trace;
         self.store.create_txn(&txn).await?;
         self.announce(&txn);
         crate::metrics::begun();
@@ -193,7 +203,7 @@ impl Engine {
                     .filter(|(_, p)| p.status == Phase2Status::Pending)
                     .map(|(i, p)| (i, p.clone()))
                     .collect();
-                Ok(Some(DeliveryPlan { txn: id, decision, pending }))
+                Ok(Some(DeliveryPlan { txn: id, decision, pending, trace: guard.trace.clone() }))
             }
             .await
         )

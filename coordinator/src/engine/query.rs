@@ -98,6 +98,14 @@ impl Engine {
         Ok(live.record.lock().await.clone())
     }
 
+    /// When the oldest unfinished (ACTIVE, CONFIRMING, CANCELLING)
+    /// transaction was created (unix ms), if there is one.
+    pub async fn oldest_unfinished_created_ms(&self) -> Result<Option<i64>> {
+        use crate::model::TxnState::*;
+        let page = self.list(&[Active, Confirming, Cancelling], 0, 1, None).await?;
+        Ok(page.transactions.first().map(|t| t.created_ms))
+    }
+
     /// Lists transactions, oldest first, in the given states (all if empty)
     /// created at least `min_age_ms` ago (0: any), starting after `after`. Every
     /// record is judged by its own creation time: a record that looks

@@ -170,6 +170,12 @@ pub struct TxnRecord {
     /// dropped). Encoded after the owner by [`TxnRecord::encode`].
     #[serde(skip)]
     pub history: Vec<HistoryEntry>,
+    /// The W3C trace context (`traceparent`) of the Begin call, when the
+    /// caller sent one: phase-2 calls join that trace, after a restart
+    /// too. Empty otherwise. Encoded after the history by
+    /// [`TxnRecord::encode`].
+    #[serde(skip)]
+    pub trace: String,
 }
 
 /// The most history entries a transaction keeps.
@@ -191,16 +197,21 @@ impl TxnRecord {
     /// The stored encoding (without the version, which the store keeps
     /// beside it): postcard of the record; then, when it has an owner or a
     /// history, postcard of the owner; then, when it has a history,
-    /// postcard of the history. Records written before owners and
-    /// histories existed are just the first part.
+    /// postcard of the history; then, when it has a trace context,
+    /// postcard of that. Records written before owners and histories
+    /// existed are just the first part.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         let encode_error = |e: postcard::Error| format!("cannot encode record: {e}");
         let mut out = postcard::to_stdvec(self).map_err(encode_error)?;
-        if !self.owner.is_empty() || !self.history.is_empty() {
+        let (trace, history) = (!self.trace.is_empty(), !self.history.is_empty() || !self.trace.is_empty());
+        if !self.owner.is_empty() || history {
             out.extend(postcard::to_stdvec(&self.owner).map_err(encode_error)?);
         }
-        if !self.history.is_empty() {
+        if history {
             out.extend(postcard::to_stdvec(&self.history).map_err(encode_error)?);
+        }
+        if trace {
+            out.extend(postcard::to_stdvec(&self.trace).map_err(encode_error)?);
         }
         Ok(out)
     }
@@ -218,10 +229,19 @@ impl TxnRecord {
         if !rest.is_empty() {
             let (history, rest): (Vec<HistoryEntry>, _) =
                 postcard::take_from_bytes(rest).map_err(|e| format!("unreadable history: {e}"))?;
-            if !rest.is_empty() {
-                return Err(format!("{} trailing bytes", rest.len()));
-            }
             txn.history = history;
+            if !rest.is_empty() {
+                let (trace, rest): (String, _) =
+                    postcard::take_from_bytes(rest).map_err(|e| format!("unreadable trace context: {e}"))?;
+                if !rest.is_empty() {
+                    return Err(format!("{} trailing bytes", rest.len()));
+                }
+                // Never written empty: an empty one is damage.
+                if trace.is_empty() {
+                    return Err("an empty trace context".to_string());
+                }
+                txn.trace = trace;
+            }
         }
         Ok(txn)
     }
@@ -249,6 +269,7 @@ impl TxnRecord {
             reason: String::new(),
             owner: String::new(),
             history: vec![HistoryEntry { at_ms: now_ms, state: TxnState::Active, cause: "begun".to_string() }],
+            trace: String::new(),
         }
     }
 
@@ -342,10 +363,22 @@ mod tests {
         t.owner.clear();
         let new = t.encode()?;
         assert_eq!(TxnRecord::decode(&new)?, t);
-        // Anything after the owner is damage, not ignored.
+        // Anything after the history is damage, not ignored.
         let mut longer = new.clone();
         longer.push(0);
         assert!(TxnRecord::decode(&longer).is_err());
+        // A trace context comes after the history, with or without an owner.
+        t.trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+        let traced = t.encode()?;
+        assert_eq!(TxnRecord::decode(&traced)?, t);
+        t.owner = "shop".into();
+        assert_eq!(TxnRecord::decode(&t.encode()?)?, t);
+        let mut longer = traced.clone();
+        longer.push(0);
+        assert!(TxnRecord::decode(&longer).is_err());
+        // Records written before trace contexts read without one.
+        t.trace.clear();
+        assert_eq!(TxnRecord::decode(&t.encode()?)?.trace, "");
         Ok(())
     }
 

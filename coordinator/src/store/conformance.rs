@@ -138,15 +138,19 @@ pub async fn create_get_update_round_trip<H: Harness>(h: &H) -> Result<()> {
     s.update_txn(&t, None).await?;
     check(s.get_txn(t.id).await? == Some(t.clone()), "second update reads back")?;
     check(s.get_txn(TxnId::new()).await?.is_none(), "missing txn is None")?;
-    // The owner (who began it) is kept, through updates and a reopen.
+    // The owner (who began it) and the trace context are kept, through
+    // updates and a reopen.
     let mut owned = txn(&["a"]);
     owned.owner = "shop".into();
+    owned.trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
     s.create_txn(&owned).await?;
     step(&mut owned, Event::Cancel { reason: "r".into() }, 3_000)?;
     s.update_txn(&owned, None).await?;
     drop(s);
     let s = h.open().await?;
-    check(s.get_txn(owned.id).await?.map(|b| b.owner) == Some("shop".into()), "owner reads back after reopen")?;
+    let back = s.get_txn(owned.id).await?;
+    check(back.as_ref().map(|b| b.owner.as_str()) == Some("shop"), "owner reads back after reopen")?;
+    check(back.map(|b| b.trace) == Some(owned.trace.clone()), "trace context reads back after reopen")?;
     check(s.get_txn(t.id).await?.map(|b| b.owner) == Some(String::new()), "no owner reads back as none")
 }
 

@@ -13,6 +13,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing();
-    exit_code("shop-customers", tcc_demo_services::customers::run(args.common).await)
+    let tracing = match init_tracing("customers", args.common.otlp_endpoint.as_deref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code("shop-customers", Err(e)),
+    };
+    let result = tcc_demo_services::customers::run(args.common).await;
+    tracing.finish().await;
+    exit_code("shop-customers", result)
 }

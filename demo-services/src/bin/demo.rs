@@ -66,8 +66,13 @@ fn tls_args(dir: &std::path::Path, identity: &str) -> TlsArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing();
-    exit_code("shop-demo", run(args).await)
+    let tracing = match init_tracing("shop-demo", None) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code("shop-demo", Err(e)),
+    };
+    let result = run(args).await;
+    tracing.finish().await;
+    exit_code("shop-demo", result)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -122,6 +127,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         reconcile_period_ms: 2_000,
         reconcile_grace_ms: 5_000,
         tls: tls(name),
+        otlp_endpoint: None,
     };
     let mut services = tokio::task::JoinSet::new();
     services.spawn(customers::run(common(1, "customers")));
@@ -136,6 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         timeout_ms: 10_000,
         wait_ms: 10_000,
         tls: tls("shop"),
+        otlp_endpoint: None,
     }));
 
     let (customers_url, inventory_url) = (url(1), url(2));

@@ -13,6 +13,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing();
-    exit_code("shop-inventory", tcc_demo_services::inventory::run(args.common).await)
+    let tracing = match init_tracing("inventory", args.common.otlp_endpoint.as_deref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code("shop-inventory", Err(e)),
+    };
+    let result = tcc_demo_services::inventory::run(args.common).await;
+    tracing.finish().await;
+    exit_code("shop-inventory", result)
 }

@@ -13,6 +13,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing();
-    exit_code("shop-orders", tcc_demo_services::orders::run(args.common).await)
+    let tracing = match init_tracing("orders", args.common.otlp_endpoint.as_deref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code("shop-orders", Err(e)),
+    };
+    let result = tcc_demo_services::orders::run(args.common).await;
+    tracing.finish().await;
+    exit_code("shop-orders", result)
 }

@@ -14,6 +14,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    init_tracing();
-    exit_code("shop", tcc_demo_services::shop::run(args.shop).await)
+    let tracing = match init_tracing("shop", args.shop.otlp_endpoint.as_deref()) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code("shop", Err(e)),
+    };
+    let result = tcc_demo_services::shop::run(args.shop).await;
+    tracing.finish().await;
+    exit_code("shop", result)
 }
