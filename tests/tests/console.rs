@@ -100,7 +100,9 @@ async fn the_console_api_lists_searches_shows_acts_and_streams() -> Result<()> {
         assert!(!res.text().await?.trim().is_empty(), "{asset} is empty");
     }
 
-    // The list and its filters.
+    // The list and its filters; live state, never cached.
+    let res = http().get(format!("{}/api/transactions", c.url())).send().await?;
+    assert_eq!(res.headers().get("cache-control").and_then(|v| v.to_str().ok()), Some("no-store"));
     let (status, all) = get_json(&c, "/api/transactions", None).await?;
     assert_eq!(status, 200, "{all}");
     assert_eq!(ids(&all), vec![id.clone()]);
@@ -446,6 +448,22 @@ impl Browser {
         }
     }
 
+    /// Waits until exactly `n` elements match `css`.
+    async fn wait_count(&self, css: &str, n: usize) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + SHOWN;
+        loop {
+            let found = self.client.find_all(Locator::Css(css)).await?.len();
+            if found == n {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{found} elements match {css} after {SHOWN:?}, not {n}");
+            }
+            // As in wait_css_text: the DOM is polled.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Ends the session (Chromium exits), then the rest goes with the
     /// process group.
     async fn close(self) -> Result<()> {
@@ -495,9 +513,8 @@ async fn in_chromium_the_console_opens_a_failed_transaction_retries_it_and_updat
     // The filter narrows the list.
     browser.find("select#filter-state option[value='FAILED_TO_CONFIRM']").await?.click().await?;
     browser.find("button#filter-apply").await?.click().await?;
+    browser.wait_count("tr.txn-row", 1).await?;
     browser.wait_css_text(&format!("tr.txn-row[data-txn-id='{id}'] td.state"), "FAILED_TO_CONFIRM").await?;
-    let rows = browser.client.find_all(Locator::Css("tr.txn-row")).await?;
-    assert_eq!(rows.len(), 1, "the state filter left other rows");
 
     // Open the failed one: participants, the error, the history, the commands.
     browser.find(&format!("tr.txn-row[data-txn-id='{id}'] a.txn-link")).await?.click().await?;

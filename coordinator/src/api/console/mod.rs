@@ -122,42 +122,60 @@ impl Console {
 /// `Host` asked for, and, when `enforced` is false (anyone may act), a
 /// `Host` that is neither an IP address nor `localhost` (DNS rebinding).
 fn same_origin(parts: &Parts, enforced: bool) -> Result<(), String> {
-    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or(parts.uri.host()).unwrap_or("");
+    // HTTP/1.1 names the host in `Host`; HTTP/2 (what browsers speak over
+    // TLS) in the `:authority` pseudo-header, which is the URI's.
+    let asked = match parts.headers.get(header::HOST) {
+        Some(h) => h.to_str().ok().and_then(|h| h.parse::<http::uri::Authority>().ok()),
+        None => parts.uri.authority().cloned(),
+    };
+    let Some(asked) = asked else {
+        return Err("the request names no host (or an unreadable one)".to_string());
+    };
     if let Some(origin) = parts.headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("");
-        let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
-        if !origin_host.eq_ignore_ascii_case(host) {
+        let text = origin.to_str().unwrap_or("");
+        let from = text.parse::<http::Uri>().ok().and_then(|u| {
+            let scheme = u.scheme_str()?.to_ascii_lowercase();
+            let default = if scheme == "https" { 443 } else { 80 };
+            let a = u.authority()?;
+            Some((a.host().to_ascii_lowercase(), a.port_u16().unwrap_or(default), default))
+        });
+        let same = from.is_some_and(|(host, port, default)| {
+            host.eq_ignore_ascii_case(asked.host()) && port == asked.port_u16().unwrap_or(default)
+        });
+        if !same {
             return Err(format!(
-                "the request comes from the web page {origin:?}, not from the console at {host:?}; \
-                 the console's API answers only its own page"
+                "the request comes from the web page {text:?}, not from the console at {:?}; \
+                 the console's API answers only its own page",
+                asked.as_str()
             ));
         }
     }
     if !enforced {
-        let name = match host.strip_prefix('[') {
-            Some(v6) => v6.split_once(']').map_or(v6, |(ip, _)| ip),
-            None => host.rsplit_once(':').filter(|(_, port)| port.parse::<u16>().is_ok()).map_or(host, |(h, _)| h),
-        };
+        let name = asked.host().trim_start_matches('[').trim_end_matches(']');
         let local = name.parse::<std::net::IpAddr>().is_ok()
             || name.eq_ignore_ascii_case("localhost")
             || name.to_ascii_lowercase().ends_with(".localhost");
         if !local {
             return Err(format!(
                 "with no policy (anyone may act) the console answers only requests for an IP address or localhost, \
-                 and this one is for {host:?} (a page may have pointed its own name at this port); \
-                 use the address, or run with --policy"
+                 and this one is for {:?} (a page may have pointed its own name at this port); \
+                 use the address, or run with --policy",
+                asked.as_str()
             ));
         }
     }
     Ok(())
 }
 
+/// Answers of the API are never cached: they are live state.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// The console's routes: the page at `/`, the API under `/api/`.
 pub fn router(console: Arc<Console>) -> Router {
-    Router::new()
-        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
-        .route("/console.js", get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }))
-        .route("/console.css", get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }))
+    let api = Router::new()
         .route("/api/summary", get(summary))
         .route("/api/transactions", get(list))
         .route("/api/search", get(search))
@@ -165,7 +183,13 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/api/transactions/{id}/{action}", post(act))
         .route("/api/endpoints", get(endpoints))
         .route("/api/watch", get(watch))
-        .with_state(console)
+        .layer(axum::middleware::map_response(no_store))
+        .with_state(console);
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/console.js", get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }))
+        .route("/console.css", get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }))
+        .merge(api)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -603,10 +627,14 @@ async fn act(
     let txn = match action.as_str() {
         "retry" => c.engine.retry(id, by).await?,
         "cancel" => {
+            // The history keeps who cancelled, with the reason given.
+            let who = if by.is_empty() { String::new() } else { format!(" by {by}") };
             let reason = if body.reason.trim().is_empty() {
-                format!("cancelled from the console{}", if by.is_empty() { String::new() } else { format!(" by {by}") })
-            } else {
+                format!("cancelled from the console{who}")
+            } else if by.is_empty() {
                 body.reason.clone()
+            } else {
+                format!("{} (cancelled from the console{who})", body.reason)
             };
             c.engine.cancel(id, reason).await?
         }
@@ -737,6 +765,11 @@ mod tests {
         };
         let cases = [
             ("127.0.0.1:50051", None, false, true),
+            ("localhost", Some("http://localhost:80"), false, true),
+            ("tcc.internal", Some("https://tcc.internal"), true, true),
+            ("tcc.internal:443", Some("https://tcc.internal"), true, true),
+            ("tcc.internal", Some("https://tcc.internal:50051"), true, false),
+            ("127.0.0.1:50051", Some("http://127.0.0.1:50052"), false, false),
             ("127.0.0.1:50051", Some("http://127.0.0.1:50051"), false, true),
             ("localhost:50051", Some("http://localhost:50051"), false, true),
             ("[::1]:50051", None, false, true),
@@ -756,6 +789,22 @@ mod tests {
             let Ok(p) = parts(host, origin) else { panic!("bad test request {host}") };
             assert_eq!(same_origin(&p, enforced).is_ok(), ok, "{host} {origin:?} enforced={enforced}");
         }
+        // HTTP/2: no Host header, the authority is the URI's (port kept).
+        let h2 = |origin: &str| {
+            http::Request::builder()
+                .uri("https://tcc.internal:50051/api/transactions/x/retry")
+                .header(header::ORIGIN, origin)
+                .body(())
+                .map(|r| r.into_parts().0)
+        };
+        let Ok(same) = h2("https://tcc.internal:50051") else { panic!("bad test request") };
+        assert!(same_origin(&same, true).is_ok(), "an HTTP/2 request from the console's own page");
+        let Ok(other) = h2("https://tcc.internal:50052") else { panic!("bad test request") };
+        assert!(same_origin(&other, true).is_err(), "an HTTP/2 request from another port");
+        let Ok(none) = http::Request::builder().uri("/api/summary").body(()).map(|r| r.into_parts().0) else {
+            panic!("bad test request")
+        };
+        assert!(same_origin(&none, true).is_err(), "a request that names no host");
     }
 
     #[test]

@@ -82,10 +82,11 @@ function post(path, body) {
 }
 
 /// Reads the Server-Sent Events of `path` until it ends or `signal`
-/// aborts; calls `onData(object)` per `data:` event, and `onResync()` when
-/// the server says changes were skipped. Resolves when the stream ends;
-/// rejects on an error (an `error` event included).
-async function stream(path, signal, onData, onResync) {
+/// aborts. Calls `on.open()` once the server has answered (it is
+/// subscribed from then on), `on.data(object)` per `data:` event, and
+/// `on.resync()` when the server says changes were skipped. Resolves when
+/// the stream ends; rejects on an error (an `error` event included).
+async function stream(path, signal, on) {
   const res = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal });
   if (!res.ok) {
     let body = null;
@@ -101,6 +102,7 @@ async function stream(path, signal, onData, onResync) {
   const decoder = new TextDecoder();
   let buffer = "";
   setLive(true);
+  if (on.open) on.open();
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
@@ -118,11 +120,11 @@ async function stream(path, signal, onData, onResync) {
       if (data.length === 0) continue;
       if (event === "error") throw new ApiError(0, "STREAM", data.join("\n"));
       if (event === "resync") {
-        if (onResync) onResync();
+        if (on.resync) on.resync();
         continue;
       }
       try {
-        onData(JSON.parse(data.join("\n")));
+        on.data(JSON.parse(data.join("\n")));
       } catch (e) {
         console.error("bad event", e);
       }
@@ -131,28 +133,47 @@ async function stream(path, signal, onData, onResync) {
 }
 
 /// Keeps `stream(path)` open while `signal` has not aborted: reconnects
-/// after a second when it drops (unless `until()` says it is done), and
-/// then calls `onResync()`, since changes may have been missed meanwhile.
-async function keepStreaming(path, signal, onData, until, onResync) {
-  let first = true;
-  while (!signal.aborted) {
-    try {
-      const opened = stream(path, signal, onData, onResync);
-      if (!first && onResync) onResync();
-      first = false;
-      await opened;
-      if (until && until()) return;
-    } catch (e) {
-      if (signal.aborted) return;
-      if (e instanceof ApiError && e.status >= 400 && e.status < 500) {
-        showError(e);
-        setLive(false);
-        return;
+/// after a second when it drops (unless `on.until()` says it is done), and
+/// then calls `on.resync()`, since changes may have been missed meanwhile.
+/// Returns a promise that resolves once the first connection is open (or
+/// has failed): what is read after it misses no change.
+function keepStreaming(path, signal, on) {
+  let opened;
+  const first = new Promise((resolve) => {
+    opened = resolve;
+  });
+  signal.addEventListener("abort", () => opened());
+  (async () => {
+    let reconnected = false;
+    while (!signal.aborted) {
+      try {
+        await stream(path, signal, {
+          data: on.data,
+          resync: on.resync,
+          open: () => {
+            opened();
+            if (reconnected && on.resync) on.resync();
+          },
+        });
+        if (on.until && on.until()) return;
+      } catch (e) {
+        if (signal.aborted) return;
+        if (e instanceof ApiError && e.status >= 400 && e.status < 500) {
+          showError(e);
+          setLive(false);
+          opened();
+          return;
+        }
       }
+      // A first try that failed: the page goes on without live updates
+      // until a reconnection works.
+      opened();
+      reconnected = true;
+      setLive(false);
+      await new Promise((resolve) => setTimeout(resolve, 1000));
     }
-    setLive(false);
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-  }
+  })();
+  return first;
 }
 
 // ------------------------------------------------------------ page parts
@@ -238,8 +259,22 @@ function summarySoon() {
 // ---------------------------------------------------------- list of txns
 
 const filters = { states: "", minAgeMs: 0, service: "" };
+/// The rows shown, by transaction id (each row keeps its version).
 let listRows = new Map();
 let nextToken = "";
+/// The newest page request: answers to older ones are dropped.
+let loadSeq = 0;
+/// While the first page is read: the changes streamed meanwhile (by id,
+/// the newest of each), which may be newer than what the page says.
+let meanwhile = null;
+
+function onListChange(t) {
+  if (meanwhile) {
+    const seen = meanwhile.get(t.transaction_id);
+    if (!seen || seen.version < t.version) meanwhile.set(t.transaction_id, t);
+  }
+  upsertRow(t);
+}
 
 function filterQuery() {
   const q = new URLSearchParams();
@@ -268,8 +303,9 @@ function txnRow(t) {
     el("td", { class: "reason" }, t.reason));
 }
 
-/// Puts `t` in the list: replaces its row if it is there and older; adds
-/// it at the end if it matches the filters and the list is complete.
+/// Puts `t` in the list: replaces its row if it is there and older (even
+/// if it no longer matches the filters: the operator sees what became of
+/// it); adds it at the end if it matches them and the list is complete.
 function upsertRow(t) {
   const tbody = $("txns").tBodies[0];
   const old = listRows.get(t.transaction_id);
@@ -287,16 +323,24 @@ function upsertRow(t) {
   $("list-empty").hidden = true;
 }
 
+/// Reads the first page (`first`: the list starts again) or the next one.
 async function loadPage(first) {
+  const seq = ++loadSeq;
   const q = filterQuery();
   if (!first && nextToken) q.set("page_token", nextToken);
+  if (first) meanwhile = new Map();
   const page = await api(`/api/transactions?${q}`);
+  if (seq !== loadSeq) return;
+  const newer = first ? meanwhile : new Map();
   const tbody = $("txns").tBodies[0];
   if (first) {
+    meanwhile = null;
     tbody.replaceChildren();
     listRows = new Map();
   }
-  for (const t of page.transactions) {
+  for (const read of page.transactions) {
+    const streamed = newer.get(read.transaction_id);
+    const t = streamed && streamed.version > read.version ? streamed : read;
     const old = listRows.get(t.transaction_id);
     if (old && Number(old.dataset.version) >= t.version) continue;
     const row = txnRow(t);
@@ -305,6 +349,8 @@ async function loadPage(first) {
     listRows.set(t.transaction_id, row);
   }
   nextToken = page.next_page_token;
+  // Transactions begun while the page was read.
+  for (const t of newer.values()) upsertRow(t);
   $("more").hidden = !nextToken;
   $("list-empty").hidden = listRows.size > 0 || Boolean(nextToken);
 }
@@ -325,15 +371,20 @@ async function showList(signal) {
       if (!signal.aborted) loadPage(true).catch(showError);
     }, 1000);
   };
-  keepStreaming("/api/watch", signal, (t) => {
-    upsertRow(t);
-    summarySoon();
-  }, null, resync);
-  await loadPage(true);
+  await keepStreaming("/api/watch", signal, {
+    data: (t) => {
+      onListChange(t);
+      summarySoon();
+    },
+    resync,
+  });
+  if (!signal.aborted) await loadPage(true);
 }
 
 // --------------------------------------------------------- one transaction
 
+/// The transaction on the page: its id, and the newest record of it.
+let shownId = null;
 let shown = null;
 
 function fact(name, value) {
@@ -341,7 +392,7 @@ function fact(name, value) {
 }
 
 function renderTxn(t) {
-  if (shown && shown.version > t.version) return;
+  if (t.transaction_id !== shownId || (shown && shown.version > t.version)) return;
   shown = t;
   $("txn-id").textContent = t.transaction_id;
   const state = $("txn-state");
@@ -408,6 +459,7 @@ function payload(c) {
 
 async function showTxn(id, signal) {
   $("view-txn").hidden = false;
+  shownId = id;
   shown = null;
   const detail = await api(`/api/transactions/${encodeURIComponent(id)}`);
   if (signal.aborted) return;
@@ -415,10 +467,13 @@ async function showTxn(id, signal) {
   renderCommands(detail.commands);
   // The stream starts with the current state, so a reconnection misses
   // nothing.
-  keepStreaming(`/api/watch?transaction_id=${encodeURIComponent(id)}`, signal, (t) => {
-    renderTxn(t);
-    summarySoon();
-  }, () => shown && (shown.state === "CONFIRMED" || shown.state === "CANCELLED"));
+  keepStreaming(`/api/watch?transaction_id=${encodeURIComponent(id)}`, signal, {
+    data: (t) => {
+      renderTxn(t);
+      summarySoon();
+    },
+    until: () => shown && (shown.state === "CONFIRMED" || shown.state === "CANCELLED"),
+  });
 }
 
 // ---------------------------------------------------------------- actions
@@ -458,31 +513,45 @@ function confirmAction(text, okLabel, reasonLabel, needReason, act) {
   dialog.showModal();
 }
 
-function actionPath(action) {
-  return `/api/transactions/${encodeURIComponent(shown.transaction_id)}/${action}`;
+function actionPath(id, action) {
+  return `/api/transactions/${encodeURIComponent(id)}/${action}`;
 }
 
 function wireActions() {
   $("confirm-back").addEventListener("click", () => $("confirm").close());
+  // Each action names the transaction shown when it was asked for, not
+  // whatever is shown when OK is pressed.
   $("action-retry").addEventListener("click", () => {
+    const id = shown.transaction_id;
     const failed = shown.participants.filter((p) => p.status === "FAILED").map((p) => p.service);
     confirmAction(
-      `Retry transaction ${shown.transaction_id}? Its failed participants (${failed.join(", ")}) are called again with the same decision.`,
-      "Retry", null, false, () => post(actionPath("retry")));
+      `Retry transaction ${id}? Its failed participants (${failed.join(", ")}) are called again with the same decision.`,
+      "Retry", null, false, () => post(actionPath(id, "retry")));
   });
-  $("action-cancel").addEventListener("click", () => confirmAction(
-    `Cancel transaction ${shown.transaction_id}? Every participant rolls back; this cannot be undone.`,
-    "Cancel the transaction", "Reason (optional)", false, (reason) => post(actionPath("cancel"), { reason })));
-  $("action-deliver").addEventListener("click", () => confirmAction(
-    `Deliver transaction ${shown.transaction_id} now? Its pending participants are called at once, skipping what is left of their backoff.`,
-    "Deliver now", null, false, () => post(actionPath("deliver-now"))));
+  $("action-cancel").addEventListener("click", () => {
+    const id = shown.transaction_id;
+    confirmAction(
+      `Cancel transaction ${id}? Every participant rolls back; this cannot be undone.`,
+      "Cancel the transaction", "Reason (optional)", false, (reason) => post(actionPath(id, "cancel"), { reason }));
+  });
+  $("action-deliver").addEventListener("click", () => {
+    const id = shown.transaction_id;
+    confirmAction(
+      `Deliver transaction ${id} now? Its pending participants are called at once, skipping what is left of their backoff.`,
+      "Deliver now", null, false, () => post(actionPath(id, "deliver-now")));
+  });
   $("participants").addEventListener("click", (ev) => {
     const button = ev.target.closest("button.resolve");
     if (!button) return;
+    const id = shown.transaction_id;
     const service = button.dataset.service;
     confirmAction(
-      `Resolve ${service} in transaction ${shown.transaction_id} by hand? Say what was done: the coordinator will not call ${service} again for it.`,
-      "Resolve", "Reason (required)", true, (reason) => post(actionPath("resolve"), { service, reason }));
+      `Resolve ${service} in transaction ${id} by hand? Say what was done: the coordinator will not call ${service} again for it.`,
+      "Resolve", "Reason (required)", true, (reason) => post(actionPath(id, "resolve"), { service, reason }));
+  });
+  // Leaving the page closes the question.
+  window.addEventListener("hashchange", () => {
+    if ($("confirm").open) $("confirm").close();
   });
 }
 
