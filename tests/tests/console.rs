@@ -4,7 +4,8 @@
 //! end to end in headless Chromium (Debian's `chromium` and
 //! `chromium-driver`): open the list, open a transaction, retry it, watch
 //! its state change; a change made elsewhere shows up live; with a policy,
-//! the token form.
+//! the token form; over TLS (HTTP/2), signing in and acting. A live list
+//! that falls behind is told to read the list again.
 //!
 //! Where Chromium is not installed the browser tests print, loudly, that
 //! they were skipped; with `TCC_REQUIRE_BROWSER=1` (set by `.ci/run`) they
@@ -389,6 +390,9 @@ impl Browser {
         let profile = tempfile::tempdir()?;
         let mut caps = serde_json::Map::new();
         caps.insert("browserName".into(), json!("chrome"));
+        // The TLS test's coordinator has a certificate from a CA made in
+        // the test, which the browser does not know.
+        caps.insert("acceptInsecureCerts".into(), json!(true));
         caps.insert(
             "goog:chromeOptions".into(),
             json!({
@@ -572,5 +576,63 @@ async fn in_chromium_the_console_asks_for_a_token_under_a_policy() -> Result<()>
     token.send_keys("s3cret-ops-0123456789").await?;
     browser.find("button#login-go").await?.click().await?;
     browser.wait_css_text(&format!("tr.txn-row[data-txn-id='{}'] td.state", t.transaction_id), "ACTIVE").await?;
+    browser.close().await
+}
+
+#[tokio::test]
+async fn in_chromium_over_tls_the_console_signs_in_with_a_token_and_acts() -> Result<()> {
+    let Some(browser) = Browser::start().await? else { return Ok(()) };
+    // Mutual TLS with a policy; tokens make the client certificate
+    // optional, so the browser signs in with the operator's token. Over
+    // TLS the browser speaks HTTP/2, where the host is the request's
+    // authority, not a Host header.
+    let dir = tempfile::tempdir()?;
+    let pki = tcc_demo_services::pki::Pki::new("test CA")?;
+    let options = tcc_demo_services::pki::Options::default();
+    std::fs::write(dir.path().join("ca.pem"), pki.ca_pem())?;
+    let (cert, key) = pki.write(dir.path(), "tcc-coordinator", &options)?;
+    let (shop_cert, shop_key) = pki.write(dir.path(), "shop", &options)?;
+    let (policy, tokens) = (dir.path().join("policy.toml"), dir.path().join("tokens"));
+    std::fs::write(&policy, "admin = [\"ops\"]\n[composite]\nshop = \"own\"\n")?;
+    std::fs::write(&tokens, "ops s3cret-ops-0123456789\n")?;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let c = Coordinator::start(&[
+        "--tls-cert",
+        &path(&cert),
+        "--tls-key",
+        &path(&key),
+        "--tls-client-ca",
+        &path(&dir.path().join("ca.pem")),
+        "--policy",
+        &path(&policy),
+        "--tokens",
+        &path(&tokens),
+    ])
+    .await?;
+    let url = format!("https://{}", c.addr());
+    let shop = tcc_domain_sdk::tls::Tls::from_files(&shop_cert, &shop_key, &dir.path().join("ca.pem"))?;
+    let mut txns = v1::transactions_client::TransactionsClient::new(shop.endpoint(&url)?.connect().await?);
+    let req = v1::BeginRequest { participants: vec!["orders".into()], timeout_ms: 60_000 };
+    let t = txns.begin(req).await?.into_inner();
+    let id = t.transaction_id.clone();
+
+    browser.client.goto(&format!("{url}/")).await?;
+    browser.find("#login input#token").await?.send_keys("s3cret-ops-0123456789").await?;
+    browser.find("button#login-go").await?.click().await?;
+    browser.wait_css_text(&format!("tr.txn-row[data-txn-id='{id}'] td.state"), "ACTIVE").await?;
+    browser.find(&format!("tr.txn-row[data-txn-id='{id}'] a.txn-link")).await?.click().await?;
+    browser.wait_text("txn-state", "ACTIVE").await?;
+    browser.find("button#action-cancel").await?.click().await?;
+    browser.find("dialog#confirm[open] input#confirm-reason").await?.send_keys("wrong address").await?;
+    browser.find("button#confirm-ok").await?.click().await?;
+    // No endpoint of "orders" is known: the rollback waits, CANCELLING.
+    browser.wait_text("txn-state", "CANCELLING").await?;
+    let history = browser.find("ol#history").await?.text().await?;
+    assert!(
+        history.contains("cancel: wrong address (cancelled from the console by ops)"),
+        "the history does not say who cancelled: {history}"
+    );
+    let state = txns.get(v1::GetRequest { transaction_id: id }).await?.into_inner().state;
+    assert_eq!(state, S::Cancelling as i32);
     browser.close().await
 }
