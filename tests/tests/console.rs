@@ -10,7 +10,8 @@
 //! Where Chromium is not installed the browser tests print, loudly, that
 //! they were skipped; with `TCC_REQUIRE_BROWSER=1` (set by `.ci/run`) they
 //! fail instead. `TCC_CONSOLE_SCREENSHOT=path.png` saves a screenshot of a
-//! transaction's page (the README's).
+//! transaction's page (the README's), `TCC_CONSOLE_LIST_SCREENSHOT` one of
+//! the list.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -503,6 +504,9 @@ async fn in_chromium_the_console_opens_a_failed_transaction_retries_it_and_updat
     let active_state = format!("tr.txn-row[data-txn-id='{}'] td.state", active.transaction_id);
     browser.wait_css_text(&active_state, "ACTIVE").await?;
     browser.wait_css_text("[data-count-state='FAILED_TO_CONFIRM']", "1").await?;
+    if let Ok(path) = std::env::var("TCC_CONSOLE_LIST_SCREENSHOT") {
+        std::fs::write(&path, browser.client.screenshot().await?).with_context(|| format!("writing {path}"))?;
+    }
 
     // A change made elsewhere shows up without a reload.
     let req = v1::CancelRequest {
