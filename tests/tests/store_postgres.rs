@@ -286,3 +286,62 @@ async fn a_write_cut_off_in_flight_is_reported_as_unknown_and_safe_to_retry() ->
     ensure!(matches!(s.update_txn(&decided, None).await, Err(Error::Conflict { .. })), "a second retry conflicts");
     Ok(())
 }
+
+/// Concurrent writes share database transactions (group commit: fewer
+/// write transactions than writes), and a write that fails in a group
+/// fails alone: the group is rolled back and each of its writes runs again
+/// by itself, so the others are written. (The bad write: a command type
+/// with a NUL byte, which PostgreSQL's `text` refuses.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_writes_commit_together_and_a_bad_one_fails_alone() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let s = Arc::new(PgStore::connect(&pg.url(), Duration::from_secs(30)).await?);
+    let db = pg.client().await?;
+    let xid = || async { Ok::<i64, anyhow::Error>(db.query_one("SELECT txid_current()", &[]).await?.get(0)) };
+    const N: usize = 64;
+    let txns: Vec<TxnRecord> = (0..N).map(|_| txn(&["x"])).collect();
+
+    let before = xid().await?;
+    let creates = txns.iter().map(|t| {
+        let (s, t) = (s.clone(), t.clone());
+        tokio::spawn(async move { s.create_txn(&t).await })
+    });
+    for r in futures::future::join_all(creates).await {
+        r??;
+    }
+    let commits = xid().await? - before - 1; // txid_current() itself is one
+    ensure!(commits < N as i64, "{N} concurrent creates in {commits} write transactions: not grouped");
+
+    let bad = |i: usize| i % 16 == 5;
+    let appends = txns.iter().enumerate().map(|(i, t)| {
+        let s = s.clone();
+        let mut n = t.clone();
+        let kind = if bad(i) { "bad\0type".to_string() } else { "t.Cmd".to_string() };
+        let command = tcc_coordinator::model::CommandRecord { sequence: 1, kind, key: "k".into(), payload: vec![1; 8] };
+        tokio::spawn(async move {
+            apply(&mut n, Event::Append { participant: 0, commands: 1, bytes: 8 }, 2_000)?;
+            n.version += 1;
+            let partial_id = n.participants[0].partial_id;
+            let batch = tcc_coordinator::store::AppendBatch { partial_id, commands: &[command], idempotency: None };
+            s.append(&n, batch).await.map_err(anyhow::Error::from)?;
+            Ok::<_, anyhow::Error>(n)
+        })
+    });
+    let results = futures::future::join_all(appends).await;
+    for (i, (r, t)) in results.into_iter().zip(&txns).enumerate() {
+        let stored = s.get_txn(t.id).await?;
+        let topic = s.read_topic(t.participants[0].partial_id, 1, 10).await?;
+        match r? {
+            Ok(n) if !bad(i) => {
+                ensure!(stored == Some(n), "append {i} was acknowledged and is stored");
+                ensure!(topic.len() == 1 && topic[0].kind == "t.Cmd", "its command is stored: {topic:?}");
+            }
+            Err(e) if bad(i) => {
+                ensure!(e.to_string().contains("SQLSTATE 22021"), "the bad write names its error: {e}");
+                ensure!(stored == Some(t.clone()) && topic.is_empty(), "the bad write stored nothing");
+            }
+            other => bail!("append {i} (bad: {}): {other:?}", bad(i)),
+        }
+    }
+    Ok(())
+}

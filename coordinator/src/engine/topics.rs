@@ -6,7 +6,10 @@
 //! up under the transaction's lock, which the first try holds until its
 //! write is durable, so a retry is never told "stored" about a write that
 //! is still in flight; and again after a conflict, so a retry that raced
-//! another writer of the same key finds its receipt.
+//! another writer of the same key finds its receipt. It is skipped while
+//! the topic is empty in the record at hand: a receipt is stored with its
+//! commands, so there is none yet (and if the record is stale, the write
+//! conflicts, and the lookup runs again on the reloaded record).
 
 use super::{Engine, Found, How, lifecycle::accepted_late, until_no_conflict, validate};
 use crate::config::fixed;
@@ -96,7 +99,10 @@ impl Engine {
                     .participant_index(partial)
                     .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
                 appender.check(partial, &guard.participants[idx].service)?;
+                // An empty topic has no receipt (one is written with its
+                // commands), so a first append needs no lookup.
                 if let Some(key) = key
+                    && guard.participants[idx].command_count > 0
                     && let Some(r) = self.store.find_receipt(partial, key).await?
                 {
                     return check_receipt(r, n, digest, key).map(|r| (r, true));

@@ -72,6 +72,7 @@
 //! `WHERE version = $n` and the rules above).
 
 pub mod conformance;
+pub mod group;
 pub mod index;
 pub mod integrity;
 pub mod journal;

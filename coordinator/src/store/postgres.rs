@@ -58,7 +58,7 @@
 //! the retry find the next version).
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -67,6 +67,7 @@ use tokio_postgres::types::ToSql;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use super::group::{Executor, GroupCommit};
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::lock;
@@ -79,6 +80,13 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// with one WAL flush (group commit), so throughput grows with the number
 /// of writers in flight.
 const POOL_SIZE: usize = 32;
+
+/// Writer tasks of the group commit ([`super::group`]): database
+/// transactions of writes this coordinator has in flight at once.
+const WRITERS: usize = 4;
+
+/// Most writes in one database transaction.
+const MAX_BATCH: usize = 64;
 
 /// How long a request waits for a connection, and for a new connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -171,6 +179,7 @@ impl Node {
 /// The PostgreSQL [`Store`]. See the module docs.
 pub struct PgStore {
     pool: Pool,
+    writes: GroupCommit<Write>,
     node: Arc<Node>,
     renewal: tokio::task::JoinHandle<()>,
 }
@@ -243,25 +252,12 @@ impl PgStore {
         let lease_client = lease_connection(&config).await?;
         join(&lease_client, &node).await?;
         let renewal = tokio::spawn(renew(config, Some(lease_client), node.clone()));
-        Ok(PgStore { pool, node, renewal })
+        let writes = GroupCommit::start(Arc::new(Writes { pool: pool.clone() }), WRITERS, MAX_BATCH);
+        Ok(PgStore { pool, writes, node, renewal })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(pool_error)
-    }
-
-    /// Runs a write statement whose result is the number of rows the
-    /// conditional part wrote (0 or 1).
-    async fn write(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<bool> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
-        // One statement, committed when it returns (autocommit): the
-        // durable write's latency.
-        let started = std::time::Instant::now();
-        let row = client.query_one(&stmt, params).await.map_err(write_error)?;
-        crate::metrics::group_commit(1, started.elapsed());
-        let n: i64 = row.try_get(0).map_err(read_error)?;
-        Ok(n > 0)
     }
 
     /// Why a conditional write of `id` by `node` wrote nothing.
@@ -290,14 +286,19 @@ impl PgStore {
 
     /// The record write shared by update and append: `$1` id, `$2` node,
     /// `$3` new version, `$4..$8` columns, `$9` partial ids to index.
-    fn update_params<'a>(
-        txn: &'a TxnRecord,
-        node: &'a Uuid,
-        version: &'a i64,
-        c: &'a Columns,
-        partials: &'a Vec<Uuid>,
-    ) -> Vec<&'a (dyn ToSql + Sync)> {
-        vec![&txn.id.0, node, version, &c.state, &c.deadline, &c.due, &c.finished, &c.record, partials]
+    fn update_params(txn: &TxnRecord, node: Uuid, partials: Vec<Uuid>) -> Result<Vec<Param>> {
+        let c = Columns::of(txn)?;
+        Ok(vec![
+            Box::new(txn.id.0),
+            Box::new(node),
+            Box::new(txn.version as i64),
+            Box::new(c.state),
+            Box::new(c.deadline),
+            Box::new(c.due),
+            Box::new(c.finished),
+            Box::new(c.record),
+            Box::new(partials),
+        ])
     }
 }
 
@@ -315,6 +316,51 @@ fn update_ctes() -> String {
     )
 }
 
+/// [`Store::create_txn`]: `$1` id, `$2` node, `$3` state, `$4` created,
+/// `$5..$8` columns, `$9` the participants' partial ids.
+static CREATE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (INSERT INTO tcc_txn (id, version, state, owner, created_ms, deadline_ms, due_ms, finished_ms, record) \
+         SELECT $1::uuid, 1, $3::smallint, $2::uuid, $4::bigint, $5::bigint, $6::bigint, $7::bigint, $8::bytea \
+         WHERE {FENCE} ON CONFLICT (id) DO NOTHING RETURNING id), \
+         p AS (INSERT INTO tcc_partial (partial, txn) SELECT x, $1 FROM unnest($9::uuid[]) AS x \
+         WHERE EXISTS (SELECT 1 FROM t)) \
+         SELECT count(*) FROM t"
+    )
+});
+
+/// [`Store::update_txn`]: [`update_ctes`].
+static UPDATE_SQL: LazyLock<String> = LazyLock::new(|| format!("WITH {} SELECT count(*) FROM t", update_ctes()));
+
+/// [`Store::append`]: [`update_ctes`], then `$10` the partial, `$11..$14`
+/// the commands' columns, `$15..$19` the receipt (none if `$15` is null).
+static APPEND_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {}, \
+         c AS (INSERT INTO tcc_command (partial, seq, kind, key, payload) \
+         SELECT $10::uuid, s, k, ky, pl FROM unnest($11::bigint[], $12::text[], $13::text[], $14::bytea[]) AS x(s, k, ky, pl) \
+         WHERE EXISTS (SELECT 1 FROM t)), \
+         r AS (INSERT INTO tcc_receipt (partial, key, first_seq, last_seq, bytes, digest) \
+         SELECT $10, $15, $16::bigint, $17::bigint, $18::bigint, $19::bigint \
+         WHERE $15::text IS NOT NULL AND EXISTS (SELECT 1 FROM t)) \
+         SELECT count(*) FROM t",
+        update_ctes()
+    )
+});
+
+/// [`Store::delete_txn`]: `$1` id, `$2` node, `$3` version, `$4` the
+/// participants' partial ids.
+static DELETE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (DELETE FROM tcc_txn t WHERE t.id = $1::uuid AND t.version = $3::bigint AND {FENCE} \
+         AND (t.state NOT IN (1, 3) OR t.owner = $2 OR {OWNER_LAPSED}) RETURNING t.id), \
+         p AS (DELETE FROM tcc_partial WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
+         c AS (DELETE FROM tcc_command WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
+         r AS (DELETE FROM tcc_receipt WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)) \
+         SELECT count(*) FROM t"
+    )
+});
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn create_txn(&self, txn: &TxnRecord) -> Result<()> {
@@ -324,27 +370,26 @@ impl Store for PgStore {
         let c = Columns::of(txn)?;
         let node = self.node.id();
         let partials: Vec<Uuid> = txn.participants.iter().map(|p| p.partial_id.0).collect();
-        let sql = format!(
-            "WITH t AS (INSERT INTO tcc_txn (id, version, state, owner, created_ms, deadline_ms, due_ms, finished_ms, record) \
-             SELECT $1::uuid, 1, $3::smallint, $2::uuid, $4::bigint, $5::bigint, $6::bigint, $7::bigint, $8::bytea \
-             WHERE {FENCE} ON CONFLICT (id) DO NOTHING RETURNING id), \
-             p AS (INSERT INTO tcc_partial (partial, txn) SELECT x, $1 FROM unnest($9::uuid[]) AS x \
-             WHERE EXISTS (SELECT 1 FROM t)) \
-             SELECT count(*) FROM t"
-        );
-        let params: [&(dyn ToSql + Sync); 9] =
-            [&txn.id.0, &node, &c.state, &txn.created_ms, &c.deadline, &c.due, &c.finished, &c.record, &partials];
-        if self.write(&sql, &params).await? { Ok(()) } else { Err(self.refusal(txn.id, node, 0).await) }
+        let params: Vec<Param> = vec![
+            Box::new(txn.id.0),
+            Box::new(node),
+            Box::new(c.state),
+            Box::new(txn.created_ms),
+            Box::new(c.deadline),
+            Box::new(c.due),
+            Box::new(c.finished),
+            Box::new(c.record),
+            Box::new(partials),
+        ];
+        let written = self.writes.submit(Write { key: txn.id.0, sql: CREATE_SQL.as_str(), params }).await?;
+        if written { Ok(()) } else { Err(self.refusal(txn.id, node, 0).await) }
     }
 
     async fn update_txn(&self, txn: &TxnRecord, enlisted: Option<PartialId>) -> Result<()> {
-        let c = Columns::of(txn)?;
         let node = self.node.id();
-        let version = txn.version as i64;
         let partials: Vec<Uuid> = enlisted.map(|p| p.0).into_iter().collect();
-        let sql = format!("WITH {} SELECT count(*) FROM t", update_ctes());
-        let params = Self::update_params(txn, &node, &version, &c, &partials);
-        if self.write(&sql, &params).await? {
+        let params = Self::update_params(txn, node, partials)?;
+        if self.writes.submit(Write { key: txn.id.0, sql: UPDATE_SQL.as_str(), params }).await? {
             Ok(())
         } else {
             Err(self.refusal(txn.id, node, txn.version.saturating_sub(1)).await)
@@ -352,46 +397,30 @@ impl Store for PgStore {
     }
 
     async fn append(&self, txn: &TxnRecord, batch: AppendBatch<'_>) -> Result<()> {
-        let c = Columns::of(txn)?;
         let node = self.node.id();
-        let version = txn.version as i64;
-        let partials: Vec<Uuid> = Vec::new();
+        let mut params = Self::update_params(txn, node, Vec::new())?;
         let seqs: Vec<i64> = batch.commands.iter().map(|c| c.sequence as i64).collect();
-        let kinds: Vec<&str> = batch.commands.iter().map(|c| c.kind.as_str()).collect();
-        let keys: Vec<&str> = batch.commands.iter().map(|c| c.key.as_str()).collect();
-        let payloads: Vec<&[u8]> = batch.commands.iter().map(|c| c.payload.as_slice()).collect();
+        let kinds: Vec<String> = batch.commands.iter().map(|c| c.kind.clone()).collect();
+        let keys: Vec<String> = batch.commands.iter().map(|c| c.key.clone()).collect();
+        let payloads: Vec<Vec<u8>> = batch.commands.iter().map(|c| c.payload.clone()).collect();
         let (key, receipt) = match batch.idempotency {
-            Some((k, r)) => (Some(k), Some(r)),
+            Some((k, r)) => (Some(k.to_string()), Some(r)),
             None => (None, None),
         };
         let r = |f: fn(&AppendReceipt) -> u64| receipt.as_ref().map_or(0, f) as i64;
-        let (first, last, bytes, digest) =
-            (r(|r| r.first_sequence), r(|r| r.last_sequence), r(|r| r.bytes), r(|r| r.digest));
-        let sql = format!(
-            "WITH {}, \
-             c AS (INSERT INTO tcc_command (partial, seq, kind, key, payload) \
-             SELECT $10::uuid, s, k, ky, pl FROM unnest($11::bigint[], $12::text[], $13::text[], $14::bytea[]) AS x(s, k, ky, pl) \
-             WHERE EXISTS (SELECT 1 FROM t)), \
-             r AS (INSERT INTO tcc_receipt (partial, key, first_seq, last_seq, bytes, digest) \
-             SELECT $10, $15, $16::bigint, $17::bigint, $18::bigint, $19::bigint \
-             WHERE $15::text IS NOT NULL AND EXISTS (SELECT 1 FROM t)) \
-             SELECT count(*) FROM t",
-            update_ctes()
-        );
-        let mut params = Self::update_params(txn, &node, &version, &c, &partials);
-        params.extend_from_slice(&[
-            &batch.partial_id.0,
-            &seqs,
-            &kinds,
-            &keys,
-            &payloads,
-            &key,
-            &first,
-            &last,
-            &bytes,
-            &digest,
+        params.extend::<[Param; 10]>([
+            Box::new(batch.partial_id.0),
+            Box::new(seqs),
+            Box::new(kinds),
+            Box::new(keys),
+            Box::new(payloads),
+            Box::new(key),
+            Box::new(r(|r| r.first_sequence)),
+            Box::new(r(|r| r.last_sequence)),
+            Box::new(r(|r| r.bytes)),
+            Box::new(r(|r| r.digest)),
         ]);
-        let written = self.write(&sql, &params).await?;
+        let written = self.writes.submit(Write { key: txn.id.0, sql: APPEND_SQL.as_str(), params }).await?;
         crate::failpoint::crash_point("append-unflushed");
         if written { Ok(()) } else { Err(self.refusal(txn.id, node, txn.version.saturating_sub(1)).await) }
     }
@@ -400,15 +429,8 @@ impl Store for PgStore {
         let node = self.node.id();
         let version = txn.version as i64;
         let partials: Vec<Uuid> = txn.participants.iter().map(|p| p.partial_id.0).collect();
-        let sql = format!(
-            "WITH t AS (DELETE FROM tcc_txn t WHERE t.id = $1::uuid AND t.version = $3::bigint AND {FENCE} \
-             AND (t.state NOT IN (1, 3) OR t.owner = $2 OR {OWNER_LAPSED}) RETURNING t.id), \
-             p AS (DELETE FROM tcc_partial WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
-             c AS (DELETE FROM tcc_command WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)), \
-             r AS (DELETE FROM tcc_receipt WHERE partial = ANY($4::uuid[]) AND EXISTS (SELECT 1 FROM t)) \
-             SELECT count(*) FROM t"
-        );
-        if self.write(&sql, &[&txn.id.0, &node, &version, &partials]).await? {
+        let params: Vec<Param> = vec![Box::new(txn.id.0), Box::new(node), Box::new(version), Box::new(partials)];
+        if self.writes.submit(Write { key: txn.id.0, sql: DELETE_SQL.as_str(), params }).await? {
             return Ok(());
         }
         match self.refusal(txn.id, node, txn.version).await {
@@ -654,6 +676,113 @@ impl PgStore {
     }
 }
 
+/// A bound parameter a write owns (it waits in the group commit's queue).
+type Param = Box<dyn ToSql + Send + Sync>;
+
+/// One write for the group commit: a statement whose one row is the number
+/// of records its conditional part wrote (0 or 1).
+struct Write {
+    /// The transaction it writes (the row it locks first).
+    key: Uuid,
+    sql: &'static str,
+    params: Vec<Param>,
+}
+
+impl Write {
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
+    }
+}
+
+/// Runs [`Write`]s on the pool: several in one database transaction, their
+/// statements pipelined (sent without waiting for each answer), or one
+/// alone as an implicit transaction.
+struct Writes {
+    pool: Pool,
+}
+
+impl Executor for Writes {
+    type Job = Write;
+
+    fn key(job: &Write) -> Uuid {
+        job.key
+    }
+
+    async fn together(&self, jobs: &[&Write]) -> std::result::Result<Vec<Result<bool>>, Error> {
+        let every = |e: Error| jobs.iter().map(|_| Err(copy(&e))).collect();
+        let client = match self.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return Ok(every(pool_error(e))),
+        };
+        let mut statements = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            // Cached per connection: a round trip the first time only.
+            match client.prepare_cached(job.sql).await {
+                Ok(s) => statements.push(s),
+                Err(e) => return Ok(every(read_error(e))),
+            }
+        }
+        let params: Vec<_> = jobs.iter().map(|j| j.params()).collect();
+        let started = std::time::Instant::now();
+        // Pipelined: tokio-postgres sends each request when its future is
+        // first polled, and `join!` (and `join_all`) poll in order, so the
+        // server gets BEGIN, the statements, COMMIT, in that order, in a
+        // few packets, and answers in that order.
+        let begin = client.batch_execute("BEGIN");
+        let writes = futures::future::join_all(statements.iter().zip(&params).map(|(s, p)| client.query_one(s, p)));
+        let commit = client.batch_execute("COMMIT");
+        let (begun, written, committed) = tokio::join!(begin, writes, commit);
+        crate::metrics::group_commit(jobs.len(), started.elapsed());
+        if begun.is_err() {
+            // No transaction was open: each statement was its own, and its
+            // own result is its outcome.
+            return Ok(written.into_iter().map(count).collect());
+        }
+        let failed = written.iter().filter_map(|r| r.as_ref().err()).chain(committed.as_ref().err());
+        let mut first = None;
+        for e in failed {
+            if connection_lost(e) {
+                // COMMIT may have been processed before the answers were
+                // lost: every write's outcome is unknown.
+                return Ok(every(write_error_of(e)));
+            }
+            first.get_or_insert_with(|| read_error_of(e));
+        }
+        match first {
+            // A statement failed, so the server rolled the transaction
+            // back (its COMMIT answers ROLLBACK): nothing was written.
+            Some(e) => Err(e),
+            None => Ok(written.into_iter().map(count).collect()),
+        }
+    }
+
+    async fn alone(&self, job: &Write) -> Result<bool> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let statement = client.prepare_cached(job.sql).await.map_err(read_error)?;
+        // One statement, committed when it returns (autocommit).
+        let started = std::time::Instant::now();
+        let row = client.query_one(&statement, &job.params()).await;
+        crate::metrics::group_commit(1, started.elapsed());
+        count(row)
+    }
+}
+
+/// The outcome of one write statement: whether its conditional part wrote.
+fn count(row: std::result::Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<bool> {
+    let n: i64 = row.map_err(write_error)?.try_get(0).map_err(read_error)?;
+    Ok(n > 0)
+}
+
+/// The same error again, for each write of a batch that failed together.
+fn copy(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Fenced(m) => Error::Fenced(m.clone()),
+        Error::Storage(m) => Error::Storage(m.clone()),
+        other => Error::Storage(other.to_string()),
+    }
+}
+
 /// Creates the schema, or migrates it to [`SCHEMA_VERSION`], under an
 /// advisory lock; refuses a schema newer than this coordinator's.
 async fn migrate(pool: &Pool) -> Result<()> {
@@ -822,32 +951,44 @@ fn is_unavailable(e: &tokio_postgres::Error) -> bool {
 
 /// A failed read or a failed statement preparation.
 fn read_error(e: tokio_postgres::Error) -> Error {
-    if is_unavailable(&e) {
-        Error::Unavailable(format!("the database is unavailable: {}", describe(&e)))
+    read_error_of(&e)
+}
+
+fn read_error_of(e: &tokio_postgres::Error) -> Error {
+    if is_unavailable(e) {
+        Error::Unavailable(format!("the database is unavailable: {}", describe(e)))
     } else {
-        Error::Storage(format!("database error: {}", describe(&e)))
+        Error::Storage(format!("database error: {}", describe(e)))
     }
+}
+
+/// Whether the connection failed or the server ended the session
+/// (shutdown, crash, terminated backend) while a request was in flight:
+/// whether a write committed before that is not known here.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let cut = e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code.starts_with("08") || code.starts_with("57P")
+    });
+    e.is_closed() || io || cut
 }
 
 /// A failed write: if the connection went away while it was in flight, its
 /// outcome is unknown, and the message says that a retry is safe.
 fn write_error(e: tokio_postgres::Error) -> Error {
-    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
-    // The connection failed or the server ended the session (shutdown,
-    // crash, terminated backend): whether the write committed before that
-    // is not known here.
-    let cut = e.as_db_error().is_some_and(|db| {
-        let code = db.code().code();
-        code.starts_with("08") || code.starts_with("57P")
-    });
-    if e.is_closed() || io || cut {
+    write_error_of(&e)
+}
+
+fn write_error_of(e: &tokio_postgres::Error) -> Error {
+    if connection_lost(e) {
         Error::Unavailable(format!(
             "the database connection was lost while a write was in flight ({}); it may or may not have been \
              applied; retrying is safe (appends: with the same idempotency key)",
-            describe(&e)
+            describe(e)
         ))
     } else {
-        read_error(e)
+        read_error_of(e)
     }
 }
 

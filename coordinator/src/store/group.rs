@@ -1,0 +1,278 @@
+//! Group commit for a database store: concurrent writes share one
+//! database transaction, so they cost one commit (one WAL flush, one
+//! round trip of pipelined statements) instead of one each.
+//!
+//! Writers submit jobs to one queue; a few writer tasks each take what has
+//! queued up (at most [`GroupCommit::start`]'s `max_batch`) and run it
+//! through an [`Executor`]:
+//!
+//! * **One job** runs alone ([`Executor::alone`]): a lone write on an idle
+//!   store waits for nobody.
+//! * **Several** run together ([`Executor::together`]), sorted by their
+//!   key (the transaction id), so that every batch, of any coordinator,
+//!   takes its row locks in the same order: two batches cannot deadlock.
+//! * **If the batch fails as a whole** (one statement failed, which aborts
+//!   the database transaction, so nothing of it was written), each job runs
+//!   again alone, so one bad write fails only itself.
+//!
+//! A job's result reaches its submitter only after the database
+//! transaction that wrote it committed (durable on return), or with the
+//! error that says why not. Jobs of one submitter that are not in flight
+//! at the same time are in batches in the order submitted; the engine
+//! never has two writes of one transaction in flight, so batching changes
+//! no outcome, only the number of commits.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Runs jobs against the database.
+pub trait Executor: Send + Sync + 'static {
+    /// One write.
+    type Job: Send + Sync + 'static;
+
+    /// The key jobs are ordered by within a batch (the row they lock first).
+    fn key(job: &Self::Job) -> uuid::Uuid;
+
+    /// Runs `jobs` in one database transaction and commits it. Returns each
+    /// job's result (in order), or `Err` if the transaction failed as a
+    /// whole and wrote nothing (so that running each job again is safe).
+    fn together(
+        &self,
+        jobs: &[&Self::Job],
+    ) -> impl Future<Output = std::result::Result<Vec<Result<bool>>, Error>> + Send;
+
+    /// Runs one job in a transaction of its own.
+    fn alone(&self, job: &Self::Job) -> impl Future<Output = Result<bool>> + Send;
+}
+
+type Queued<J> = (J, oneshot::Sender<Result<bool>>);
+
+/// The queue and its writer tasks. Dropping it ends the tasks once the
+/// queue is empty.
+pub struct GroupCommit<J> {
+    queue: mpsc::UnboundedSender<Queued<J>>,
+    /// The writers' end (held here only so tests can see what is queued).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pending: Arc<Mutex<mpsc::UnboundedReceiver<Queued<J>>>>,
+}
+
+impl<J: Send + Sync + 'static> GroupCommit<J> {
+    /// Starts `writers` writer tasks on `executor`, each committing at most
+    /// `max_batch` jobs at a time.
+    pub fn start<E: Executor<Job = J>>(executor: Arc<E>, writers: usize, max_batch: usize) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(writer(executor.clone(), rx.clone(), max_batch.max(1)));
+        }
+
+        GroupCommit { queue, pending: rx }
+    }
+
+    /// Submits a job and waits for its result.
+    pub async fn submit(&self, job: J) -> Result<bool> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = || Error::Unavailable("the database writer stopped (shutting down)".to_string());
+        self.queue.send((job, tx)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+}
+
+/// One writer task: takes what is queued, runs it, answers.
+async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E::Job>>>>, max: usize) {
+    loop {
+        let mut batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            batch
+        };
+        if batch.len() == 1 {
+            if let Some((job, reply)) = batch.pop() {
+                let _ = reply.send(executor.alone(&job).await);
+            }
+            continue;
+        }
+        batch.sort_by_key(|(job, _)| E::key(job)); // stable: a submitter's order is kept
+        let jobs: Vec<&E::Job> = batch.iter().map(|(job, _)| job).collect();
+        match executor.together(&jobs).await {
+            Ok(results) if results.len() == batch.len() => {
+                for ((_, reply), result) in batch.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Ok(results) => {
+                let cause = format!("the database batch gave {} results for {} writes", results.len(), batch.len());
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(Error::Storage(cause.clone())));
+                }
+            }
+            Err(cause) => {
+                tracing::debug!(writes = batch.len(), %cause, "a grouped write failed; running each alone");
+                for (job, reply) in batch {
+                    let _ = reply.send(executor.alone(&job).await);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+
+    /// A job: its key, and whether it "fails" (aborting a batch it is in).
+    #[derive(Debug)]
+    struct Job(u128, bool);
+
+    /// Records the batches it was given; the first call waits for `go`.
+    #[derive(Default)]
+    struct Fake {
+        batches: StdMutex<Vec<Vec<u128>>>,
+        started: tokio::sync::Notify,
+        go: tokio::sync::Notify,
+        gate: std::sync::atomic::AtomicBool,
+    }
+
+    impl Fake {
+        async fn wait_gate(&self) {
+            if self.gate.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.started.notify_one();
+                self.go.notified().await;
+            }
+        }
+    }
+
+    impl Executor for Fake {
+        type Job = Job;
+        fn key(job: &Job) -> uuid::Uuid {
+            uuid::Uuid::from_u128(job.0)
+        }
+        async fn together(&self, jobs: &[&Job]) -> std::result::Result<Vec<Result<bool>>, Error> {
+            self.wait_gate().await;
+            crate::lock(&self.batches).push(jobs.iter().map(|j| j.0).collect());
+            if jobs.iter().any(|j| j.1) {
+                return Err(Error::Storage("a statement failed; the transaction rolled back".into()));
+            }
+            Ok(jobs.iter().map(|_| Ok(true)).collect())
+        }
+        async fn alone(&self, job: &Job) -> Result<bool> {
+            self.wait_gate().await;
+            crate::lock(&self.batches).push(vec![job.0]);
+            if job.1 { Err(Error::Storage(format!("job {} is bad", job.0))) } else { Ok(true) }
+        }
+    }
+
+    /// While the only writer is busy, the jobs that queue up are committed
+    /// together, sorted by key; a lone job runs alone.
+    #[tokio::test]
+    async fn queued_jobs_share_one_commit_in_key_order() {
+        let fake = Arc::new(Fake::default());
+        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 64));
+        let first = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(100, false)).await }
+        });
+        fake.started.notified().await; // the writer is busy with job 100
+        let rest: Vec<_> = [5u128, 3, 9, 1]
+            .into_iter()
+            .map(|k| {
+                let g = group.clone();
+                tokio::spawn(async move { g.submit(Job(k, false)).await })
+            })
+            .collect();
+        while !all_queued(&group, 4) {
+            tokio::task::yield_now().await;
+        }
+        fake.go.notify_one();
+        assert!(matches!(first.await, Ok(Ok(true))));
+        for r in rest {
+            assert!(matches!(r.await, Ok(Ok(true))));
+        }
+        let batches = crate::lock(&fake.batches).clone();
+        assert_eq!(batches, vec![vec![100], vec![1, 3, 5, 9]]);
+    }
+
+    /// Whether `n` jobs wait in the queue (the writer, blocked in the
+    /// executor, does not hold the receiver).
+    fn all_queued(group: &GroupCommit<Job>, n: usize) -> bool {
+        group.pending.try_lock().is_ok_and(|rx| rx.len() >= n)
+    }
+
+    /// A bad job fails its batch; every job then runs alone, so the good
+    /// ones are written and only the bad one fails.
+    #[tokio::test]
+    async fn a_failed_batch_is_run_again_one_by_one() {
+        let fake = Arc::new(Fake::default());
+        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 64));
+        let first = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(100, false)).await }
+        });
+        fake.started.notified().await;
+        let jobs: Vec<_> = [(1u128, false), (2, true), (3, false)]
+            .into_iter()
+            .map(|(k, bad)| {
+                let g = group.clone();
+                tokio::spawn(async move { (k, g.submit(Job(k, bad)).await) })
+            })
+            .collect();
+        while !all_queued(&group, 3) {
+            tokio::task::yield_now().await;
+        }
+        fake.go.notify_one();
+        assert!(matches!(first.await, Ok(Ok(true))));
+        for j in jobs {
+            match j.await {
+                Ok((2, r)) => assert!(matches!(r, Err(Error::Storage(ref m)) if m == "job 2 is bad"), "{r:?}"),
+                Ok((_, r)) => assert!(matches!(r, Ok(true)), "{r:?}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let batches = crate::lock(&fake.batches).clone();
+        assert_eq!(batches, vec![vec![100], vec![1, 2, 3], vec![1], vec![2], vec![3]]);
+    }
+
+    /// The batch size is bounded.
+    #[tokio::test]
+    async fn batches_hold_at_most_max_jobs() {
+        let fake = Arc::new(Fake::default());
+        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 3));
+        let first = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(100, false)).await }
+        });
+        fake.started.notified().await;
+        let rest: Vec<_> = (1u128..=7)
+            .map(|k| {
+                let g = group.clone();
+                tokio::spawn(async move { g.submit(Job(k, false)).await })
+            })
+            .collect();
+        while !all_queued(&group, 7) {
+            tokio::task::yield_now().await;
+        }
+        fake.go.notify_one();
+        assert!(matches!(first.await, Ok(Ok(true))));
+        for r in rest {
+            assert!(matches!(r.await, Ok(Ok(true))));
+        }
+        let batches = crate::lock(&fake.batches).clone();
+        assert_eq!(batches, vec![vec![100], vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+    }
+}
