@@ -345,3 +345,61 @@ async fn grouped_writes_commit_together_and_a_bad_one_fails_alone() -> Result<()
     }
     Ok(())
 }
+
+/// Concurrent reads share queries (one per group of record reads, one per
+/// group of topic reads); each still gets exactly its own answer: its
+/// record or none, its topic's commands from its `from`, at most its
+/// `limit`, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_reads_each_get_their_own_answer() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let s = Arc::new(PgStore::connect(&pg.url(), Duration::from_secs(30)).await?);
+    const N: usize = 48;
+    let mut txns = Vec::new();
+    for i in 0..N {
+        let t = txn(&["x"]);
+        s.create_txn(&t).await?;
+        let commands: Vec<_> = (1..=(i % 5) as u64)
+            .map(|sequence| tcc_coordinator::model::CommandRecord {
+                sequence,
+                kind: format!("t.Cmd{i}"),
+                key: format!("k{sequence}"),
+                payload: vec![i as u8; sequence as usize],
+            })
+            .collect();
+        let mut n = t.clone();
+        if !commands.is_empty() {
+            let bytes = commands.iter().map(|c| c.payload.len() as u64).sum();
+            apply(&mut n, Event::Append { participant: 0, commands: commands.len() as u64, bytes }, 2_000)?;
+            n.version += 1;
+            let batch = tcc_coordinator::store::AppendBatch {
+                partial_id: n.participants[0].partial_id,
+                commands: &commands,
+                idempotency: None,
+            };
+            s.append(&n, batch).await?;
+        }
+        txns.push((n, commands));
+    }
+    for _round in 0..3 {
+        let mut reads = Vec::new();
+        for (i, (t, commands)) in txns.iter().enumerate() {
+            let (s, t, commands) = (s.clone(), t.clone(), commands.clone());
+            reads.push(tokio::spawn(async move {
+                ensure!(s.get_txn(t.id).await? == Some(t.clone()), "record {i}");
+                ensure!(s.get_txn(TxnId::new()).await?.is_none(), "a missing record is none");
+                let (from, limit) = (1 + (i as u64 % 3), 1 + i % 2);
+                let want: Vec<_> = commands.iter().filter(|c| c.sequence >= from).take(limit).cloned().collect();
+                let got = s.read_topic(t.participants[0].partial_id, from, limit).await?;
+                ensure!(got == want, "topic {i} from {from}, at most {limit}: {got:?}, not {want:?}");
+                let all = s.read_topic(t.participants[0].partial_id, 1, usize::MAX).await?;
+                ensure!(all == commands, "topic {i} whole");
+                Ok(())
+            }));
+        }
+        for r in futures::future::join_all(reads).await {
+            r??;
+        }
+    }
+    Ok(())
+}

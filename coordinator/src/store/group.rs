@@ -1,10 +1,11 @@
-//! Group commit for a database store: concurrent writes share one
-//! database transaction, so they cost one commit (one WAL flush, one
-//! round trip of pipelined statements) instead of one each.
+//! Grouping for a database store: concurrent writes share one database
+//! transaction, so they cost one commit (one WAL flush, one round trip of
+//! pipelined statements) instead of one each (group commit); concurrent
+//! reads of the same kind share one query.
 //!
-//! Writers submit jobs to one queue; a few writer tasks each take what has
-//! queued up (at most [`GroupCommit::start`]'s `max_batch`) and run it
-//! through an [`Executor`]:
+//! Callers submit jobs to one queue; a few tasks each take what has queued
+//! up (at most [`Group::start`]'s `max_batch`) and run it through an
+//! [`Executor`]:
 //!
 //! * **One job** runs alone ([`Executor::alone`]): a lone write on an idle
 //!   store waits for nobody.
@@ -15,9 +16,10 @@
 //!   the database transaction, so nothing of it was written), each job runs
 //!   again alone, so one bad write fails only itself.
 //!
-//! A job's result reaches its submitter only after the database
+//! A write's result reaches its submitter only after the database
 //! transaction that wrote it committed (durable on return), or with the
-//! error that says why not. Jobs of one submitter that are not in flight
+//! error that says why not; a read runs after it was submitted, so it sees
+//! every write acknowledged before. Jobs of one submitter that are not in flight
 //! at the same time are in batches in the order submitted; the engine
 //! never has two writes of one transaction in flight, so batching changes
 //! no outcome, only the number of commits.
@@ -31,8 +33,10 @@ use crate::error::{Error, Result};
 
 /// Runs jobs against the database.
 pub trait Executor: Send + Sync + 'static {
-    /// One write.
+    /// One write or read.
     type Job: Send + Sync + 'static;
+    /// What one job gives.
+    type Output: Send + 'static;
 
     /// The key jobs are ordered by within a batch (the row they lock first).
     fn key(job: &Self::Job) -> uuid::Uuid;
@@ -40,41 +44,42 @@ pub trait Executor: Send + Sync + 'static {
     /// Runs `jobs` in one database transaction and commits it. Returns each
     /// job's result (in order), or `Err` if the transaction failed as a
     /// whole and wrote nothing (so that running each job again is safe).
+    #[allow(clippy::type_complexity)]
     fn together(
         &self,
         jobs: &[&Self::Job],
-    ) -> impl Future<Output = std::result::Result<Vec<Result<bool>>, Error>> + Send;
+    ) -> impl Future<Output = std::result::Result<Vec<Result<Self::Output>>, Error>> + Send;
 
     /// Runs one job in a transaction of its own.
-    fn alone(&self, job: &Self::Job) -> impl Future<Output = Result<bool>> + Send;
+    fn alone(&self, job: &Self::Job) -> impl Future<Output = Result<Self::Output>> + Send;
 }
 
-type Queued<J> = (J, oneshot::Sender<Result<bool>>);
+type Queued<E> = (<E as Executor>::Job, oneshot::Sender<Result<<E as Executor>::Output>>);
 
-/// The queue and its writer tasks. Dropping it ends the tasks once the
-/// queue is empty.
-pub struct GroupCommit<J> {
-    queue: mpsc::UnboundedSender<Queued<J>>,
-    /// The writers' end (held here only so tests can see what is queued).
+/// The queue and its tasks. Dropping it ends the tasks once the queue is
+/// empty.
+pub struct Group<E: Executor> {
+    queue: mpsc::UnboundedSender<Queued<E>>,
+    /// The tasks' end (held here only so tests can see what is queued).
     #[cfg_attr(not(test), allow(dead_code))]
-    pending: Arc<Mutex<mpsc::UnboundedReceiver<Queued<J>>>>,
+    pending: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E>>>>,
 }
 
-impl<J: Send + Sync + 'static> GroupCommit<J> {
-    /// Starts `writers` writer tasks on `executor`, each committing at most
+impl<E: Executor> Group<E> {
+    /// Starts `writers` tasks on `executor`, each running at most
     /// `max_batch` jobs at a time.
-    pub fn start<E: Executor<Job = J>>(executor: Arc<E>, writers: usize, max_batch: usize) -> Self {
+    pub fn start(executor: Arc<E>, writers: usize, max_batch: usize) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
             tokio::spawn(writer(executor.clone(), rx.clone(), max_batch.max(1)));
         }
 
-        GroupCommit { queue, pending: rx }
+        Group { queue, pending: rx }
     }
 
     /// Submits a job and waits for its result.
-    pub async fn submit(&self, job: J) -> Result<bool> {
+    pub async fn submit(&self, job: E::Job) -> Result<E::Output> {
         let (tx, rx) = oneshot::channel();
         let stopped = || Error::Unavailable("the database writer stopped (shutting down)".to_string());
         self.queue.send((job, tx)).map_err(|_| stopped())?;
@@ -83,7 +88,7 @@ impl<J: Send + Sync + 'static> GroupCommit<J> {
 }
 
 /// One writer task: takes what is queued, runs it, answers.
-async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E::Job>>>>, max: usize) {
+async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E>>>>, max: usize) {
     loop {
         let mut batch = {
             let mut rx = rx.lock().await;
@@ -112,7 +117,7 @@ async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedRece
                 }
             }
             Ok(results) => {
-                let cause = format!("the database batch gave {} results for {} writes", results.len(), batch.len());
+                let cause = format!("the database batch gave {} results for {} jobs", results.len(), batch.len());
                 for (_, reply) in batch {
                     let _ = reply.send(Err(Error::Storage(cause.clone())));
                 }
@@ -157,6 +162,7 @@ mod tests {
 
     impl Executor for Fake {
         type Job = Job;
+        type Output = bool;
         fn key(job: &Job) -> uuid::Uuid {
             uuid::Uuid::from_u128(job.0)
         }
@@ -181,7 +187,7 @@ mod tests {
     async fn queued_jobs_share_one_commit_in_key_order() {
         let fake = Arc::new(Fake::default());
         fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 64));
+        let group = Arc::new(Group::start(fake.clone(), 1, 64));
         let first = tokio::spawn({
             let g = group.clone();
             async move { g.submit(Job(100, false)).await }
@@ -208,7 +214,7 @@ mod tests {
 
     /// Whether `n` jobs wait in the queue (the writer, blocked in the
     /// executor, does not hold the receiver).
-    fn all_queued(group: &GroupCommit<Job>, n: usize) -> bool {
+    fn all_queued(group: &Group<Fake>, n: usize) -> bool {
         group.pending.try_lock().is_ok_and(|rx| rx.len() >= n)
     }
 
@@ -218,7 +224,7 @@ mod tests {
     async fn a_failed_batch_is_run_again_one_by_one() {
         let fake = Arc::new(Fake::default());
         fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 64));
+        let group = Arc::new(Group::start(fake.clone(), 1, 64));
         let first = tokio::spawn({
             let g = group.clone();
             async move { g.submit(Job(100, false)).await }
@@ -252,7 +258,7 @@ mod tests {
     async fn batches_hold_at_most_max_jobs() {
         let fake = Arc::new(Fake::default());
         fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(GroupCommit::start(fake.clone(), 1, 3));
+        let group = Arc::new(Group::start(fake.clone(), 1, 3));
         let first = tokio::spawn({
             let g = group.clone();
             async move { g.submit(Job(100, false)).await }

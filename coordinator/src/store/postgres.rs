@@ -67,7 +67,7 @@ use tokio_postgres::types::ToSql;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::group::{Executor, GroupCommit};
+use super::group::{Executor, Group};
 use super::{AppendBatch, ListPage, ListQuery, Store};
 use crate::error::{Error, Result};
 use crate::lock;
@@ -85,7 +85,10 @@ const POOL_SIZE: usize = 32;
 /// transactions of writes this coordinator has in flight at once.
 const WRITERS: usize = 4;
 
-/// Most writes in one database transaction.
+/// Tasks of each kind of grouped read (records, topics).
+const READERS: usize = 4;
+
+/// Most writes in one database transaction, or reads in one query.
 const MAX_BATCH: usize = 64;
 
 /// How long a request waits for a connection, and for a new connection.
@@ -179,7 +182,9 @@ impl Node {
 /// The PostgreSQL [`Store`]. See the module docs.
 pub struct PgStore {
     pool: Pool,
-    writes: GroupCommit<Write>,
+    writes: Group<Writes>,
+    txn_reads: Group<TxnReads>,
+    topic_reads: Group<TopicReads>,
     node: Arc<Node>,
     renewal: tokio::task::JoinHandle<()>,
 }
@@ -252,8 +257,10 @@ impl PgStore {
         let lease_client = lease_connection(&config).await?;
         join(&lease_client, &node).await?;
         let renewal = tokio::spawn(renew(config, Some(lease_client), node.clone()));
-        let writes = GroupCommit::start(Arc::new(Writes { pool: pool.clone() }), WRITERS, MAX_BATCH);
-        Ok(PgStore { pool, writes, node, renewal })
+        let writes = Group::start(Arc::new(Writes { pool: pool.clone() }), WRITERS, MAX_BATCH);
+        let txn_reads = Group::start(Arc::new(TxnReads { pool: pool.clone() }), READERS, MAX_BATCH);
+        let topic_reads = Group::start(Arc::new(TopicReads { pool: pool.clone() }), READERS, MAX_BATCH);
+        Ok(PgStore { pool, writes, txn_reads, topic_reads, node, renewal })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
@@ -470,8 +477,7 @@ impl Store for PgStore {
     }
 
     async fn get_txn(&self, id: TxnId) -> Result<Option<TxnRecord>> {
-        let rows = self.rows("SELECT version, record FROM tcc_txn WHERE id = $1", &[&id.0]).await?;
-        rows.first().map(|row| decode_txn(id, row)).transpose()
+        self.txn_reads.submit(id).await
     }
 
     async fn find_partial(&self, partial: PartialId) -> Result<Option<TxnId>> {
@@ -487,20 +493,8 @@ impl Store for PgStore {
     }
 
     async fn read_topic(&self, partial: PartialId, from: u64, limit: usize) -> Result<Vec<CommandRecord>> {
-        let sql =
-            "SELECT seq, kind, key, payload FROM tcc_command WHERE partial = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
         let from = from.min(i64::MAX as u64) as i64;
-        let rows = self.rows(sql, &[&partial.0, &from, &sql_limit(limit)]).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CommandRecord {
-                    sequence: r.try_get::<_, i64>(0).map_err(read_error)? as u64,
-                    kind: r.try_get(1).map_err(read_error)?,
-                    key: r.try_get(2).map_err(read_error)?,
-                    payload: r.try_get(3).map_err(read_error)?,
-                })
-            })
-            .collect()
+        self.topic_reads.submit(TopicRead { partial: partial.0, from, limit: sql_limit(limit) }).await
     }
 
     async fn unfinished(&self, after: Option<TxnId>, limit: usize) -> Result<Vec<TxnId>> {
@@ -658,9 +652,7 @@ impl Store for PgStore {
 impl PgStore {
     /// Runs a read (a prepared statement, cached per connection).
     async fn rows(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
-        client.query(&stmt, params).await.map_err(read_error)
+        query(&self.pool, sql, params).await
     }
 
     /// A read whose first column is an id.
@@ -703,6 +695,7 @@ struct Writes {
 
 impl Executor for Writes {
     type Job = Write;
+    type Output = bool;
 
     fn key(job: &Write) -> Uuid {
         job.key
@@ -765,6 +758,121 @@ impl Executor for Writes {
         crate::metrics::group_commit(1, started.elapsed());
         count(row)
     }
+}
+
+/// Reads transaction records: several in one query by id.
+struct TxnReads {
+    pool: Pool,
+}
+
+impl Executor for TxnReads {
+    type Job = TxnId;
+    type Output = Option<TxnRecord>;
+
+    fn key(id: &TxnId) -> Uuid {
+        id.0
+    }
+
+    async fn together(&self, ids: &[&TxnId]) -> std::result::Result<Vec<Result<Option<TxnRecord>>>, Error> {
+        let every = |e: Error| ids.iter().map(|_| Err(copy(&e))).collect();
+        let keys: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
+        let sql = "SELECT version, record, id FROM tcc_txn WHERE id = ANY($1)";
+        let rows = match query(&self.pool, sql, &[&keys]).await {
+            Ok(rows) => rows,
+            Err(e) => return Ok(every(e)),
+        };
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            match row.try_get::<_, Uuid>(2) {
+                Ok(id) => found.insert(id, row),
+                Err(e) => return Ok(every(read_error(e))),
+            };
+        }
+        Ok(ids.iter().map(|id| found.get(&id.0).map(|row| decode_txn(**id, row)).transpose()).collect())
+    }
+
+    async fn alone(&self, id: &TxnId) -> Result<Option<TxnRecord>> {
+        let rows = query(&self.pool, "SELECT version, record FROM tcc_txn WHERE id = $1", &[&id.0]).await?;
+        rows.first().map(|row| decode_txn(*id, row)).transpose()
+    }
+}
+
+/// One [`Store::read_topic`].
+struct TopicRead {
+    partial: Uuid,
+    from: i64,
+    limit: i64,
+}
+
+/// Reads topics: several in one query.
+struct TopicReads {
+    pool: Pool,
+}
+
+impl Executor for TopicReads {
+    type Job = TopicRead;
+    type Output = Vec<CommandRecord>;
+
+    fn key(read: &TopicRead) -> Uuid {
+        read.partial
+    }
+
+    async fn together(&self, reads: &[&TopicRead]) -> std::result::Result<Vec<Result<Vec<CommandRecord>>>, Error> {
+        let every = |e: Error| reads.iter().map(|_| Err(copy(&e))).collect();
+        let partials: Vec<Uuid> = reads.iter().map(|r| r.partial).collect();
+        let froms: Vec<i64> = reads.iter().map(|r| r.from).collect();
+        let limits: Vec<i64> = reads.iter().map(|r| r.limit).collect();
+        let sql = "SELECT q.i, c.seq, c.kind, c.key, c.payload \
+                   FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) WITH ORDINALITY AS q(partial, from_seq, lim, i) \
+                   CROSS JOIN LATERAL (SELECT seq, kind, key, payload FROM tcc_command \
+                   WHERE partial = q.partial AND seq >= q.from_seq ORDER BY seq LIMIT q.lim) c \
+                   ORDER BY q.i, c.seq";
+        let rows = match query(&self.pool, sql, &[&partials, &froms, &limits]).await {
+            Ok(rows) => rows,
+            Err(e) => return Ok(every(e)),
+        };
+        let mut out: Vec<Result<Vec<CommandRecord>>> = reads.iter().map(|_| Ok(Vec::new())).collect();
+        for row in &rows {
+            let i = match row.try_get::<_, i64>(0) {
+                Ok(i) => i,
+                Err(e) => return Ok(every(read_error(e))),
+            };
+            let slot = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i));
+            match (slot, command(row, 1)) {
+                (Some(Ok(commands)), Ok(c)) => commands.push(c),
+                (Some(slot), Err(e)) => *slot = Err(e),
+                (Some(Err(_)), Ok(_)) => {}
+                (None, _) => return Ok(every(Error::Storage(format!("the topic query gave row number {i}")))),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn alone(&self, read: &TopicRead) -> Result<Vec<CommandRecord>> {
+        let sql =
+            "SELECT seq, kind, key, payload FROM tcc_command WHERE partial = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+        let rows = query(&self.pool, sql, &[&read.partial, &read.from, &read.limit]).await?;
+        rows.iter().map(|r| command(r, 0)).collect()
+    }
+}
+
+/// A command from a row whose columns from `at` on are (seq, kind, key,
+/// payload).
+fn command(r: &tokio_postgres::Row, at: usize) -> Result<CommandRecord> {
+    Ok(CommandRecord {
+        sequence: r.try_get::<_, i64>(at).map_err(read_error)? as u64,
+        kind: r.try_get(at + 1).map_err(read_error)?,
+        key: r.try_get(at + 2).map_err(read_error)?,
+        payload: r.try_get(at + 3).map_err(read_error)?,
+    })
+}
+
+/// Runs a read on a pooled connection (a prepared statement, cached per
+/// connection).
+async fn query(pool: &Pool, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
+    client.query(&stmt, params).await.map_err(read_error)
 }
 
 /// The outcome of one write statement: whether its conditional part wrote.

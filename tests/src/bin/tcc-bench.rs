@@ -25,11 +25,14 @@
 //! `--postgres` runs cluster mode instead: a throwaway PostgreSQL server
 //! (from `/usr/lib/postgresql/*/bin`, durable commits) and `--nodes`
 //! coordinators on it, the workers spread over them. It reports the
-//! database's write transactions per composite transaction (the change of
-//! `txid_current()`, which only writing transactions advance) and its WAL
-//! syncs, and in the same run measures the database's own floor: `pgbench
-//! -N` (simple update) at the same concurrency on the same server. The
-//! ratio is then `tps x writes per transaction / pgbench TPS`.
+//! database's commits per composite transaction (write transactions: the
+//! change of `txid_current()`, which only writing transactions advance),
+//! the transaction-record writes (`tcc_txn` rows inserted, updated and
+//! deleted: several share a commit under group commit) and its WAL syncs,
+//! and in the same run measures the database's own floor: `pgbench -N`
+//! (simple update, one write per commit) at the same concurrency on the
+//! same server. The ratios are then `tps x commits per transaction /
+//! pgbench TPS` and `tps x record writes per transaction / pgbench TPS`.
 //!
 //! `--tls` runs everything over mutual TLS with a policy, as a secure
 //! deployment does: certificates from a throwaway CA, the workers' Begin and
@@ -500,18 +503,21 @@ async fn run_active(c: &mut Coordinator, args: &Args) -> Result<()> {
 }
 
 /// The database's counters: write transactions so far (`txid_current()`,
-/// which itself is one), WAL syncs, and every transaction (reads
-/// included; the statistics are flushed within a second, so this is read
-/// after a pause).
-async fn db_counters(db: &tokio_postgres::Client) -> Result<(i64, i64, i64)> {
+/// which itself is one), WAL syncs, every transaction (reads included),
+/// and the transaction records written (`tcc_txn` rows inserted, updated
+/// and deleted). The statistics are flushed within a second, so this is
+/// read after a pause.
+async fn db_counters(db: &tokio_postgres::Client) -> Result<(i64, i64, i64, i64)> {
     let row = db
         .query_one(
             "SELECT txid_current(), (SELECT wal_sync FROM pg_stat_wal), \
-             (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())",
+             (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()), \
+             (SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables \
+              WHERE relname = 'tcc_txn')",
             &[],
         )
         .await?;
-    Ok((row.get(0), row.get(1), row.get(2)))
+    Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
 }
 
 /// `pgbench -N` (simple update) on the same server at the same
@@ -671,19 +677,25 @@ async fn main() -> Result<()> {
         println!("| coordinator CPU per transaction | {:.1} µs ({cpu:.2} CPU-s total) |", cpu * 1e6 / done as f64);
     }
     println!("| coordinator peak RSS | {peak:.0} MiB |");
-    if let (Some((x0, w0, a0)), Some((x1, w1, a1))) = (db0, db1) {
+    if let (Some((x0, w0, a0, r0)), Some((x1, w1, a1, r1))) = (db0, db1) {
         let n = done.max(1) as f64;
-        let writes = (x1 - x0 - 1) as f64 / n;
+        let commits = (x1 - x0 - 1) as f64 / n;
+        let records = (r1 - r0) as f64 / n;
         println!("| coordinators / store | {} on PostgreSQL (durable commits) |", nodes.len());
-        println!("| database write transactions per transaction | {writes:.2} |");
-        println!(
-            "| database statements (transactions, reads included) per transaction | {:.1} |",
-            (a1 - a0) as f64 / n
-        );
+        println!("| database commits (write transactions) per transaction | {commits:.2} |");
+        println!("| record writes per transaction (tcc_txn rows inserted, updated, deleted) | {records:.2} |");
+        println!("| database transactions (reads included) per transaction | {:.1} |", (a1 - a0) as f64 / n);
         println!("| database WAL syncs per transaction | {:.2} |", (w1 - w0) as f64 / n);
         if let Some(floor) = pgbench_tps {
             println!("| pgbench -N (simple update), same server, same concurrency | {floor:.0} TPS |");
-            println!("| ratio (tx/s x writes per transaction / pgbench TPS) | {:.0} % |", 100.0 * tps * writes / floor);
+            println!(
+                "| ratio (tx/s x commits per transaction / pgbench TPS) | {:.0} % |",
+                100.0 * tps * commits / floor
+            );
+            println!(
+                "| ratio of writes (tx/s x record writes per transaction / pgbench TPS) | {:.0} % |",
+                100.0 * tps * records / floor
+            );
         }
     }
     if floor_rps > 0.0 {
