@@ -69,7 +69,9 @@
 //! write-ahead [`journal`] with group commit; [`memory::MemStore`] keeps
 //! everything in memory (tests and the simulation); [`postgres::PgStore`]
 //! is shared by a cluster of coordinators (one SQL statement per write,
-//! `WHERE version = $n` and the rules above).
+//! `WHERE version = $n` and the rules above; concurrent writes share one
+//! database transaction through [`group`], as the journal's share one
+//! sync).
 
 pub mod conformance;
 pub mod group;

@@ -18,21 +18,39 @@
 //! with a partial index. Commands are plain columns, so an operator can
 //! read a topic with `psql`.
 //!
-//! ## One statement per write
+//! ## One statement per write, writes grouped into transactions
 //! Each write method is one SQL statement (data-modifying CTEs), so it is
-//! one implicit transaction: atomic, one round trip, one commit, durable
-//! on return (`synchronous_commit` is the server's; keep it `on`). Its
-//! conditions are in its `WHERE`: the version it replaces, the writer's
-//! lease (`FENCE`), and for a transaction being delivered, the owner
-//! (`OWNER_FREE`). Rows it would write under a failed condition are
-//! never written: every dependent insert or delete is guarded by
-//! `EXISTS (SELECT 1 FROM t)`, `t` being the conditional update. Row locks
-//! serialise concurrent writers of one transaction; under READ COMMITTED a
-//! waiting `UPDATE ... WHERE version = $n` re-reads the row after the
+//! atomic by itself. Its conditions are in its `WHERE`: the version it
+//! replaces, the writer's lease (`FENCE`), and for a transaction being
+//! delivered, the owner (this writer, or one whose lease lapsed:
+//! `OWNER_LAPSED`). Rows it would write under a failed
+//! condition are never written: every dependent insert or delete is
+//! guarded by `EXISTS (SELECT 1 FROM t)`, `t` being the conditional
+//! update.
+//!
+//! Concurrent writes share one database transaction (group commit,
+//! [`super::group`]): a writer task sends `BEGIN`, the statements (sorted
+//! by transaction id) and `COMMIT` pipelined, and answers each write only
+//! once `COMMIT` returned, so every acknowledged write is durable
+//! (`synchronous_commit` is the server's; keep it `on`). A statement that
+//! fails aborts its group; every write of the group then runs again alone,
+//! so one bad write fails only itself. A lone write runs alone at once.
+//! Concurrent reads of records, and of topics, likewise share one query
+//! each (`id = ANY($1)`; a `LATERAL` join per topic read).
+//!
+//! Row locks serialise concurrent writers of one transaction, and a lock
+//! taken in a group is held until the group commits; under READ COMMITTED
+//! a waiting `UPDATE ... WHERE version = $n` re-reads the row after the
 //! first commits, finds the version moved, and writes nothing. So
 //! operations on one transaction are serialised across nodes and exactly
-//! one decision wins.
-//!
+//! one decision wins. Groups take their row locks in transaction-id order,
+//! so two groups (of one coordinator or of two) cannot deadlock; the
+//! engine never has two writes of one transaction in flight, so no group
+//! holds two versions of one record. Grouping changes no outcome, only the
+//! number of commits: a fenced write is refused inside its group as it
+//! would be alone, and a takeover's claim waits for the group's row lock,
+//! then finds the version moved.
+
 //! ## Leases, fencing and ownership
 //! The scheme of the store module ("Cluster stores") with the database's
 //! clock (`clock_timestamp()`), so the coordinators' clocks play no part in
@@ -82,11 +100,15 @@ pub const SCHEMA_VERSION: i32 = 1;
 const POOL_SIZE: usize = 32;
 
 /// Writer tasks of the group commit ([`super::group`]): database
-/// transactions of writes this coordinator has in flight at once.
-const WRITERS: usize = 4;
+/// transactions of writes this coordinator has in flight at once. Fewer
+/// writers make larger groups: while they are busy, writes queue up and go
+/// together in the next. Two, because on the 2-core benchmark machine two
+/// gave more transactions per second than one or four (BENCHMARKS.md).
+const WRITERS: usize = 2;
 
-/// Tasks of each kind of grouped read (records, topics).
-const READERS: usize = 4;
+/// Tasks of each kind of grouped read (records, topics): one query of each
+/// kind in flight at a time, carrying every read that queued meanwhile.
+const READERS: usize = 1;
 
 /// Most writes in one database transaction, or reads in one query.
 const MAX_BATCH: usize = 64;
