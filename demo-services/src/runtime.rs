@@ -92,6 +92,22 @@ impl TlsArgs {
     }
 }
 
+/// A binary's whole `main`: tracing on (exporting to `otlp_endpoint`, if
+/// any) as `service`, then `run`, then the last spans flushed, then the
+/// exit code (a failure printed as `binary: error`).
+pub async fn main<F>(binary: &str, service: &'static str, otlp_endpoint: Option<&str>, run: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let tracing = match init_tracing(service, otlp_endpoint) {
+        Ok(tracing) => tracing,
+        Err(e) => return exit_code(binary, Err(e)),
+    };
+    let result = run.await;
+    tracing.finish().await;
+    exit_code(binary, result)
+}
+
 /// Turns a binary's result into its exit code, printing the error chain.
 pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {

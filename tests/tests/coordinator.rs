@@ -647,6 +647,24 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
         "type must not be empty"
     );
     case!(
+        "append: NUL in a type",
+        topics.append(app(&gp, vec![command("t.\0Cmd", "", b"")], "")),
+        Code::InvalidArgument,
+        "commands[0].type contains a NUL character"
+    );
+    case!(
+        "append: NUL in a key",
+        topics.append(app(&gp, vec![command("t.Cmd", "k\0", b"")], "")),
+        Code::InvalidArgument,
+        "commands[0].key contains a NUL character"
+    );
+    case!(
+        "append: NUL in the idempotency key",
+        topics.append(app(&gp, cmds(1, 1), "k\0")),
+        Code::InvalidArgument,
+        "idempotency_key contains a NUL character"
+    );
+    case!(
         "append: key too long",
         topics.append(app(&gp, cmds(1, 1), &"k".repeat(129))),
         Code::InvalidArgument,

@@ -312,6 +312,11 @@ async fn grouped_writes_commit_together_and_a_bad_one_fails_alone() -> Result<()
     let commits = xid().await? - before - 1; // txid_current() itself is one
     ensure!(commits < N as i64, "{N} concurrent creates in {commits} write transactions: not grouped");
 
+    let rollbacks = || async {
+        let sql = "SELECT xact_rollback FROM pg_stat_database WHERE datname = current_database()";
+        Ok::<i64, anyhow::Error>(db.query_one(sql, &[]).await?.get(0))
+    };
+    let rolled_back = rollbacks().await?;
     let bad = |i: usize| i % 16 == 5;
     let appends = txns.iter().enumerate().map(|(i, t)| {
         let s = s.clone();
@@ -343,6 +348,14 @@ async fn grouped_writes_commit_together_and_a_bad_one_fails_alone() -> Result<()
             other => bail!("append {i} (bad: {}): {other:?}", bad(i)),
         }
     }
+    // A group with a bad write in it was rolled back, so the fallback ran:
+    // more rollbacks than the bad writes' own (each fails alone once), as
+    // the statistics say within their flush interval (at most 10 s).
+    let bad_writes = (0..N).filter(|i| bad(*i)).count() as i64;
+    tcc_tests::eventually("a rolled-back group in the statistics", Duration::from_secs(20), || async {
+        Ok((rollbacks().await? > rolled_back + bad_writes).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 

@@ -108,6 +108,12 @@ pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
                 fixed::MAX_COMMAND_TYPE
             )));
         }
+        if c.kind.contains('\0') || c.key.contains('\0') {
+            let field = if c.kind.contains('\0') { "type" } else { "key" };
+            return Err(Error::invalid(format!(
+                "commands[{i}].{field} contains a NUL character, which is not allowed"
+            )));
+        }
         if c.key.len() > fixed::MAX_COMMAND_KEY {
             return Err(Error::invalid(format!(
                 "commands[{i}].key is {} bytes long; the limit is {}",
@@ -150,6 +156,9 @@ pub fn idempotency_key(key: &str) -> Result<Option<&str>> {
             key.len(),
             fixed::MAX_IDEMPOTENCY_KEY
         )));
+    }
+    if key.contains('\0') {
+        return Err(Error::invalid("idempotency_key contains a NUL character, which is not allowed"));
     }
     Ok((!key.is_empty()).then_some(key))
 }

@@ -59,36 +59,51 @@ type Queued<E> = (<E as Executor>::Job, oneshot::Sender<Result<<E as Executor>::
 /// The queue and its tasks. Dropping it ends the tasks once the queue is
 /// empty.
 pub struct Group<E: Executor> {
-    queue: mpsc::UnboundedSender<Queued<E>>,
-    /// The tasks' end (held here only so tests can see what is queued).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pending: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E>>>>,
+    queue: mpsc::Sender<Queued<E>>,
+    /// The tasks' end, so tests can see what is queued. (Not held
+    /// otherwise: if every task were gone, the queue would close and
+    /// `submit` fail instead of wait.)
+    #[cfg(test)]
+    pending: Arc<Mutex<mpsc::Receiver<Queued<E>>>>,
 }
+
+/// Most jobs waiting in one queue; more are refused (UNAVAILABLE) rather
+/// than queued without bound while the database is slow.
+pub const QUEUE_LIMIT: usize = 4096;
 
 impl<E: Executor> Group<E> {
     /// Starts `writers` tasks on `executor`, each running at most
     /// `max_batch` jobs at a time.
     pub fn start(executor: Arc<E>, writers: usize, max_batch: usize) -> Self {
-        let (queue, rx) = mpsc::unbounded_channel();
+        let (queue, rx) = mpsc::channel(QUEUE_LIMIT);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
             tokio::spawn(writer(executor.clone(), rx.clone(), max_batch.max(1)));
         }
 
-        Group { queue, pending: rx }
+        Group {
+            queue,
+            #[cfg(test)]
+            pending: rx,
+        }
     }
 
     /// Submits a job and waits for its result.
     pub async fn submit(&self, job: E::Job) -> Result<E::Output> {
         let (tx, rx) = oneshot::channel();
-        let stopped = || Error::Unavailable("the database writer stopped (shutting down)".to_string());
-        self.queue.send((job, tx)).map_err(|_| stopped())?;
+        let stopped = || Error::Unavailable("the database queue stopped (shutting down)".to_string());
+        self.queue.try_send((job, tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Unavailable(format!(
+                "the database is behind: {QUEUE_LIMIT} requests are waiting for it on this coordinator; retry later"
+            )),
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })?;
         rx.await.map_err(|_| stopped())?
     }
 }
 
 /// One writer task: takes what is queued, runs it, answers.
-async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedReceiver<Queued<E>>>>, max: usize) {
+async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::Receiver<Queued<E>>>>, max: usize) {
     loop {
         let mut batch = {
             let mut rx = rx.lock().await;
@@ -102,6 +117,12 @@ async fn writer<E: Executor>(executor: Arc<E>, rx: Arc<Mutex<mpsc::UnboundedRece
             }
             batch
         };
+        // A submitter that gave up (its request was cancelled) is not
+        // waiting for its answer: its job is dropped, not run.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         if batch.len() == 1 {
             if let Some((job, reply)) = batch.pop() {
                 let _ = reply.send(executor.alone(&job).await);
@@ -280,5 +301,36 @@ mod tests {
         }
         let batches = crate::lock(&fake.batches).clone();
         assert_eq!(batches, vec![vec![100], vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+    }
+
+    /// A job whose submitter gave up while it was queued is not run.
+    #[tokio::test]
+    async fn a_job_given_up_while_queued_is_not_run() {
+        let fake = Arc::new(Fake::default());
+        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        let group = Arc::new(Group::start(fake.clone(), 1, 64));
+        let first = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(100, false)).await }
+        });
+        fake.started.notified().await;
+        let given_up = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(1, false)).await }
+        });
+        let kept = tokio::spawn({
+            let g = group.clone();
+            async move { g.submit(Job(2, false)).await }
+        });
+        while !all_queued(&group, 2) {
+            tokio::task::yield_now().await;
+        }
+        given_up.abort();
+        assert!(given_up.await.is_err_and(|e| e.is_cancelled()));
+        fake.go.notify_one();
+        assert!(matches!(first.await, Ok(Ok(true))));
+        assert!(matches!(kept.await, Ok(Ok(true))));
+        let batches = crate::lock(&fake.batches).clone();
+        assert_eq!(batches, vec![vec![100], vec![2]]);
     }
 }

@@ -49,7 +49,18 @@
 //! holds two versions of one record. Grouping changes no outcome, only the
 //! number of commits: a fenced write is refused inside its group as it
 //! would be alone, and a takeover's claim waits for the group's row lock,
-//! then finds the version moved.
+//! then finds the version moved. (A write's lease is checked when its
+//! statement runs and the group commits a little later, so a lease that
+//! lapses in between still lets that write land; nothing is overwritten,
+//! since whoever takes over writes through the same row and version.)
+//!
+//! Whether a group committed is decided by the server, not by the client:
+//! the last statement before `COMMIT` is a sentinel `SELECT`, which fails
+//! ("current transaction is aborted") if anything before it aborted the
+//! transaction. The group runs at READ COMMITTED whatever the server's
+//! default. A job whose caller gave up while it was queued is not run,
+//! and at most [`super::group::QUEUE_LIMIT`] wait per queue (more are
+//! UNAVAILABLE).
 
 //! ## Leases, fencing and ownership
 //! The scheme of the store module ("Cluster stores") with the database's
@@ -730,44 +741,67 @@ impl Executor for Writes {
             Err(e) => return Ok(every(pool_error(e))),
         };
         let mut statements = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        for sql in jobs.iter().map(|j| j.sql).chain([SENTINEL]) {
             // Cached per connection: a round trip the first time only.
-            match client.prepare_cached(job.sql).await {
+            // Prepared, so that each request goes out on its first poll.
+            match client.prepare_cached(sql).await {
                 Ok(s) => statements.push(s),
                 Err(e) => return Ok(every(read_error(e))),
             }
         }
+        let Some(sentinel) = statements.pop() else { return Ok(every(Error::Storage("no sentinel".into()))) };
         let params: Vec<_> = jobs.iter().map(|j| j.params()).collect();
         let started = std::time::Instant::now();
-        // Pipelined: tokio-postgres sends each request when its future is
-        // first polled, and `join!` (and `join_all`) poll in order, so the
-        // server gets BEGIN, the statements, COMMIT, in that order, in a
-        // few packets, and answers in that order.
-        let begin = client.batch_execute("BEGIN");
-        let writes = futures::future::join_all(statements.iter().zip(&params).map(|(s, p)| client.query_one(s, p)));
-        let commit = client.batch_execute("COMMIT");
-        let (begun, written, committed) = tokio::join!(begin, writes, commit);
+        // Pipelined, in this order: BEGIN, the statements, the sentinel,
+        // COMMIT; sent in a few packets, answered in order.
+        let db: &tokio_postgres::Client = &client;
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(jobs.len() + 3);
+        steps.push(Box::pin(
+            async move { db.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED").await.map(|_| None) },
+        ));
+        for (statement, params) in statements.iter().zip(&params) {
+            steps.push(Box::pin(async move { db.query_one(statement, params).await.map(Some) }));
+        }
+        let sentinel = &sentinel;
+        steps.push(Box::pin(async move { db.query_one(sentinel, &[]).await.map(Some) }));
+        steps.push(Box::pin(async move { db.batch_execute("COMMIT").await.map(|_| None) }));
+        let mut answers = in_order(steps).await;
         crate::metrics::group_commit(jobs.len(), started.elapsed());
+        let (Some(committed), Some(sentinel)) = (answers.pop(), answers.pop()) else {
+            return Ok(every(Error::Storage("the database pipeline lost answers".into())));
+        };
+        let begun = answers.remove(0);
+        let written = answers;
         if begun.is_err() {
             // No transaction was open: each statement was its own, and its
             // own result is its outcome.
-            return Ok(written.into_iter().map(count).collect());
+            return Ok(written.into_iter().map(outcome).collect());
         }
-        let failed = written.iter().filter_map(|r| r.as_ref().err()).chain(committed.as_ref().err());
-        let mut first = None;
-        for e in failed {
-            if connection_lost(e) {
-                // COMMIT may have been processed before the answers were
-                // lost: every write's outcome is unknown.
-                return Ok(every(write_error_of(e)));
+        let lost =
+            written.iter().chain([&sentinel, &committed]).filter_map(|r| r.as_ref().err()).find(|e| connection_lost(e));
+        if let Some(e) = lost {
+            // COMMIT may have been processed before the answers were lost:
+            // every write's outcome is unknown.
+            return Ok(every(write_error_of(e)));
+        }
+        let first_failed = written.iter().find_map(|r| r.as_ref().err()).map(read_error_of);
+        match (&sentinel, &committed) {
+            // Nothing aborted the transaction before the sentinel, and
+            // COMMIT went through: each statement's own result stands (one
+            // that failed in the client never reached the server).
+            (Ok(_), Ok(_)) => Ok(written.into_iter().map(outcome).collect()),
+            // A statement failed, so the server aborted the transaction (its
+            // COMMIT answers ROLLBACK): nothing was written.
+            (Err(e), _) if e.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                Err(first_failed.unwrap_or_else(|| read_error_of(e)))
             }
-            first.get_or_insert_with(|| read_error_of(e));
-        }
-        match first {
-            // A statement failed, so the server rolled the transaction
-            // back (its COMMIT answers ROLLBACK): nothing was written.
-            Some(e) => Err(e),
-            None => Ok(written.into_iter().map(count).collect()),
+            // COMMIT itself was refused: rolled back.
+            (Ok(_), Err(e)) => Err(read_error_of(e)),
+            (Err(e), _) => Ok(every(Error::Unavailable(format!(
+                "the database answered a group of writes unexpectedly ({}); they may or may not have been applied; \
+                 retrying is safe (appends: with the same idempotency key)",
+                describe(e)
+            )))),
         }
     }
 
@@ -778,7 +812,7 @@ impl Executor for Writes {
         let started = std::time::Instant::now();
         let row = client.query_one(&statement, &job.params()).await;
         crate::metrics::group_commit(1, started.elapsed());
-        count(row)
+        outcome(row.map(Some))
     }
 }
 
@@ -859,7 +893,7 @@ impl Executor for TopicReads {
                 Ok(i) => i,
                 Err(e) => return Ok(every(read_error(e))),
             };
-            let slot = usize::try_from(i - 1).ok().and_then(|i| out.get_mut(i));
+            let slot = i.checked_sub(1).and_then(|i| usize::try_from(i).ok()).and_then(|i| out.get_mut(i));
             match (slot, command(row, 1)) {
                 (Some(Ok(commands)), Ok(c)) => commands.push(c),
                 (Some(slot), Err(e)) => *slot = Err(e),
@@ -898,9 +932,44 @@ async fn query(pool: &Pool, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result
 }
 
 /// The outcome of one write statement: whether its conditional part wrote.
-fn count(row: std::result::Result<tokio_postgres::Row, tokio_postgres::Error>) -> Result<bool> {
-    let n: i64 = row.map_err(write_error)?.try_get(0).map_err(read_error)?;
+fn outcome(answer: std::result::Result<Option<tokio_postgres::Row>, tokio_postgres::Error>) -> Result<bool> {
+    let row = answer.map_err(write_error)?.ok_or_else(|| Error::Storage("a write statement gave no row".into()))?;
+    let n: i64 = row.try_get(0).map_err(read_error)?;
     Ok(n > 0)
+}
+
+/// The last statement of a group before `COMMIT`: it succeeds only if
+/// nothing aborted the transaction (then the server answers it with
+/// "current transaction is aborted"), so its answer tells whether the
+/// group committed.
+const SENTINEL: &str = "SELECT 1::bigint";
+
+/// One request of a group's pipeline, and its answer.
+type Step<'a> = std::pin::Pin<
+    Box<dyn Future<Output = std::result::Result<Option<tokio_postgres::Row>, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// Runs `futures` together, polling every unfinished one in index order at
+/// each poll, and gives their outputs in order. A tokio-postgres request
+/// (on a prepared statement) is sent on its future's first poll, so the
+/// requests go out in index order.
+async fn in_order<T>(futures: Vec<std::pin::Pin<Box<dyn Future<Output = T> + Send + '_>>>) -> Vec<T> {
+    let mut futures = futures;
+    let mut outputs: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *output = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 /// The same error again, for each write of a batch that failed together.

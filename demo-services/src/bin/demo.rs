@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::Parser;
 use tcc_demo_services::pb::{self, customers_client::CustomersClient, inventory_client::InventoryClient};
 use tcc_demo_services::pki::{Options, Pki};
-use tcc_demo_services::runtime::{Common, TlsArgs, exit_code, init_tracing};
+use tcc_demo_services::runtime::{self, Common, TlsArgs};
 use tcc_demo_services::{customers, inventory, orders, shop};
 
 #[derive(Parser)]
@@ -66,13 +66,7 @@ fn tls_args(dir: &std::path::Path, identity: &str) -> TlsArgs {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let tracing = match init_tracing("shop-demo", None) {
-        Ok(tracing) => tracing,
-        Err(e) => return exit_code("shop-demo", Err(e)),
-    };
-    let result = run(args).await;
-    tracing.finish().await;
-    exit_code("shop-demo", result)
+    runtime::main("shop-demo", "shop-demo", None, run(args)).await
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

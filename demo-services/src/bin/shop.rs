@@ -1,7 +1,7 @@
 //! The `shop` binary: the composite service, see [`tcc_demo_services::shop`].
 
 use clap::Parser;
-use tcc_demo_services::runtime::{exit_code, init_tracing};
+use tcc_demo_services::runtime;
 use tcc_demo_services::shop::ShopArgs;
 
 #[derive(Parser)]
@@ -14,11 +14,6 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let tracing = match init_tracing("shop", args.shop.otlp_endpoint.as_deref()) {
-        Ok(tracing) => tracing,
-        Err(e) => return exit_code("shop", Err(e)),
-    };
-    let result = tcc_demo_services::shop::run(args.shop).await;
-    tracing.finish().await;
-    exit_code("shop", result)
+    let otlp = args.shop.otlp_endpoint.clone();
+    runtime::main("shop", "shop", otlp.as_deref(), tcc_demo_services::shop::run(args.shop)).await
 }
