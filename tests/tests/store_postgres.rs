@@ -416,3 +416,85 @@ async fn grouped_reads_each_get_their_own_answer() -> Result<()> {
     }
     Ok(())
 }
+
+/// A group whose connection is lost before its COMMIT: every write in it
+/// is reported UNAVAILABLE with an unknown outcome (safe to retry), and
+/// none of them is applied, even those whose statements had already run.
+///
+/// Made deterministic with row locks: both writer tasks are first kept
+/// busy by lone writes waiting for locks; the group's writes are queued
+/// meanwhile (each is queued on its first poll); one writer is let go and
+/// takes them all as one group, which runs its statements up to the last
+/// one (a locked row); then its backend is terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_cut_off_before_its_commit_is_unknown_and_applies_nothing() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let s = Arc::new(PgStore::connect(&pg.url(), Duration::from_secs(30)).await?);
+    let (x0, x1) = (txn(&["x"]), txn(&["x"]));
+    let ys: Vec<TxnRecord> = (0..6).map(|_| txn(&["x"])).collect();
+    let z = txn(&["x"]); // created last: the largest id, so the last statement of its group
+    for t in [&x0, &x1].into_iter().chain(&ys).chain([&z]) {
+        s.create_txn(t).await?;
+    }
+    let lock = |ids: Vec<uuid::Uuid>| {
+        let pg = &pg;
+        async move {
+            let c = pg.client().await?;
+            c.execute("BEGIN", &[]).await?;
+            c.execute("SELECT 1 FROM tcc_txn WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
+            Ok::<_, anyhow::Error>(c)
+        }
+    };
+    let blocker0 = lock(vec![x0.id.0]).await?;
+    let blocker1 = lock(vec![x1.id.0, z.id.0]).await?;
+    let admin = pg.client().await?;
+    let waiting =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'tcc-coordinator' AND wait_event_type = 'Lock'";
+    let waiters = |n: usize| {
+        let admin = &admin;
+        async move {
+            tcc_tests::eventually(&format!("{n} writes waiting for row locks"), Duration::from_secs(10), || async {
+                Ok((admin.query(waiting, &[]).await?.len() == n).then_some(()))
+            })
+            .await
+        }
+    };
+    let spawn_confirm = |t: &TxnRecord| {
+        let (s, next) = (s.clone(), next(t, Event::Confirm));
+        tokio::spawn(async move { s.update_txn(&next?, None).await.map_err(anyhow::Error::from) })
+    };
+    let first = spawn_confirm(&x0);
+    waiters(1).await?;
+    let second = spawn_confirm(&x1);
+    waiters(2).await?; // both writer tasks are busy
+
+    let nexts: Vec<TxnRecord> = ys.iter().chain([&z]).map(|t| next(t, Event::Confirm)).collect::<Result<_>>()?;
+    let mut group = Box::pin(futures::future::join_all(nexts.iter().map(|n| s.update_txn(n, None))));
+    ensure!(futures::poll!(group.as_mut()).is_pending(), "the group's writes wait");
+    blocker0.execute("COMMIT", &[]).await?;
+    first.await??; // x0's writer is free, and takes the queued writes as one group
+    waiters(2).await?; // x1's lone write, and the group at z's row
+    admin.execute(&format!("SELECT pg_terminate_backend(pid) FROM ({waiting}) w"), &[]).await?;
+
+    for (what, r) in group.await.into_iter().map(|r| ("grouped", r)).chain([(
+        "lone",
+        second.await?.map_err(|e| match e.downcast::<Error>() {
+            Ok(e) => e,
+            Err(e) => Error::Storage(e.to_string()),
+        }),
+    )]) {
+        match r {
+            Err(Error::Unavailable(m)) => ensure!(
+                m.contains("may or may not have been applied") && m.contains("retrying is safe"),
+                "{what} write: {m}"
+            ),
+            other => bail!("a {what} write cut off before its commit: {other:?}"),
+        }
+    }
+    blocker1.execute("ROLLBACK", &[]).await?;
+    for t in ys.iter().chain([&z, &x1]) {
+        ensure!(s.get_txn(t.id).await? == Some(t.clone()), "nothing of the cut-off writes was applied");
+    }
+    ensure!(s.get_txn(x0.id).await?.map(|t| t.version) == Some(2), "the write that went through stays");
+    Ok(())
+}
