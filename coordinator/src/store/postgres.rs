@@ -782,7 +782,9 @@ impl Executor for Writes {
         if let Some(e) = lost {
             // COMMIT may have been processed before the answers were lost:
             // every write's outcome is unknown.
-            return Ok(every(write_error_of(e)));
+            let unknown = write_error_of(e);
+            discard(client);
+            return Ok(every(unknown));
         }
         let first_failed = written.iter().find_map(|r| r.as_ref().err()).map(read_error_of);
         match (&sentinel, &committed) {
@@ -812,6 +814,9 @@ impl Executor for Writes {
         let started = std::time::Instant::now();
         let row = client.query_one(&statement, &job.params()).await;
         crate::metrics::group_commit(1, started.elapsed());
+        if row.as_ref().is_err_and(connection_lost) {
+            discard(client);
+        }
         outcome(row.map(Some))
     }
 }
@@ -927,8 +932,21 @@ fn command(r: &tokio_postgres::Row, at: usize) -> Result<CommandRecord> {
 /// connection).
 async fn query(pool: &Pool, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>> {
     let client = pool.get().await.map_err(pool_error)?;
-    let stmt = client.prepare_cached(sql).await.map_err(read_error)?;
-    client.query(&stmt, params).await.map_err(read_error)
+    let rows = match client.prepare_cached(sql).await {
+        Ok(stmt) => client.query(&stmt, params).await,
+        Err(e) => Err(e),
+    };
+    if rows.as_ref().is_err_and(connection_lost) {
+        discard(client);
+    }
+    rows.map_err(read_error)
+}
+
+/// Keeps a connection whose session was lost out of the pool: its next
+/// user would fail too (the pool's own check may not have seen it close
+/// yet).
+fn discard(client: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(client));
 }
 
 /// The outcome of one write statement: whether its conditional part wrote.
