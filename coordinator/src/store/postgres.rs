@@ -765,13 +765,13 @@ impl Executor for Writes {
         let sentinel = &sentinel;
         steps.push(Box::pin(async move { db.query_one(sentinel, &[]).await.map(Some) }));
         steps.push(Box::pin(async move { db.batch_execute("COMMIT").await.map(|_| None) }));
-        let mut answers = in_order(steps).await;
+        let mut answers = in_order(steps).await.into_iter();
         crate::metrics::group_commit(jobs.len(), started.elapsed());
-        let (Some(committed), Some(sentinel)) = (answers.pop(), answers.pop()) else {
+        let (Some(begun), Some(committed), Some(sentinel)) = (answers.next(), answers.next_back(), answers.next_back())
+        else {
             return Ok(every(Error::Storage("the database pipeline lost answers".into())));
         };
-        let begun = answers.remove(0);
-        let written = answers;
+        let written: Vec<_> = answers.collect();
         if begun.is_err() {
             // No transaction was open: each statement was its own, and its
             // own result is its outcome.
