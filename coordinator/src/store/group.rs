@@ -19,10 +19,15 @@
 //! A write's result reaches its submitter only after the database
 //! transaction that wrote it committed (durable on return), or with the
 //! error that says why not; a read runs after it was submitted, so it sees
-//! every write acknowledged before. Jobs of one submitter that are not in flight
-//! at the same time are in batches in the order submitted; the engine
-//! never has two writes of one transaction in flight, so batching changes
-//! no outcome, only the number of commits.
+//! every write acknowledged before. Jobs of one submitter that are not in
+//! flight at the same time are in batches in the order submitted; the
+//! engine never has two writes of one transaction in flight, so batching
+//! changes no outcome, only the number of commits.
+//!
+//! A job whose submitter gave up while it was queued (a cancelled request)
+//! is dropped, not run. At most [`QUEUE_LIMIT`] jobs wait in a queue; more
+//! are refused with UNAVAILABLE, so a slow database pushes back on its
+//! callers instead of queueing without bound.
 
 use std::future::Future;
 use std::sync::Arc;
