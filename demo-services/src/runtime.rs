@@ -109,7 +109,7 @@ where
 }
 
 /// Turns a binary's result into its exit code, printing the error chain.
-pub fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+fn exit_code(binary: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -136,7 +136,7 @@ impl Tracing {
 /// `otlp_endpoint`, span export as `service` (the SDK's request spans join
 /// the callers' traces: see `tcc_domain_sdk::telemetry`). Runs inside the
 /// runtime.
-pub fn init_tracing(service: &'static str, otlp_endpoint: Option<&str>) -> anyhow::Result<Tracing> {
+fn init_tracing(service: &'static str, otlp_endpoint: Option<&str>) -> anyhow::Result<Tracing> {
     use tracing_subscriber::{Layer, prelude::*};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))

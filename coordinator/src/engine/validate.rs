@@ -108,8 +108,7 @@ pub fn commands(limits: &Limits, commands: &[NewCommand]) -> Result<u64> {
                 fixed::MAX_COMMAND_TYPE
             )));
         }
-        if c.kind.contains('\0') || c.key.contains('\0') {
-            let field = if c.kind.contains('\0') { "type" } else { "key" };
+        if let Some((field, _)) = [("type", &c.kind), ("key", &c.key)].into_iter().find(|(_, t)| t.contains('\0')) {
             return Err(Error::invalid(format!(
                 "commands[{i}].{field} contains a NUL character, which is not allowed"
             )));

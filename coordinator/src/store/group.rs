@@ -207,35 +207,40 @@ mod tests {
         }
     }
 
-    /// While the only writer is busy, the jobs that queue up are committed
-    /// together, sorted by key; a lone job runs alone.
-    #[tokio::test]
-    async fn queued_jobs_share_one_commit_in_key_order() {
+    type Handle = tokio::task::JoinHandle<Result<bool>>;
+
+    /// A group with one writer (batches of at most `max`), busy with job
+    /// 100 until `fake.go` is notified.
+    async fn busy(max: usize) -> (Arc<Fake>, Arc<Group<Fake>>, Handle) {
         let fake = Arc::new(Fake::default());
         fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(Group::start(fake.clone(), 1, 64));
-        let first = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(100, false)).await }
-        });
+        let group = Arc::new(Group::start(fake.clone(), 1, max));
+        let first = submit(&group, 100, false);
         fake.started.notified().await; // the writer is busy with job 100
-        let rest: Vec<_> = [5u128, 3, 9, 1]
-            .into_iter()
-            .map(|k| {
-                let g = group.clone();
-                tokio::spawn(async move { g.submit(Job(k, false)).await })
-            })
-            .collect();
-        while !all_queued(&group, 4) {
+        (fake, group, first)
+    }
+
+    fn submit(group: &Arc<Group<Fake>>, key: u128, bad: bool) -> Handle {
+        let g = group.clone();
+        tokio::spawn(async move { g.submit(Job(key, bad)).await })
+    }
+
+    /// Queues `jobs` behind the busy writer, lets it go, and returns each
+    /// job's result and the batches the executor was given.
+    async fn run_queued(max: usize, jobs: &[(u128, bool)]) -> (Vec<Result<bool>>, Vec<Vec<u128>>) {
+        let (fake, group, first) = busy(max).await;
+        let handles: Vec<_> = jobs.iter().map(|&(k, bad)| submit(&group, k, bad)).collect();
+        while !all_queued(&group, jobs.len()) {
             tokio::task::yield_now().await;
         }
         fake.go.notify_one();
         assert!(matches!(first.await, Ok(Ok(true))));
-        for r in rest {
-            assert!(matches!(r.await, Ok(Ok(true))));
+        let mut results = Vec::new();
+        for h in handles {
+            results.push(h.await.unwrap_or_else(|e| Err(Error::Storage(e.to_string()))));
         }
         let batches = crate::lock(&fake.batches).clone();
-        assert_eq!(batches, vec![vec![100], vec![1, 3, 5, 9]]);
+        (results, batches)
     }
 
     /// Whether `n` jobs wait in the queue (the writer, blocked in the
@@ -244,89 +249,40 @@ mod tests {
         group.pending.try_lock().is_ok_and(|rx| rx.len() >= n)
     }
 
+    /// While the only writer is busy, the jobs that queue up are committed
+    /// together, sorted by key; a lone job runs alone.
+    #[tokio::test]
+    async fn queued_jobs_share_one_commit_in_key_order() {
+        let (results, batches) = run_queued(64, &[(5, false), (3, false), (9, false), (1, false)]).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(true))), "{results:?}");
+        assert_eq!(batches, vec![vec![100], vec![1, 3, 5, 9]]);
+    }
+
     /// A bad job fails its batch; every job then runs alone, so the good
     /// ones are written and only the bad one fails.
     #[tokio::test]
     async fn a_failed_batch_is_run_again_one_by_one() {
-        let fake = Arc::new(Fake::default());
-        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(Group::start(fake.clone(), 1, 64));
-        let first = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(100, false)).await }
-        });
-        fake.started.notified().await;
-        let jobs: Vec<_> = [(1u128, false), (2, true), (3, false)]
-            .into_iter()
-            .map(|(k, bad)| {
-                let g = group.clone();
-                tokio::spawn(async move { (k, g.submit(Job(k, bad)).await) })
-            })
-            .collect();
-        while !all_queued(&group, 3) {
-            tokio::task::yield_now().await;
-        }
-        fake.go.notify_one();
-        assert!(matches!(first.await, Ok(Ok(true))));
-        for j in jobs {
-            match j.await {
-                Ok((2, r)) => assert!(matches!(r, Err(Error::Storage(ref m)) if m == "job 2 is bad"), "{r:?}"),
-                Ok((_, r)) => assert!(matches!(r, Ok(true)), "{r:?}"),
-                Err(e) => panic!("{e}"),
-            }
-        }
-        let batches = crate::lock(&fake.batches).clone();
+        let (results, batches) = run_queued(64, &[(1, false), (2, true), (3, false)]).await;
+        assert!(matches!(results[0], Ok(true)) && matches!(results[2], Ok(true)), "{results:?}");
+        assert!(matches!(results[1], Err(Error::Storage(ref m)) if m == "job 2 is bad"), "{results:?}");
         assert_eq!(batches, vec![vec![100], vec![1, 2, 3], vec![1], vec![2], vec![3]]);
     }
 
     /// The batch size is bounded.
     #[tokio::test]
     async fn batches_hold_at_most_max_jobs() {
-        let fake = Arc::new(Fake::default());
-        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(Group::start(fake.clone(), 1, 3));
-        let first = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(100, false)).await }
-        });
-        fake.started.notified().await;
-        let rest: Vec<_> = (1u128..=7)
-            .map(|k| {
-                let g = group.clone();
-                tokio::spawn(async move { g.submit(Job(k, false)).await })
-            })
-            .collect();
-        while !all_queued(&group, 7) {
-            tokio::task::yield_now().await;
-        }
-        fake.go.notify_one();
-        assert!(matches!(first.await, Ok(Ok(true))));
-        for r in rest {
-            assert!(matches!(r.await, Ok(Ok(true))));
-        }
-        let batches = crate::lock(&fake.batches).clone();
+        let jobs: Vec<_> = (1u128..=7).map(|k| (k, false)).collect();
+        let (results, batches) = run_queued(3, &jobs).await;
+        assert!(results.iter().all(|r| matches!(r, Ok(true))), "{results:?}");
         assert_eq!(batches, vec![vec![100], vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
     }
 
     /// A job whose submitter gave up while it was queued is not run.
     #[tokio::test]
     async fn a_job_given_up_while_queued_is_not_run() {
-        let fake = Arc::new(Fake::default());
-        fake.gate.store(true, std::sync::atomic::Ordering::SeqCst);
-        let group = Arc::new(Group::start(fake.clone(), 1, 64));
-        let first = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(100, false)).await }
-        });
-        fake.started.notified().await;
-        let given_up = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(1, false)).await }
-        });
-        let kept = tokio::spawn({
-            let g = group.clone();
-            async move { g.submit(Job(2, false)).await }
-        });
+        let (fake, group, first) = busy(64).await;
+        let given_up = submit(&group, 1, false);
+        let kept = submit(&group, 2, false);
         while !all_queued(&group, 2) {
             tokio::task::yield_now().await;
         }

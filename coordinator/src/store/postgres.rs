@@ -735,21 +735,25 @@ impl Executor for Writes {
     }
 
     async fn together(&self, jobs: &[&Write]) -> std::result::Result<Vec<Result<bool>>, Error> {
-        let every = |e: Error| jobs.iter().map(|_| Err(copy(&e))).collect();
+        let every = |e: Error| each(jobs.len(), &e);
         let client = match self.pool.get().await {
             Ok(c) => c,
             Err(e) => return Ok(every(pool_error(e))),
         };
-        let mut statements = Vec::with_capacity(jobs.len());
-        for sql in jobs.iter().map(|j| j.sql).chain([SENTINEL]) {
-            // Cached per connection: a round trip the first time only.
-            // Prepared, so that each request goes out on its first poll.
-            match client.prepare_cached(sql).await {
-                Ok(s) => statements.push(s),
-                Err(e) => return Ok(every(read_error(e))),
+        // Cached per connection: a round trip the first time only.
+        // Prepared, so that each request goes out on its first poll.
+        let prepared = async {
+            let sentinel = client.prepare_cached(SENTINEL).await?;
+            let mut statements = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                statements.push(client.prepare_cached(job.sql).await?);
             }
-        }
-        let Some(sentinel) = statements.pop() else { return Ok(every(Error::Storage("no sentinel".into()))) };
+            Ok::<_, tokio_postgres::Error>((sentinel, statements))
+        };
+        let (sentinel, statements) = match prepared.await {
+            Ok(p) => p,
+            Err(e) => return Ok(every(read_error(e))),
+        };
         let params: Vec<_> = jobs.iter().map(|j| j.params()).collect();
         let started = std::time::Instant::now();
         // Pipelined, in this order: BEGIN, the statements, the sentinel,
@@ -835,7 +839,7 @@ impl Executor for TxnReads {
     }
 
     async fn together(&self, ids: &[&TxnId]) -> std::result::Result<Vec<Result<Option<TxnRecord>>>, Error> {
-        let every = |e: Error| ids.iter().map(|_| Err(copy(&e))).collect();
+        let every = |e: Error| each(ids.len(), &e);
         let keys: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
         let sql = "SELECT version, record, id FROM tcc_txn WHERE id = ANY($1)";
         let rows = match query(&self.pool, sql, &[&keys]).await {
@@ -879,7 +883,7 @@ impl Executor for TopicReads {
     }
 
     async fn together(&self, reads: &[&TopicRead]) -> std::result::Result<Vec<Result<Vec<CommandRecord>>>, Error> {
-        let every = |e: Error| reads.iter().map(|_| Err(copy(&e))).collect();
+        let every = |e: Error| each(reads.len(), &e);
         let partials: Vec<Uuid> = reads.iter().map(|r| r.partial).collect();
         let froms: Vec<i64> = reads.iter().map(|r| r.from).collect();
         let limits: Vec<i64> = reads.iter().map(|r| r.limit).collect();
@@ -990,7 +994,12 @@ async fn in_order<T>(futures: Vec<std::pin::Pin<Box<dyn Future<Output = T> + Sen
     outputs.into_iter().flatten().collect()
 }
 
-/// The same error again, for each write of a batch that failed together.
+/// The same error for each of `n` jobs that failed together.
+fn each<T>(n: usize, e: &Error) -> Vec<Result<T>> {
+    (0..n).map(|_| Err(copy(e))).collect()
+}
+
+/// The same error again.
 fn copy(e: &Error) -> Error {
     match e {
         Error::Unavailable(m) => Error::Unavailable(m.clone()),
