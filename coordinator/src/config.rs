@@ -126,6 +126,13 @@ pub struct Config {
     #[arg(long, env = "TCC_INSECURE")]
     pub insecure: bool,
 
+    /// Serve a non-loopback --listen address without --policy: every caller
+    /// who can connect may then do everything (register as any service and
+    /// receive its commits, decide any transaction). Without it, such a
+    /// start is refused.
+    #[arg(long, env = "TCC_ALLOW_OPEN_ACCESS")]
+    pub allow_open_access: bool,
+
     /// Limits on client connections.
     #[command(flatten)]
     pub connections: Connections,
@@ -266,6 +273,12 @@ impl Config {
         if self.tls_cert.is_none() && !self.insecure && !self.listen.ip().is_loopback() {
             return Err(format!(
                 "--listen {} is not a loopback address and TLS is off: give --tls-cert and --tls-key (and --tls-client-ca), or --insecure to serve plaintext there anyway",
+                self.listen
+            ));
+        }
+        if self.policy.is_none() && !self.allow_open_access && !self.listen.ip().is_loopback() {
+            return Err(format!(
+                "--listen {} is not a loopback address and there is no --policy: anyone who can connect could register as any service, receive its commits and decide any transaction. Give --policy (with --tls-client-ca or --tokens; see SECURITY.md), or --allow-open-access to serve open access there deliberately",
                 self.listen
             ));
         }
@@ -538,11 +551,18 @@ mod tests {
         assert!(bad(&["--database-url", "mysql://x"]).is_err_and(|e| e.contains("--database-url")));
         assert!(bad(&["--database-url", "postgres://tcc@127.0.0.1/db"]).is_ok());
         // Plaintext stays on loopback unless --insecure; TLS may listen anywhere.
-        assert!(bad(&["--listen", "0.0.0.0:50051"]).is_err_and(|e| e.contains("--insecure")));
-        assert!(bad(&["--listen", "[::]:50051"]).is_err_and(|e| e.contains("not a loopback")));
-        assert!(bad(&["--listen", "0.0.0.0:50051", "--insecure"]).is_ok());
-        assert!(bad(&["--listen", "0.0.0.0:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).is_ok());
+        let open = "--allow-open-access";
+        assert!(bad(&["--listen", "0.0.0.0:50051", open]).is_err_and(|e| e.contains("--insecure")));
+        assert!(bad(&["--listen", "[::]:50051", open]).is_err_and(|e| e.contains("not a loopback")));
+        assert!(bad(&["--listen", "0.0.0.0:50051", "--insecure", open]).is_ok());
+        assert!(bad(&["--listen", "0.0.0.0:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem", open]).is_ok());
         assert!(bad(&["--listen", "[::1]:50051"]).is_ok());
+        // Beyond loopback, no policy is refused unless open access is asked for.
+        let tls = ["--listen", "0.0.0.0:50051", "--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        assert!(bad(&tls).is_err_and(|e| e.contains("--policy") && e.contains("--allow-open-access")));
+        assert!(bad(&[&tls[..], &["--tls-client-ca", "ca.pem"]].concat()).is_err_and(|e| e.contains("--policy")));
+        assert!(bad(&[&tls[..], &["--tls-client-ca", "ca.pem", "--policy", "p.toml"]].concat()).is_ok());
+        assert!(bad(&["--listen", "0.0.0.0:50051", "--insecure"]).is_err_and(|e| e.contains("--allow-open-access")));
         // The TLS flags go together; a policy needs a way to identify callers.
         assert!(bad(&["--tls-cert", "c.pem"]).is_err());
         assert!(bad(&["--tls-client-ca", "ca.pem"]).is_err());

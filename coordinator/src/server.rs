@@ -236,6 +236,19 @@ fn security(config: &Config, addr: SocketAddr) -> anyhow::Result<(Option<Arc<Tls
         None => Access::open(),
         Some(policy) => Access::enforced(policy.clone(), config.tokens.clone()).map_err(|e| anyhow::anyhow!(e))?,
     };
+    if config.policy.is_none() {
+        if !addr.ip().is_loopback() {
+            // Only with --allow-open-access (the configuration checks).
+            tracing::warn!(
+                %addr,
+                "OPEN ACCESS beyond loopback (--allow-open-access, no --policy): every caller who can reach {addr} may register as any service, receive its commits and decide any transaction"
+            );
+        } else if config.tls_client_ca.is_some() {
+            tracing::warn!(
+                "mutual TLS without --policy: every caller with a certificate from --tls-client-ca may do everything (register as any service, receive its commits, decide any transaction); give --policy for least privilege"
+            );
+        }
+    }
     info!(access = %access.summary(), tls = tls.is_some(), mutual = config.tls_client_ca.is_some(), "security");
     Ok((tls, Arc::new(access)))
 }

@@ -181,6 +181,55 @@ async fn a_truncated_journal_stops_the_start_wherever_it_is_cut() -> Result<()> 
     Ok(())
 }
 
+/// The newest journal file deleted after a crash under load, or replaced
+/// by an older journal file: the start is refused (before, a deleted
+/// newest file started cleanly with acknowledged writes lost), and
+/// `--salvage-journal` starts with what is left.
+#[tokio::test]
+async fn a_deleted_or_replaced_newest_journal_file_stops_the_start() -> Result<()> {
+    let (mut c, ids) = with_work(200, false).await?;
+    let dir = c.data_dir().to_path_buf();
+    let (older, _) = journal_frames(&dir)?.pop().context("no journal file with frames")?;
+    let older_bytes = std::fs::read(&older)?;
+    // More work in the next generation, then a crash.
+    c.restart().await?;
+    let mut more = Vec::new();
+    for i in 0..50 {
+        let t = c.begin(&["svc"], 3_600_000).await?;
+        c.append(&t.partials[0].partial_id, vec![command("svc.Do", &format!("m{i}"), &[1; 100])], "").await?;
+        more.push(t.transaction_id);
+    }
+    c.kill9().await?;
+    let (newest, _) = journal_frames(&dir)?.pop().context("no journal file with frames")?;
+    assert_ne!(newest, older, "a new generation");
+    let original = std::fs::read(&newest)?;
+
+    // Replaced by the older file's bytes.
+    std::fs::write(&newest, &older_bytes)?;
+    let log = refused(&c, &newest.display().to_string()).await?;
+    assert!(log.contains("does not start with its own seal"), "{log}");
+
+    // Deleted.
+    std::fs::remove_file(&newest)?;
+    let log = refused(&c, &newest.display().to_string()).await?;
+    assert!(log.contains("are missing") && log.contains("--salvage-journal"), "{log}");
+
+    // Put back, everything is there.
+    std::fs::write(&newest, &original)?;
+    c.restart().await?;
+    assert_eq!(known(&c, &ids).await?, ids.len());
+    assert_eq!(known(&c, &more).await?, more.len());
+    c.kill9().await?;
+
+    // Deleted again: salvage starts without the writes it held.
+    let (newest, _) = journal_frames(&dir)?.pop().context("no journal file")?;
+    std::fs::remove_file(&newest)?;
+    c.restart_with_args(&["--salvage-journal"]).await?;
+    assert!(c.logs().contains("salvaging the journal"), "{}", c.logs());
+    c.begin(&["svc"], 60_000).await?;
+    Ok(())
+}
+
 /// What a start on a damaged directory did.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {

@@ -19,6 +19,7 @@ use tcc_proto::v1::{
     transactions_client::TransactionsClient,
 };
 use tcc_tests::{Coordinator, TestParticipant};
+use tokio::io::AsyncBufReadExt;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -570,5 +571,54 @@ async fn plaintext_beyond_loopback_is_refused_before_binding() -> Result<()> {
     assert!(!out.status.success());
     assert!(log.contains("not a loopback address") && log.contains("--insecure"), "{log}");
     assert!(!data.exists(), "the data directory was created");
+    Ok(())
+}
+
+/// The review's accident: TLS on a non-loopback address, no policy. It
+/// would have served open access to anyone who could connect (an
+/// anonymous client registered as `orders` and got its commits); it exits
+/// before binding or creating anything, naming `--policy` and the opt-in.
+/// With `--allow-open-access` it starts, and says so loudly.
+#[tokio::test]
+async fn open_access_beyond_loopback_needs_a_policy_or_an_explicit_opt_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new("test CA")?;
+    pki.write(dir.path(), "tcc-coordinator", &Options::default())?;
+    let data = dir.path().join("data");
+    let cert = dir.path().join("tcc-coordinator.pem");
+    let key = dir.path().join("tcc-coordinator.key");
+    let run = |extra: &[&str]| {
+        let mut cmd = tokio::process::Command::new(tcc_tests::binary("tcc-coordinator"));
+        cmd.args(["--listen", "0.0.0.0:0", "--data-dir"])
+            .arg(&data)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .args(extra)
+            .kill_on_drop(true);
+        cmd
+    };
+    let out = tokio::time::timeout(Duration::from_secs(30), run(&[]).output()).await??;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started open beyond loopback:\n{log}");
+    assert!(log.contains("--policy") && log.contains("--allow-open-access"), "{log}");
+    assert!(!data.exists(), "the data directory was created");
+
+    // Deliberately open: it starts, with a warning that says what it means.
+    let mut child = run(&["--allow-open-access"]).stderr(std::process::Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let warned = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("OPEN ACCESS beyond loopback") && line.contains("WARN") {
+                return Ok::<_, anyhow::Error>(true);
+            }
+        }
+        Ok(false)
+    })
+    .await??;
+    child.kill().await?;
+    assert!(warned, "no warning about open access");
     Ok(())
 }

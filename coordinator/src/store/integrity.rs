@@ -45,6 +45,13 @@ pub const MANIFEST: &str = "tcc-manifest";
 /// The files of sled that a store always has.
 pub const SLED_FILES: [&str; 2] = ["conf", "db"];
 
+/// Free space a start needs beyond the journal it replays: room for sled
+/// to take the replayed writes and write its snapshot, and for the first
+/// writes of the new journal file.
+pub const START_SPACE: u64 = 16 << 20;
+
+const MIB: u64 = 1 << 20;
+
 /// How many records, how many bytes, and a checksum of them in key order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -118,6 +125,90 @@ pub fn check_files(dir: &Path) -> Result<()> {
                     "it is missing from a data directory that holds a store ({IDENTITY} is there); restore the data directory from a backup"
                 ),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a start without the free space it needs ([`START_SPACE`] plus
+/// the journal to replay) on the file system of `dir`, before anything is
+/// written: a start on a full disk ends at once, saying how much it needs
+/// and where, and changes nothing.
+pub fn check_space(dir: &Path) -> Result<()> {
+    let (free, journal) = space(dir)?;
+    let needed = START_SPACE + journal;
+    if free >= needed {
+        return Ok(());
+    }
+    Err(Error::Unavailable(no_space(dir, free, journal)))
+}
+
+/// The message for a start short of space (also after a write at start
+/// failed with ENOSPC).
+fn no_space(dir: &Path, free: u64, journal: u64) -> String {
+    let needed = START_SPACE + journal;
+    format!(
+        "not enough free space to start: {} MiB free on the file system of {}, and a start needs {} MiB ({} MiB of journal to replay plus {} MiB); free space there and start again (nothing acknowledged is lost)",
+        free / MIB,
+        dir.display(),
+        needed.div_ceil(MIB),
+        journal.div_ceil(MIB),
+        START_SPACE / MIB,
+    )
+}
+
+/// If `e` is a failed write for want of space, the error that says how much
+/// a start needs, and where; otherwise `e`.
+pub fn explain_no_space(dir: &Path, e: Error) -> Error {
+    let text = e.to_string();
+    if !(text.contains("No space left on device") || text.contains("os error 28")) {
+        return e;
+    }
+    match space(dir) {
+        Ok((free, journal)) => {
+            Error::Unavailable(format!("{} (the write failed: {text})", no_space(dir, free, journal)))
+        }
+        Err(_) => e,
+    }
+}
+
+/// Bytes free to an unprivileged user on the file system of `dir`, and
+/// bytes the journal files in it occupy (they are sparse: what was written).
+fn space(dir: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let stat = rustix::fs::statvfs(dir)
+        .map_err(|e| Error::Storage(format!("cannot read the free space of {}: {e}", dir.display())))?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let entries = std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))?;
+    let mut journal = 0u64;
+    for entry in entries {
+        let entry = entry.map_err(|e| io("cannot list", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_journal =
+            name.strip_prefix(super::journal::FILE_PREFIX).or_else(|| name.strip_prefix(super::journal::LEGACY_PREFIX));
+        if is_journal.is_some_and(|g| g.parse::<u64>().is_ok()) {
+            let meta = entry.metadata().map_err(|e| io("cannot read", &entry.path(), e))?;
+            journal += meta.blocks().saturating_mul(512);
+        }
+    }
+    Ok((free, journal))
+}
+
+/// Removes what a start interrupted by a full disk may leave of sled's
+/// snapshot: `snap.*.generating`, written before it is renamed into place,
+/// so never a complete snapshot. sled 0.34 would take one for the newest
+/// snapshot and refuse an empty one as damage.
+pub fn remove_unfinished_snapshots(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io("cannot list", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
+            tracing::info!(file = %path.display(), "removed an unfinished sled snapshot (a start was interrupted)");
         }
     }
     Ok(())

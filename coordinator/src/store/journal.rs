@@ -56,10 +56,22 @@
 //! frame at every offset after a bad one. A rotation starts the next file
 //! with a seal frame (`3 | end: u64`), synced before anything else: where
 //! the previous file's frames end, so damage to the last frames of a file
-//! that has a successor is found too. Every file is created at least
-//! `file_bytes` long (sparse, [`FILE_BYTES`]) and synced before it is used,
-//! so a shorter file was truncated; generations are consecutive and the
-//! first one follows sled's checkpoint marker, so a missing file is seen.
+//! that has a successor is found too (a file made at open has a seal too,
+//! with no previous end). Every file is created at least `file_bytes` long
+//! (sparse, [`FILE_BYTES`]) and synced before it is used, so a shorter file
+//! was truncated; generations are consecutive and the first one follows
+//! sled's checkpoint marker, so a missing file between two is seen.
+//!
+//! **The newest file is recorded.** Once a new file and its seal are
+//! synced, and before any write goes to it, its generation is recorded in
+//! [`HEAD_FILE`] (written aside, synced, renamed). At open every generation
+//! after sled's marker up to the recorded one must exist, so deleting the
+//! newest or only journal file is damage, not an empty journal; and every
+//! file up to the recorded one must start with its own seal, so a file
+//! replaced by another (two files swapped, an older copy) is damage too,
+//! since frames carry their generation in their checksum. A file past the
+//! record is a creation a crash interrupted: it holds no acknowledged
+//! write.
 //! What cannot be told from an interrupted write is damage to the very
 //! last synced group of the last file when nothing follows it. Files of the first format (`tcc-journal-*`, an 8-byte header
 //! without `group`), left by an older version, are replayed with the rule
@@ -133,6 +145,15 @@ const MARKER: &[u8] = b"tcc-checkpoint";
 
 /// Where a new journal file is prepared before it gets its name.
 const NEW_NAME: &str = "tcc-wal.new";
+
+/// The newest journal generation created (see the module docs): every
+/// file from the checkpoint marker's generation on up to this one must
+/// exist at open.
+pub const HEAD_FILE: &str = "tcc-wal.head";
+
+/// The `end` of the seal that starts a file made at open: there is no
+/// previous file whose end it records.
+const NO_PREVIOUS: u64 = u64::MAX;
 
 /// Empty the journal into sled at least this often while writes come in,
 /// which bounds the replay work at start-up.
@@ -388,6 +409,7 @@ impl Journal {
                 ),
             });
         }
+        let head = read_head(dir)?;
         let found = generations(dir)?;
         let mut frames = 0;
         let mut damage = None;
@@ -406,6 +428,15 @@ impl Journal {
                 damage = Some((i, Error::Corrupt { key: format!("journal {}", path.display()), cause }));
                 break;
             }
+            // Files up to the recorded head were sealed before use.
+            if format == Format::Grouped
+                && head.is_some_and(|h| generation <= h)
+                && seal_of(&path, generation).is_none()
+            {
+                let cause = "it does not start with its own seal, which is synced before the file is used: it was replaced by another file (two journal files swapped, or an older copy) or damaged at its start".to_string();
+                damage = Some((i, Error::Corrupt { key: format!("journal {}", path.display()), cause }));
+                break;
+            }
             let end = found.get(i + 1).and_then(|&(next, f)| recorded_end(&format_path(dir, next, f), next, f));
             match replay(&path, generation, format, &tree, sizes.file, end) {
                 Ok(replayed) => frames += replayed.frames,
@@ -416,12 +447,30 @@ impl Journal {
                 Err(e) => return Err(e),
             }
         }
+        // The newest files recorded must be there (see the module docs).
+        let present = found.last().map(|(g, _)| *g).into_iter().chain(marker).max();
+        if damage.is_none()
+            && let Some(head) = head
+            && present.is_none_or(|p| p < head)
+        {
+            let first = present.map_or(1, |p| p + 1);
+            let cause = format!(
+                "the journal files of generations {first} to {head} are missing ({HEAD_FILE} records that generation {head} was created; it may hold acknowledged writes)"
+            );
+            damage = Some((
+                found.len(),
+                Error::Corrupt { key: format!("journal {}", file_path(dir, head).display()), cause },
+            ));
+        }
         if let Some((i, error)) = damage {
             let aside = &found[i..];
-            let what = format!(
-                "the writes after the damage: the rest of this file and {} later journal file(s), moved aside as *.damaged",
-                aside.len() - 1
-            );
+            let what = match aside.len() {
+                0 => "the writes in the missing files".to_string(),
+                n => format!(
+                    "the writes after the damage: the rest of this file and {} later journal file(s), moved aside as *.damaged",
+                    n - 1
+                ),
+            };
             let Error::Corrupt { key, cause } = error else { return Err(error) };
             if !salvage {
                 return Err(Error::Corrupt {
@@ -440,17 +489,17 @@ impl Journal {
             }
         }
         // Never a generation used before (see the module docs).
-        let past = [found.last().map(|(g, _)| *g), recorded, marker].into_iter().flatten().max().unwrap_or(0);
+        let past = [found.last().map(|(g, _)| *g), recorded, marker, head].into_iter().flatten().max().unwrap_or(0);
         let generation = past + 1;
         if !found.is_empty() {
             set_marker(&db, past).map_err(Error::Storage)?;
-            db.flush().map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
+            flush(&db).map_err(|e| Error::Storage(format!("sled flush: {e}")))?;
             write_checkpoint(dir, past).map_err(|e| io_error("cannot record the checkpoint of", dir, e))?;
             // Before the new file exists: a crash in between leaves no gap.
             remove_up_to(dir, past, false)?;
             tracing::info!(frames, files = found.len(), "replayed the journal into sled");
         }
-        let file = create(dir, generation, sizes.file)?;
+        let (file, sealed) = create(dir, generation, sizes.file, NO_PREVIOUS)?;
 
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -462,7 +511,10 @@ impl Journal {
         let (checkpoints, requests) = mpsc::channel();
         let checkpointer = {
             let (shared, dir, db) = (shared.clone(), dir.to_path_buf(), db.clone());
-            spawn("tcc-checkpoint", move || checkpointer(&shared, &db, &dir, &requests))?
+            spawn("tcc-checkpoint", move || {
+                checkpointer(&shared, &db, &dir, &requests);
+                drop_pinned(db);
+            })?
         };
         let flusher = Flusher {
             shared: shared.clone(),
@@ -472,8 +524,8 @@ impl Journal {
             dir: dir.to_path_buf(),
             file,
             generation,
-            size: 0,
-            start: 0,
+            size: sealed,
+            start: sealed,
             last_checkpoint: Instant::now(),
             rotate_after: None,
             sizes,
@@ -558,15 +610,21 @@ impl Drop for Journal {
 }
 
 impl Shared {
+    /// Puts the store in its failed state, then answers what is queued:
+    /// whoever hears of the failure finds every later call refused (a
+    /// reader never sees a change whose durability is unknown).
     fn fail(&self, cause: String) {
         tracing::error!(%cause, "the store failed to write; refusing further requests until restart");
-        let mut q = lock(&self.queue);
-        for e in q.entries.drain(..) {
+        let queued = {
+            let mut q = lock(&self.queue);
+            q.failed = Some(cause.clone());
+            self.failed.store(true, Ordering::Release);
+            std::mem::take(&mut q.entries)
+        };
+        self.failure.send_replace(Some(cause.clone()));
+        for e in queued {
             let _ = e.done.send(Err(poisoned(&cause)));
         }
-        q.failed = Some(cause.clone());
-        self.failed.store(true, Ordering::Release);
-        self.failure.send_replace(Some(cause));
     }
 }
 
@@ -635,8 +693,10 @@ fn spare_path(dir: &Path) -> PathBuf {
 /// `file_bytes` long and synced under a temporary name first (so a file
 /// under a journal name is never shorter than that unless damaged). Then
 /// makes the directory entry durable, so that frames synced into the file
-/// are found after a crash.
-fn create(dir: &Path, generation: u64, file_bytes: u64) -> Result<File> {
+/// are found after a crash, writes and syncs the file's seal (`previous_end`:
+/// where the previous file's frames end, or [`NO_PREVIOUS`]) and records
+/// the generation in [`HEAD_FILE`]. Returns the file and the seal's length.
+fn create(dir: &Path, generation: u64, file_bytes: u64, previous_end: u64) -> Result<(File, u64)> {
     let path = file_path(dir, generation);
     let file = match std::fs::rename(spare_path(dir), &path) {
         Ok(()) => OpenOptions::new().write(true).open(&path).map_err(|e| io_error("cannot open", &path, e))?,
@@ -654,8 +714,31 @@ fn create(dir: &Path, generation: u64, file_bytes: u64) -> Result<File> {
         }
         Err(e) => return Err(io_error("cannot create", &path, e)),
     };
+    let mut file = file;
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("cannot sync the directory of", &path, e))?;
-    Ok(file)
+    let seal = seal_frame(generation, previous_end);
+    file.write_all(&seal).and_then(|()| file.sync_data()).map_err(|e| io_error("cannot seal", &path, e))?;
+    write_head(dir, generation)?;
+    Ok((file, seal.len() as u64))
+}
+
+/// Records `generation` as the newest in [`HEAD_FILE`], durably.
+fn write_head(dir: &Path, generation: u64) -> Result<()> {
+    super::integrity::replace_durably(dir, HEAD_FILE, format!("{generation}\n").as_bytes())
+        .map_err(|e| io_error("cannot record the newest generation of", dir, e))
+}
+
+/// The generation recorded in [`HEAD_FILE`], if there is one.
+fn read_head(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(HEAD_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Corrupt {
+            key: format!("journal head {}", path.display()),
+            cause: format!("cannot read {text:?}; restore the data directory from a backup"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("cannot read", &path, e)),
+    }
 }
 
 /// Removes the journal files up to `generation`, keeping the newest of them
@@ -697,6 +780,12 @@ struct Flusher {
 
 impl Flusher {
     fn run(mut self) {
+        self.work();
+        // Its sled handles, dropped where a checkpoint may still flush.
+        drop_pinned(self);
+    }
+
+    fn work(&mut self) {
         let mut buf = Vec::new();
         loop {
             let (entries, stop) = {
@@ -708,10 +797,8 @@ impl Flusher {
                     .unwrap_or_else(|p| p.into_inner());
                 (std::mem::take(&mut q.entries), q.stop)
             };
-            if !entries.is_empty()
-                && let Err(cause) = self.commit(entries, &mut buf)
-            {
-                self.shared.fail(cause);
+            if !entries.is_empty() && self.commit(entries, &mut buf).is_err() {
+                // `commit` failed the store before answering anyone.
                 return;
             }
             if stop {
@@ -755,7 +842,12 @@ impl Flusher {
                     Some(v) => *v,
                     None => match self.tree.get(&c.key) {
                         Ok(v) => v.map_or(0, |v| (self.versioning.version_of)(&v)),
-                        Err(err) => return Err(format!("sled read: {err}")),
+                        Err(err) => {
+                            // Failed before the writers (dropped on return) hear of it.
+                            let cause = format!("sled read: {err}");
+                            self.shared.fail(cause.clone());
+                            return Err(cause);
+                        }
                     },
                 };
                 if found != c.expected {
@@ -772,6 +864,8 @@ impl Flusher {
     }
 
     /// Writes and syncs the group, applies it to sled, answers the writers.
+    /// On an error the store has failed (fail-stop) before anyone was
+    /// answered.
     fn commit(&mut self, entries: Vec<Entry>, buf: &mut Vec<u8>) -> std::result::Result<(), String> {
         let (mut entries, refused) = self.admit(entries)?;
         let refuse = |refused: Vec<(oneshot::Sender<Result<()>>, Error)>| {
@@ -817,6 +911,8 @@ impl Flusher {
                 Ok(())
             }
             Some(cause) => {
+                // Failed first, answered after (see `Shared::fail`).
+                self.shared.fail(cause.clone());
                 for done in answers.into_iter().chain(refused.into_iter().map(|(done, _)| done)) {
                     let _ = done.send(Err(poisoned(&cause)));
                 }
@@ -832,8 +928,11 @@ impl Flusher {
     /// transient shortage never stops the store.
     fn rotate(&mut self) -> std::result::Result<(), String> {
         let next = self.generation + 1;
-        self.file = match create(&self.dir, next, self.sizes.file) {
-            Ok(file) => file,
+        // The new file starts with where this one's frames end, synced
+        // before anything else goes there (see `replay`).
+        let sealed;
+        (self.file, sealed) = match create(&self.dir, next, self.sizes.file, self.size) {
+            Ok(created) => created,
             Err(Error::Unavailable(cause)) => {
                 tracing::warn!(%cause, "out of file descriptors: the journal goes on in its current file; checkpoint put off by {} ms", ROTATION_RETRY.as_millis());
                 self.rotate_after = Some(Instant::now() + ROTATION_RETRY);
@@ -842,15 +941,8 @@ impl Flusher {
             Err(e) => return Err(e.to_string()),
         };
         self.rotate_after = None;
-        // The new file starts with where this one's frames end, synced
-        // before anything else goes there (see `replay`).
-        let seal = seal_frame(next, self.size);
-        self.file
-            .write_all(&seal)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| format!("journal {}: {e}", file_path(&self.dir, next).display()))?;
         let done = std::mem::replace(&mut self.generation, next);
-        self.size = seal.len() as u64;
+        self.size = sealed;
         self.start = self.size;
         self.last_checkpoint = Instant::now();
         set_marker(&self.db, done)?;
@@ -863,8 +955,7 @@ impl Flusher {
 /// up to the requested generation, then removes those files.
 fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Receiver<u64>) {
     while let Ok(generation) = requests.recv() {
-        let done = db
-            .flush()
+        let done = flush(db)
             .map_err(|e| format!("sled flush: {e}"))
             .and_then(|_| match write_checkpoint(dir, generation) {
                 // Short of descriptors: the record lags behind sled's
@@ -889,6 +980,29 @@ fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Rec
             return;
         }
     }
+}
+
+/// `Db::flush`, on a thread pinned to sled's epoch while it runs.
+///
+/// sled 0.34.7 reads its current I/O buffer with an unprotected
+/// `Arc::from_raw` of an atomic pointer (`IoBufs::current_iobuf`), and its
+/// flush does so without pinning an epoch; a writer that seals that buffer
+/// meanwhile defers its drop to the epoch collector. On an unpinned thread
+/// the drop can run between the load and the clone: a use after free, seen
+/// as `double free or corruption` aborts when a flush met writes on other
+/// threads (sled's own flusher, or the journal applying a group during a
+/// checkpoint). A pinned thread holds back every drop deferred after it
+/// pinned, so the buffer it loads stays alive until the flush returns.
+pub fn flush(db: &sled::Db) -> sled::Result<usize> {
+    let _pinned = sled::pin();
+    db.flush()
+}
+
+/// Drops `db` (and with it, when it is the last handle, sled's final flush)
+/// pinned, as [`flush`] runs: where a drop may meet a writer.
+pub fn drop_pinned<T>(sled: T) {
+    let _pinned = sled::pin();
+    drop(sled);
 }
 
 /// The generation in [`CHECKPOINT_FILE`], if there is one.
@@ -928,6 +1042,12 @@ fn recorded_end(path: &Path, generation: u64, format: Format) -> Option<u64> {
     if format != Format::Grouped {
         return None;
     }
+    seal_of(path, generation).filter(|end| *end != NO_PREVIOUS)
+}
+
+/// The `end` of the seal of `generation` the file at `path` starts with,
+/// if it starts with one.
+fn seal_of(path: &Path, generation: u64) -> Option<u64> {
     let mut head = vec![0; HEADER + 9];
     let mut file = File::open(path).ok()?;
     std::io::Read::read_exact(&mut file, &mut head).ok()?;
@@ -1255,7 +1375,8 @@ mod tests {
 
     fn fixture() -> Result<Fixture> {
         let dir = tempfile::tempdir().map_err(io)?;
-        let db = sled::Config::new().path(dir.path().join("db")).open().map_err(sled_err)?;
+        // As the store opens it: sled's own periodic flush off.
+        let db = sled::Config::new().path(dir.path().join("db")).flush_every_ms(None).open().map_err(sled_err)?;
         let tree = db.open_tree("t").map_err(sled_err)?;
         Ok(Fixture { dir, db, tree })
     }
@@ -1429,7 +1550,11 @@ mod tests {
         assert_eq!(get(&f.tree, b"a")?, Some(b"new".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, Some(b"1".to_vec()));
         assert_eq!(generations(dir)?, vec![(9, Format::Grouped)], "replayed files removed once sled is flushed");
-        assert_eq!(std::fs::read(file_path(dir, 9)).map_err(io)?, vec![0; SMALL as usize], "a new file of zeros");
+        let new = std::fs::read(file_path(dir, 9)).map_err(io)?;
+        let seal = seal_frame(9, NO_PREVIOUS);
+        assert_eq!(new[..seal.len()], seal, "a new file starts with its seal");
+        assert!(new[seal.len()..].iter().all(|b| *b == 0), "then zeros");
+        assert_eq!(read_head(dir)?, Some(9), "the newest generation is recorded");
         assert!(!legacy_spare.exists());
         drop(journal);
         assert_eq!(get(&f.tree, b"c")?, None);
@@ -1522,6 +1647,97 @@ mod tests {
         Ok(())
     }
 
+    /// A sealed file of `generation` (`previous_end` as its seal says) with
+    /// one group per frame, padded to `SMALL`.
+    fn sealed_file(generation: u64, previous_end: u64, frames: &[Ops<'_>]) -> Vec<u8> {
+        let mut bytes = seal_frame(generation, previous_end);
+        for ops in frames {
+            bytes.extend(frame_in(generation, bytes.len() as u64, ops));
+        }
+        bytes.resize(SMALL as usize, 0);
+        bytes
+    }
+
+    /// The newest (here the only) journal file deleted: the head record
+    /// says it was created, so its writes are missing, not absent.
+    #[test]
+    fn a_missing_newest_file_is_damage() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        let open =
+            |salvage| Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), salvage);
+        drop(open(false)?);
+        set_marker(&f.db, 3).map_err(Error::Storage)?;
+        std::fs::write(file_path(dir, 4), sealed_file(4, NO_PREVIOUS, &[&[(b"a", Some(b"1"))]])).map_err(io)?;
+        write_head(dir, 5)?;
+        // File 5 was created (the head says so) and deleted.
+        match open(false) {
+            Err(Error::Corrupt { key, cause }) => {
+                assert!(key.contains("tcc-wal-0000000000000005"), "{key}");
+                assert!(cause.contains("generations 5 to 5 are missing"), "{cause}");
+                assert!(cause.contains("--salvage-journal"), "{cause}");
+            }
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("a missing newest file went unnoticed"),
+        }
+        assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()), "the files before it replay");
+        // The only file deleted.
+        std::fs::remove_file(file_path(dir, 4)).map_err(io)?;
+        match open(false) {
+            Err(Error::Corrupt { cause, .. }) => assert!(cause.contains("generations 4 to 5 are missing"), "{cause}"),
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("a missing only file went unnoticed"),
+        }
+        // Salvage starts anyway, numbering on past the missing files.
+        drop(open(true)?);
+        assert_eq!(read_head(dir)?, Some(6));
+        drop(open(false)?);
+        Ok(())
+    }
+
+    /// Two journal files swapped (or one replaced by an older copy): each
+    /// starts with a seal of another generation.
+    #[test]
+    fn swapped_files_are_damage() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        let first = sealed_file(1, NO_PREVIOUS, &[&[(b"a", Some(b"1"))]]);
+        let end = (seal_frame(1, NO_PREVIOUS).len() + frame_of(&[(b"a", Some(b"1"))]).len()) as u64;
+        let second = sealed_file(2, end, &[&[(b"a", Some(b"2"))]]);
+        write_head(dir, 2)?;
+        let open = || Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false);
+        std::fs::write(file_path(dir, 1), &second).map_err(io)?;
+        std::fs::write(file_path(dir, 2), &first).map_err(io)?;
+        match open() {
+            Err(Error::Corrupt { key, cause }) => {
+                assert!(key.contains("tcc-wal-0000000000000001"), "{key}");
+                assert!(cause.contains("does not start with its own seal"), "{cause}");
+            }
+            Err(e) => panic!("expected Corrupt, got {e}"),
+            Ok(_) => panic!("swapped files went unnoticed"),
+        }
+        // In their places, both replay.
+        std::fs::write(file_path(dir, 1), &first).map_err(io)?;
+        std::fs::write(file_path(dir, 2), &second).map_err(io)?;
+        drop(open()?);
+        assert_eq!(get(&f.tree, b"a")?, Some(b"2".to_vec()));
+        Ok(())
+    }
+
+    /// A crash after a file was created but before the head recorded it:
+    /// the file holds no acknowledged write, and needs no seal.
+    #[test]
+    fn a_file_past_the_head_is_an_interrupted_creation() -> Result<()> {
+        let f = fixture()?;
+        let dir = f.dir.path();
+        std::fs::write(file_path(dir, 1), sealed_file(1, NO_PREVIOUS, &[&[(b"a", Some(b"1"))]])).map_err(io)?;
+        std::fs::write(file_path(dir, 2), vec![0; SMALL as usize]).map_err(io)?;
+        write_head(dir, 1)?;
+        drop(Journal::open_with(dir, f.db.clone(), f.tree.clone(), TEST_VERSIONING, small(SMALL), false)?);
+        assert_eq!(get(&f.tree, b"a")?, Some(b"1".to_vec()));
+        Ok(())
+    }
+
     #[test]
     fn salvage_replays_up_to_the_damage() -> Result<()> {
         let f = fixture()?;
@@ -1542,17 +1758,18 @@ mod tests {
     fn a_recycled_file_replays_only_what_its_new_generation_wrote() -> Result<()> {
         let f = fixture()?;
         let dir = f.dir.path();
-        let mut old = create(dir, 1, SMALL)?;
+        let (mut old, _) = create(dir, 1, SMALL, NO_PREVIOUS)?;
         let (old_bytes, _) = file_of(1, &[&[(b"a", Some(b"1")), (b"b", Some(b"2"))], &[(b"c", Some(b"3"))]]);
         old.write_all(&old_bytes).map_err(io)?;
         drop(old);
         remove_up_to(dir, 1, true)?;
         assert_eq!(generations(dir)?, Vec::new());
-        let mut new = create(dir, 2, SMALL)?;
-        assert!(std::fs::read(file_path(dir, 2)).map_err(io)?.iter().any(|b| *b != 0), "the spare was reused");
-        new.write_all(&frame_in(2, 0, &[(b"a", Some(b"9"))])).map_err(io)?;
+        let (mut new, sealed) = create(dir, 2, SMALL, NO_PREVIOUS)?;
+        let bytes = std::fs::read(file_path(dir, 2)).map_err(io)?;
+        assert!(bytes[sealed as usize..].iter().any(|b| *b != 0), "the spare was reused");
+        new.write_all(&frame_in(2, sealed, &[(b"a", Some(b"9"))])).map_err(io)?;
         let replayed = replay(&file_path(dir, 2), 2, Format::Grouped, &f.tree, SMALL, None)?;
-        assert_eq!(replayed.frames, 1);
+        assert_eq!(replayed.frames, 2, "the seal and the write");
         assert_eq!(get(&f.tree, b"a")?, Some(b"9".to_vec()));
         assert_eq!(get(&f.tree, b"b")?, None);
         assert_eq!(get(&f.tree, b"c")?, None, "an old frame, intact but of generation 1, is not replayed");
@@ -1571,8 +1788,9 @@ mod tests {
         assert_eq!(get(&f.tree, b"k")?, Some(b"v".to_vec()), "applied to sled once acknowledged");
         // On disk before any checkpoint: what replay would find after a crash.
         let on_disk = std::fs::read(file_path(f.dir.path(), 1)).map_err(io)?;
-        let frame = frame_of(&[(b"k", Some(b"v")), (b"gone", None)]);
-        assert_eq!(on_disk[..frame.len()], frame);
+        let seal = seal_frame(1, NO_PREVIOUS).len();
+        let frame = frame_in(1, seal as u64, &[(b"k", Some(b"v")), (b"gone", None)]);
+        assert_eq!(on_disk[seal..seal + frame.len()], frame);
         assert_eq!(on_disk.len() as u64, SMALL, "files are created full length");
         // A clean close checkpoints and removes the journal.
         drop(journal);

@@ -90,14 +90,31 @@ impl SledStore {
     }
 
     fn open_with(dir: &Path, salvage: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Storage(format!("cannot create the data directory {}: {e}", dir.display())))?;
         integrity::check_files(dir)?;
+        integrity::check_space(dir)?;
+        integrity::remove_unfinished_snapshots(dir)?;
         let place = format!("sled database in {}", dir.display());
         let (db, tree) = integrity::catching_panics(&place, || {
             // sled's own periodic flush is off: the journal's checkpoints flush.
             let db = sled::Config::new().path(dir).flush_every_ms(None).open().map_err(|e| sled_open_error(dir, e))?;
             let tree = db.open_tree("tcc").map_err(|e| sled_open_error(dir, e))?;
             Ok((db, tree))
-        })?;
+        })
+        .map_err(|e| integrity::explain_no_space(dir, e))?;
+        let opened = Self::open_journal(dir, &place, db.clone(), tree.clone(), salvage);
+        if opened.is_err() {
+            // A failed start: sled's last flush on drop may wait forever on
+            // a log whose write failed (a full disk), and nothing it holds
+            // matters (the journal has every acknowledged write). The
+            // process is about to exit.
+            std::mem::forget((db, tree));
+        }
+        opened.map_err(|e| integrity::explain_no_space(dir, e))
+    }
+
+    fn open_journal(dir: &Path, place: &str, db: sled::Db, tree: sled::Tree, salvage: bool) -> Result<Self> {
         integrity::mark(dir)?;
         let versioning = Versioning { version_of, conflict };
         let journal = if salvage {
@@ -105,7 +122,7 @@ impl SledStore {
         } else {
             Journal::open(dir, db, tree.clone(), versioning)?
         };
-        let (index, summary) = integrity::catching_panics(&place, || read_everything(&tree))?;
+        let (index, summary) = integrity::catching_panics(place, || read_everything(&tree))?;
         // A manifest is removed before the first write after a clean
         // close, so while it exists the records are what it describes.
         if let Some(recorded) = integrity::read_manifest(dir)? {
