@@ -258,6 +258,8 @@ impl Config {
             ("--max-connections", self.connections.max_connections as u64),
             ("--handshake-timeout-ms", self.connections.handshake_timeout_ms),
             ("--idle-timeout-ms", self.connections.idle_timeout_ms),
+            ("--body-timeout-ms", self.connections.body_timeout_ms),
+            ("--max-connections-per-peer", self.connections.max_connections_per_peer.map_or(1, |n| n as u64)),
         ];
         if !(1_000..=600_000).contains(&self.lease_ms) {
             return Err(format!("--lease-ms ({}) must be between 1000 and 600000", self.lease_ms));
@@ -384,6 +386,23 @@ pub struct Connections {
     /// (clients reconnect on their next call).
     #[arg(long, env = "TCC_IDLE_TIMEOUT_MS", default_value_t = 300_000)]
     pub idle_timeout_ms: u64,
+    /// Most connections open at once from one peer address (default: half
+    /// of --max-connections), so that one peer cannot take every slot.
+    #[arg(long, env = "TCC_MAX_CONNECTIONS_PER_PEER")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Time a request has, once its headers are in, to send its whole
+    /// body, in ms; past it the request fails with DEADLINE_EXCEEDED.
+    /// (HTTP/1 headers themselves must arrive within 30 s.)
+    #[arg(long, env = "TCC_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    pub body_timeout_ms: u64,
+}
+
+impl Connections {
+    /// The per-peer cap in force: the setting, or half the total, at
+    /// least 1 and at most the total.
+    pub fn per_peer(&self, max: usize) -> usize {
+        self.max_connections_per_peer.unwrap_or(max / 2).clamp(1, max.max(1))
+    }
 }
 
 /// Limits that keep every request, topic and transaction bounded.

@@ -55,6 +55,11 @@ pub const RPC_SECONDS: &str = "tcc_rpc_seconds";
 /// permission_denied, quota) (counter).
 pub const AUTH_REFUSALS: &str = "tcc_auth_refusals_total";
 
+/// Connections (and requests) cut off by the server, by `reason`: limit,
+/// peer_limit (refused at accept), handshake, idle (closed), body_timeout
+/// (a request failed) (counter).
+pub const CONNECTIONS_CUT: &str = "tcc_connections_cut_total";
+
 /// Every metric name above, for tests and documentation.
 pub const ALL: &[&str] = &[
     BEGUN,
@@ -72,6 +77,7 @@ pub const ALL: &[&str] = &[
     STORE_GROUP_SIZE,
     RPC_SECONDS,
     AUTH_REFUSALS,
+    CONNECTIONS_CUT,
 ];
 
 /// The gRPC methods this server answers; any other path is `other`.
@@ -189,6 +195,12 @@ pub fn group_commit(writes: usize, elapsed: Duration) {
 /// [`AUTH_REFUSALS`].
 pub fn auth_refused(code: &'static str) {
     counter!(AUTH_REFUSALS, "code" => code).increment(1);
+}
+
+/// A connection was closed (or refused) by the server; `reason` is one of
+/// the labels of [`CONNECTIONS_CUT`].
+pub fn connection_cut(reason: &'static str) {
+    counter!(CONNECTIONS_CUT, "reason" => reason).increment(1);
 }
 
 /// The store failed (1) or serves (0).

@@ -14,9 +14,24 @@
 //!   [`ConnectionLimits::handshake`] is closed. With TLS, the TLS handshake
 //!   counts against the same deadline, and runs in its own task, so a slow
 //!   client never holds up the accept loop.
+//! * At most [`ConnectionLimits::per_peer`] of them come from one peer
+//!   address, so that one peer (an attacker holding connections open)
+//!   cannot take every slot; beyond that its new connections are closed at
+//!   once, with a warning at most every 10 s.
 //! * A connection with no request in flight for [`ConnectionLimits::idle`]
 //!   is closed (a client reconnects on its next call). Requests in flight,
 //!   such as a Confirm waiting for its outcome, keep it open however long.
+//! * A request must send its whole body within [`ConnectionLimits::body`]
+//!   of its headers ([`Deadline`]): a request whose body never comes (a
+//!   POST that declares a length and sends nothing, a gRPC stream never
+//!   ended) would otherwise count as in flight forever and hold its
+//!   connection. Past the deadline it fails with DEADLINE_EXCEEDED (its
+//!   answer goes out; HTTP/1 then closes the connection, whose request was
+//!   not read to its end, and an HTTP/2 connection falls under the idle
+//!   timeout once nothing is in flight). hyper bounds the time an HTTP/1
+//!   request's headers take at 30 s.
+//! * Every connection closed early is logged (rate-limited) and counted in
+//!   `tcc_connections_cut_total` by reason.
 //! * A failed `accept` (EMFILE, ENFILE, ENOBUFS...) never stops the server:
 //!   it logs, waits [`ACCEPT_BACKOFF`] and accepts again; the connection
 //!   waiting in the kernel's backlog is taken then.
@@ -25,7 +40,9 @@
 //! connections whose peer has vanished; the stream cap per connection is set
 //! there too.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +82,10 @@ pub struct ConnectionLimits {
     pub handshake: Duration,
     /// Time a connection may stay open with no request in flight.
     pub idle: Duration,
+    /// Most connections open at once from one peer address.
+    pub per_peer: usize,
+    /// Time a request has, from its headers, to send its whole body.
+    pub body: Duration,
 }
 
 /// Raises the soft limit on open files to the hard limit (as Go's runtime
@@ -118,7 +139,8 @@ async fn accept_loop(
     tx: tokio::sync::mpsc::UnboundedSender<io::Result<Conn>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max));
-    let (mut full_warned, mut error_warned) = (None::<Instant>, None::<Instant>);
+    let peers = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let (mut full_warned, mut error_warned, mut peer_warned) = (None::<Instant>, None::<Instant>, None::<Instant>);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -130,9 +152,23 @@ async fn accept_loop(
                             "connection limit reached (--max-connections); closing new connections until some close"
                         );
                     }
+                    crate::metrics::connection_cut("limit");
                     drop(stream);
                     continue;
                 };
+                let Some(peer_slot) = PeerSlot::take(&peers, peer.ip(), limits.per_peer) else {
+                    if due(&mut peer_warned) {
+                        warn!(
+                            %peer,
+                            per_peer = limits.per_peer,
+                            "connection limit of one peer reached (--max-connections-per-peer); closing its new connections until some close"
+                        );
+                    }
+                    crate::metrics::connection_cut("peer_limit");
+                    drop(stream);
+                    continue;
+                };
+                let slot = (slot, peer_slot);
                 if let Err(e) = stream.set_nodelay(true) {
                     warn!(%peer, cause = %e, "cannot set TCP_NODELAY");
                 }
@@ -158,8 +194,16 @@ async fn accept_loop(
                                 }
                                 // Plaintext, an unknown CA, an expired
                                 // certificate...: the client sees the alert.
-                                Ok(Err(e)) => tracing::debug!(%peer, cause = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "no TLS handshake within the handshake timeout"),
+                                Ok(Err(e)) => {
+                                    if due_shared(&HANDSHAKE_WARNED) {
+                                        warn!(%peer, cause = %e, "TLS handshake failed (logged at most every 10 s)");
+                                    }
+                                    crate::metrics::connection_cut("handshake");
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "no TLS handshake within the handshake timeout");
+                                    crate::metrics::connection_cut("handshake");
+                                }
                             }
                         });
                     }
@@ -170,6 +214,49 @@ async fn accept_loop(
                     warn!(cause = %e, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// When the last failed TLS handshake was logged.
+static HANDSHAKE_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// When the last request cut off for its body was logged.
+static BODY_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// [`due`] for a warning issued from many tasks.
+fn due_shared(last: &std::sync::Mutex<Option<Instant>>) -> bool {
+    due(&mut lock(last))
+}
+
+/// A connection's place under the per-peer cap; gives it back on drop.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    /// A place for one more connection from `ip`, if it has fewer than
+    /// `cap` open.
+    fn take(peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, cap: usize) -> Option<PeerSlot> {
+        let mut open = lock(peers);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot { peers: peers.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.peers);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
             }
         }
     }
@@ -236,7 +323,7 @@ pub struct Conn {
     opened: Instant,
     preface_left: usize,
     timer: Pin<Box<Sleep>>,
-    _slot: OwnedSemaphorePermit,
+    _slot: (OwnedSemaphorePermit, PeerSlot),
 }
 
 impl Conn {
@@ -244,7 +331,7 @@ impl Conn {
         stream: Io,
         tcp: TcpConnectInfo,
         cert: PeerCert,
-        slot: OwnedSemaphorePermit,
+        slot: (OwnedSemaphorePermit, PeerSlot),
         limits: ConnectionLimits,
         opened: Instant,
     ) -> Self {
@@ -258,17 +345,18 @@ impl Conn {
     }
 
     /// With nothing to read: whether the connection is past a deadline
-    /// (and why). Arms the timer, or the wake-up of the last request's end.
-    fn overdue(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+    /// (its metric label and why). Arms the timer, or the wake-up of the
+    /// last request's end.
+    fn overdue(&mut self, cx: &mut Context<'_>) -> Option<(&'static str, &'static str)> {
         let (deadline, why) = if self.preface_left > 0 {
-            (self.opened + self.limits.handshake, "no HTTP/2 preface within the handshake timeout")
+            (self.opened + self.limits.handshake, ("handshake", "no HTTP/2 preface within the handshake timeout"))
         } else {
             let state = &self.info.state;
             state.reader.register(cx.waker());
             if state.in_flight.load(Ordering::Acquire) > 0 {
                 return None;
             }
-            (*lock(&state.idle_since) + self.limits.idle, "idle: no request within the idle timeout")
+            (*lock(&state.idle_since) + self.limits.idle, ("idle", "idle: no request within the idle timeout"))
         };
         if self.timer.deadline() != deadline {
             self.timer.as_mut().reset(deadline);
@@ -298,7 +386,10 @@ impl AsyncRead for Conn {
             return Poll::Ready(result);
         }
         match this.overdue(cx) {
-            Some(why) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why))),
+            Some((reason, why)) => {
+                crate::metrics::connection_cut(reason);
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+            }
             None => Poll::Pending,
         }
     }
@@ -389,25 +480,31 @@ impl AsyncWrite for Io {
 /// A tower layer that counts each request against its connection's idle
 /// clock (see [`ConnState`]) until its response body has ended, so a
 /// stream (health `Watch`, reflection) keeps its connection as a waiting
-/// unary call does.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TrackRequests;
+/// unary call does; and gives its body a [`Deadline`].
+#[derive(Clone, Copy, Debug)]
+pub struct TrackRequests {
+    /// Time a request has, from its headers, to send its whole body.
+    pub body: Duration,
+}
 
 impl<S> tower::Layer<S> for TrackRequests {
     type Service = Tracked<S>;
 
     fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked(inner)
+        Tracked { inner, body: self.body }
     }
 }
 
 /// See [`TrackRequests`].
 #[derive(Clone, Debug)]
-pub struct Tracked<S>(S);
+pub struct Tracked<S> {
+    inner: S,
+    body: Duration,
+}
 
 impl<S, B, R> tower::Service<http::Request<B>> for Tracked<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S: tower::Service<http::Request<Deadline<B>>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Counted<R>>;
@@ -415,7 +512,7 @@ where
     type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
@@ -428,12 +525,14 @@ where
         });
         let method = crate::metrics::method_label(request.uri().path());
         let started = std::time::Instant::now();
+        let deadline = Instant::from_std(started) + self.body;
+        let request = request.map(|body| Deadline { body, deadline, timer: None, expired: false });
         // Untraced, a disabled span: entering it is one branch.
         let span = match crate::telemetry::enabled() {
             true => crate::telemetry::server_span(request.uri().path(), request.headers()),
             false => tracing::Span::none(),
         };
-        let response = tracing::Instrument::instrument(span.in_scope(|| self.0.call(request)), span);
+        let response = tracing::Instrument::instrument(span.in_scope(|| self.inner.call(request)), span);
         Box::pin(async move {
             let response = response.await?;
             // An error answered at once carries its status in the headers.
@@ -491,6 +590,69 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
 
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body that must end by a deadline (see the module docs): past
+/// it, it fails with DEADLINE_EXCEEDED (tonic answers with that status; the
+/// console with 400), logged and counted. The timer is armed only when
+/// the body first waits for data, so a request that arrives whole (nearly
+/// every one) costs no timer.
+pub struct Deadline<B> {
+    body: B,
+    deadline: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+    expired: bool,
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = B::Data;
+    type Error = tower::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.expired {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(frame)) => return Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Ready(None) => {
+                this.timer = None;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        let deadline = this.deadline;
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.expired = true;
+        crate::metrics::connection_cut("body_timeout");
+        if due_shared(&BODY_WARNED) {
+            warn!(
+                "a request's body did not arrive within the body timeout (--body-timeout-ms); failing it (logged at most every 10 s)"
+            );
+        }
+        let status = tonic::Status::deadline_exceeded(
+            "the request's body did not arrive within the server's body timeout (--body-timeout-ms); send the whole request at once",
+        );
+        Poll::Ready(Some(Err(Box::new(status))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.expired || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -140,7 +140,10 @@ pub async fn run(
         max: net::descriptor_budget(c.max_connections),
         handshake: Duration::from_millis(c.handshake_timeout_ms),
         idle: Duration::from_millis(c.idle_timeout_ms),
+        per_peer: 0,
+        body: Duration::from_millis(c.body_timeout_ms),
     };
+    let limits = net::ConnectionLimits { per_peer: c.per_peer(limits.max), ..limits };
     let metrics = crate::metrics::install();
     crate::metrics::store_failed(false);
     let console = Console::new(engine.clone(), delivery.clone(), registry.clone(), access.clone(), metrics.clone());
@@ -187,14 +190,14 @@ pub async fn run(
         // Plain HTTP beside gRPC on the same port: metrics and the console.
         .route("/metrics", metrics_route(engine.clone(), metrics))
         .merge(console::router(console));
-    info!(%addr, max_connections = limits.max, "serving");
+    info!(%addr, max_connections = limits.max, per_peer = limits.per_peer, "serving");
     on_ready(addr);
     tonic::transport::Server::builder()
         .accept_http1(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .layer(net::TrackRequests)
+        .layer(net::TrackRequests { body: limits.body })
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(net::incoming(listener, limits, tls), shutdown.cancelled())
         .await

@@ -53,8 +53,10 @@ fn raise_own_open_files() {
 async fn silent_connections_cannot_use_up_the_descriptors() -> Result<()> {
     raise_own_open_files();
     // A handshake deadline long enough for all 600 to connect before the
-    // first are closed.
-    let c = Coordinator::start_with_open_files(512, &["--handshake-timeout-ms", "5000"]).await?;
+    // first are closed; one peer may take every slot (the per-peer cap has
+    // its own test), so the total cap is what is tried.
+    let args = ["--handshake-timeout-ms", "5000", "--max-connections-per-peer", "100000"];
+    let c = Coordinator::start_with_open_files(512, &args).await?;
     assert!(c.logs().contains("max_connections=384"), "the cap leaves 128 descriptors spare:\n{}", c.logs());
     let started = Instant::now();
     let mut sockets = Vec::new();
@@ -110,6 +112,107 @@ async fn idle_connections_are_closed_but_not_under_a_long_request() -> Result<()
     let still = tokio::time::timeout(Duration::from_millis(100), watch.message()).await;
     assert!(still.is_err(), "the health watch stream ended: {still:?}");
     eprintln!("an idle HTTP/2 connection was closed after {} ms", idle.as_millis());
+    Ok(())
+}
+
+/// Opens a TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: std::net::IpAddr, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+/// The attack of round 2: requests whose body never arrives. Before, each
+/// counted as in flight for ever, so neither the idle nor the handshake
+/// timeout applied, and 10,200 of them locked every client out. Now one
+/// peer gets at most half of the connections (--max-connections-per-peer),
+/// and a body that has not arrived within --body-timeout-ms fails its
+/// request (DEADLINE_EXCEEDED) and closes its connection. With
+/// --max-connections 40, an attacker from 127.0.0.2 holding 50 console
+/// POSTs without their body and 10 gRPC calls whose request stream never
+/// ends does not stop a Begin from 127.0.0.1.
+#[tokio::test]
+async fn requests_whose_body_never_arrives_cannot_lock_clients_out() -> Result<()> {
+    use futures::StreamExt;
+    raise_own_open_files();
+    let c = Coordinator::start(&["--max-connections", "40", "--body-timeout-ms", "2000"]).await?;
+    let attacker: std::net::IpAddr = "127.0.0.2".parse()?;
+    let started = Instant::now();
+
+    // 10 gRPC Begins whose request stream sends its message and never ends.
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let endpoint = tonic::transport::Endpoint::from_shared(c.url())?.local_address(Some(attacker));
+        let mut grpc = tonic::client::Grpc::new(endpoint.connect().await?);
+        grpc.ready().await?;
+        calls.push(tokio::spawn(async move {
+            let request = v1::BeginRequest { participants: vec!["svc".into()], timeout_ms: 60_000 };
+            let never_ending = futures::stream::once(async move { request }).chain(futures::stream::pending());
+            let codec = tonic_prost::ProstCodec::<v1::BeginRequest, v1::BeginResponse>::default();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tcc.v1.Transactions/Begin");
+            grpc.client_streaming(tonic::Request::new(never_ending), path, codec).await.map(|_| ())
+        }));
+    }
+    // 50 console POSTs that declare 100 bytes of body and send none: the
+    // first 10 fill the attacker's share (half of 40), the rest are closed
+    // at once.
+    let mut posts = Vec::new();
+    for _ in 0..50 {
+        let mut socket = connect_from(attacker, c.addr()).await?;
+        let head = format!(
+            "POST /api/transactions/{}/cancel HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+            uuid::Uuid::now_v7(),
+            c.addr()
+        );
+        let _ = socket.write_all(head.as_bytes()).await;
+        posts.push(socket);
+    }
+
+    // A legitimate client from another address is served at once.
+    let t = tokio::time::timeout(Duration::from_secs(15), c.begin(&["svc"], 60_000))
+        .await
+        .context("a legitimate Begin was locked out for 15 s")??;
+    assert!(!t.transaction_id.is_empty());
+    let served = started.elapsed();
+
+    // The attacker's held requests are cut off at the body timeout: the
+    // gRPC calls fail (DEADLINE_EXCEEDED, or the client's transport sees
+    // its unfinished request stream reset first)...
+    for call in calls {
+        match tokio::time::timeout(Duration::from_secs(10), call).await.context("a held call was never cut off")?? {
+            Err(status) if status.code() == Code::DeadlineExceeded => {
+                assert!(status.message().contains("--body-timeout-ms"), "{status:?}")
+            }
+            Err(status) if status.code() == Code::Unknown && status.message() == "transport error" => {}
+            other => panic!("a call whose stream never ends got {other:?}"),
+        }
+    }
+    // ... and the POSTs' connections are closed, the first with an answer.
+    let mut first = posts.remove(0);
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), first.read_to_end(&mut answer)).await.context("never answered")??;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 4"), "{}", String::from_utf8_lossy(&answer));
+    for socket in posts {
+        tokio::time::timeout(Duration::from_secs(10), until_closed(socket)).await.context("a POST was held")?;
+    }
+    let cut = started.elapsed();
+    assert!(cut >= Duration::from_millis(1900), "cut off after {cut:?}, before the body timeout");
+
+    // Logged and counted.
+    let logs = c.logs();
+    assert!(logs.contains("connection limit of one peer reached"), "{logs}");
+    assert!(logs.contains("did not arrive within the body timeout"), "{logs}");
+    let mut socket = TcpStream::connect(c.addr()).await?;
+    socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").await?;
+    let mut metrics = String::new();
+    socket.read_to_string(&mut metrics).await?;
+    let count = |reason: &str| {
+        let series = format!("tcc_connections_cut_total{{reason=\"{reason}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&series)?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(count("peer_limit") >= 40.0, "{metrics}");
+    assert!(count("body_timeout") >= 20.0, "every held request is counted:\n{metrics}");
+    eprintln!("legitimate Begin served after {served:?}; held requests cut off after {cut:?}");
     Ok(())
 }
 
