@@ -30,7 +30,7 @@ use crate::api::console::{self, Console};
 use crate::api::{admin::AdminApi, registry::RegistryApi, topics::TopicsApi, transactions::TransactionsApi};
 use crate::auth::tls::{Tls, TlsFiles};
 use crate::auth::{self, Access};
-use crate::clock::{OsEntropy, SystemClock};
+use crate::clock::{OsEntropy, SteadyClock};
 use crate::config::{Config, fixed};
 use crate::delivery::registry::{self, Registry};
 use crate::delivery::{Delivery, transport::GrpcTransport};
@@ -63,12 +63,21 @@ pub async fn run(
     let addr = listener.local_addr().context("listener has no local address")?;
     let (tls, access) = security(&config, addr)?;
     let entropy = Arc::new(OsEntropy);
-    let clock = Arc::new(SystemClock);
+    let clock = Arc::new(SteadyClock::system());
     let connect_timeout = Duration::from_millis(config.delivery.call_timeout_ms.clamp(100, 2_000));
     // Checked before the store is opened: a bad flag creates nothing.
     Registry::new(&config.participants, connect_timeout, tls.clone(), Arc::new(MemStore::new()), clock.clone())
         .context("bad --participant")?;
-    let (store, place) = open_store(&config).await?;
+    let (store, place, latest_ms) = open_store(&config).await?;
+    if let Some(latest) = latest_ms
+        && let Some(behind) = clock.hold_at_least(latest)
+    {
+        tracing::warn!(
+            behind_ms = behind,
+            "the system clock is {} s behind the latest time {place} recorded (it was stepped back): coordinator time goes on from that time at the real rate until the clock catches up, so deadlines and ages stay right",
+            behind / 1000
+        );
+    }
     let (engine, decided) =
         Engine::new(store.clone(), clock.clone(), entropy.clone(), config.limits.clone(), config.retention());
     let registry = Arc::new(
@@ -305,14 +314,16 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
 
 /// Opens the store the configuration names: the PostgreSQL database of a
 /// cluster, or the embedded store in the data directory. Returns it with a
-/// description for messages.
-async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
+/// description for messages and, for the embedded store, the latest time
+/// its records hold.
+async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String, Option<i64>)> {
     if let Some(url) = &config.database_url {
         let place = format!("the database {}", crate::config::redact_url(url));
         let store =
             PgStore::connect(url, config.lease()).await.map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
-        info!(node = ?store.node(), lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
-        return Ok((Arc::new(store), place));
+        let node = store.node().map(|n| n.to_string()).unwrap_or_default();
+        info!(%node, lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
+        return Ok((Arc::new(store), place, None));
     }
     let dir = config.data_dir.display();
     let opened = if config.salvage_journal {
@@ -327,7 +338,8 @@ async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)>
         ),
         other => anyhow::anyhow!("cannot open data directory {dir}: {other}"),
     })?;
-    Ok((Arc::new(store), format!("the data directory {dir}")))
+    let latest = store.latest_ms();
+    Ok((Arc::new(store), format!("the data directory {dir}"), latest))
 }
 
 /// Reflection over the services this server actually serves (the

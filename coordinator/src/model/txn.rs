@@ -278,6 +278,13 @@ impl TxnRecord {
         self.participants.iter().position(|p| p.partial_id == partial)
     }
 
+    /// The latest time the record holds: its creation, decision, finish,
+    /// or the last entry of its history.
+    pub fn latest_ms(&self) -> i64 {
+        let last = self.history.last().map_or(0, |h| h.at_ms);
+        self.created_ms.max(self.decided_ms).max(self.finished_ms).max(last)
+    }
+
     /// ACTIVE and at or past its deadline.
     pub fn is_expired(&self, now_ms: i64) -> bool {
         self.state == TxnState::Active && now_ms >= self.deadline_ms

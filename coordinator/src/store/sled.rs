@@ -73,6 +73,8 @@ pub struct SledStore {
     tree: sled::Tree,
     journal: Journal,
     index: Arc<Mutex<TxnIndex>>,
+    /// The latest time any record held at open (see [`SledStore::latest_ms`]).
+    latest_ms: Option<i64>,
 }
 
 impl SledStore {
@@ -122,14 +124,21 @@ impl SledStore {
         } else {
             Journal::open(dir, db, tree.clone(), versioning)?
         };
-        let (index, summary) = integrity::catching_panics(place, || read_everything(&tree))?;
+        let (index, summary, latest_ms) = integrity::catching_panics(place, || read_everything(&tree))?;
         // A manifest is removed before the first write after a clean
         // close, so while it exists the records are what it describes.
         if let Some(recorded) = integrity::read_manifest(dir)? {
             integrity::compare(dir, &recorded, &summary)?;
         }
         integrity::remove_manifest(dir)?;
-        Ok(SledStore { dir: dir.to_path_buf(), tree, journal, index: Arc::new(Mutex::new(index)) })
+        Ok(SledStore { dir: dir.to_path_buf(), tree, journal, index: Arc::new(Mutex::new(index)), latest_ms })
+    }
+
+    /// The latest time a transaction record held when the store was
+    /// opened: coordinator time must not start before it (see
+    /// [`SteadyClock`](crate::clock::SteadyClock)).
+    pub fn latest_ms(&self) -> Option<i64> {
+        self.latest_ms
     }
 
     /// Fail-stop: after a failed write nothing is served, not even reads.
@@ -407,7 +416,7 @@ impl Store for SledStore {
             return;
         }
         let summary = integrity::catching_panics("sled database", || read_everything(&self.tree));
-        match summary.and_then(|(_, summary)| integrity::write_manifest(&self.dir, &summary)) {
+        match summary.and_then(|(_, summary, _)| integrity::write_manifest(&self.dir, &summary)) {
             Ok(()) => tracing::info!("store closed cleanly; its summary is recorded for the next start to check"),
             Err(e) => tracing::warn!(cause = %e, "cannot record the store's summary; the next start cannot check it"),
         }
@@ -432,14 +441,19 @@ fn sled_open_error(dir: &Path, e: sled::Error) -> Error {
 /// Reads and decodes every record (so damage is found at open, not by a
 /// request later), building the transaction index and the records'
 /// summary.
-fn read_everything(tree: &sled::Tree) -> Result<(TxnIndex, integrity::Summary)> {
+fn read_everything(tree: &sled::Tree) -> Result<(TxnIndex, integrity::Summary, Option<i64>)> {
     let mut index = TxnIndex::default();
     let mut summing = integrity::Summing::default();
+    let mut latest = None;
     for item in tree.iter() {
         let (k, v) = item.map_err(sled_error)?;
         summing.add(&k, &v);
         match k.first() {
-            Some(&KIND_TXN) => index.put(&decode_txn(&k, &v)?),
+            Some(&KIND_TXN) => {
+                let txn = decode_txn(&k, &v)?;
+                latest = latest.max(Some(txn.latest_ms()));
+                index.put(&txn);
+            }
             Some(&KIND_PARTIAL) if k.len() == 17 && v.len() == 16 => {}
             Some(&KIND_COMMAND) if k.len() == 25 => {
                 decode::<CommandRecord>(&v).map_err(|cause| corrupt("command", &k, cause))?;
@@ -453,7 +467,7 @@ fn read_everything(tree: &sled::Tree) -> Result<(TxnIndex, integrity::Summary)> 
             _ => return Err(corrupt("record", &k, format!("unknown key of {} bytes", k.len()))),
         }
     }
-    Ok((index, summing.finish()))
+    Ok((index, summing.finish(), latest))
 }
 
 /// The version a stored transaction value carries (for the journal's
