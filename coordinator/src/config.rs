@@ -495,6 +495,8 @@ pub mod fixed {
     pub const MAX_INSTANCES_PER_SERVICE: usize = 64;
     /// Most services with registered instances.
     pub const MAX_SERVICES: usize = 1024;
+    /// Registrations one peer address may hold in open mode (no policy).
+    pub const MAX_REGISTRATIONS_PER_PEER: usize = 64;
     /// Largest gRPC message the coordinator sends (a Read page, a phase-2
     /// call). What it accepts is bounded by [`super::Limits`].
     pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -20,10 +20,24 @@
 //! | `Corrupt`            | DATA_LOSS           |
 //! | `Storage`            | INTERNAL            |
 
-use crate::model::{BadId, Refusal, TxnId, TxnState};
+use crate::model::{BadId, PartialId, Refusal, TxnId, TxnState};
 
 /// Result with the coordinator's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A transaction that does not exist: also the answer to a caller that
+    /// may not read one that does, so that it learns nothing of it.
+    pub fn txn_not_found(id: TxnId) -> Error {
+        Error::NotFound(format!("transaction {id} not found (never begun, or garbage-collected)"))
+    }
+
+    /// A partial transaction that does not exist; also the answer to a
+    /// service that it does not belong to.
+    pub fn partial_not_found(partial: PartialId) -> Error {
+        Error::NotFound(format!("partial transaction {partial} not found"))
+    }
+}
 
 /// Everything that can go wrong in the coordinator.
 #[derive(Debug, thiserror::Error)]

@@ -58,6 +58,7 @@ pub mod net;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 
 pub use config::Config;
 

@@ -196,7 +196,9 @@ async fn accept_loop(
                                 // certificate...: the client sees the alert.
                                 Ok(Err(e)) => {
                                     if due_shared(&HANDSHAKE_WARNED) {
-                                        warn!(%peer, cause = %e, "TLS handshake failed (logged at most every 10 s)");
+                                        warn!(%peer, cause = %e, "TLS handshake failed (a warning at most every 10 s; each one at DEBUG)");
+                                    } else {
+                                        tracing::debug!(%peer, cause = %e, "TLS handshake failed");
                                     }
                                     crate::metrics::connection_cut("handshake");
                                 }

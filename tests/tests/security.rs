@@ -195,8 +195,15 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
     for id in ["shop", "backoffice", "ops"] {
         get(id, txn.clone()).await.with_context(|| format!("{id} reads"))?;
     }
-    refused(get("shop2", txn.clone()).await, Code::PermissionDenied, &["\"shop2\"", "begun by \"shop\""]);
-    refused(get("orders", txn.clone()).await, Code::PermissionDenied, &["\"orders\""]);
+    // Anyone else learns nothing of it, not even that it exists: the same
+    // answer as for an id never begun.
+    let never = uuid::Uuid::now_v7().to_string();
+    let unknown = refused(get("shop2", never.clone()).await, Code::NotFound, &[]);
+    let hidden = |id: &str| unknown.message().replace(&never, id);
+    for stranger in ["shop2", "orders"] {
+        let s = refused(get(stranger, txn.clone()).await, Code::NotFound, &[]);
+        assert_eq!(s.message(), hidden(&txn), "{stranger}");
+    }
 
     // Enlist (drive): its composite or one with scope all; not an admin.
     let enlist = |id: &'static str, service: &str| {
@@ -205,7 +212,7 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
     };
     enlist("shop", "inventory").await?;
     enlist("backoffice", "inventory").await?;
-    refused(enlist("shop2", "inventory").await, Code::PermissionDenied, &["\"shop2\""]);
+    refused(enlist("shop2", "inventory").await, Code::NotFound, &[&hidden(&txn)]);
     refused(enlist("ops", "inventory").await, Code::PermissionDenied, &["only the composite that began"]);
 
     // Append and Read: the partial's own service (Read: an admin too).
@@ -219,12 +226,10 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
         }
     };
     append("orders", p_orders.clone()).await?;
-    refused(
-        append("customers", p_orders.clone()).await,
-        Code::PermissionDenied,
-        &["\"customers\"", "belongs to service \"orders\""],
-    );
-    refused(append("shop", p_orders.clone()).await, Code::PermissionDenied, &["\"shop\""]);
+    // Another service's partial is answered as one that does not exist.
+    let no_partial = format!("partial transaction {p_orders} not found");
+    refused(append("customers", p_orders.clone()).await, Code::NotFound, &[&no_partial]);
+    refused(append("shop", p_orders.clone()).await, Code::NotFound, &[&no_partial]);
     let read = |id: &'static str| {
         let (d, partial) = (&d, p_orders.clone());
         async move {
@@ -234,7 +239,7 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
     };
     assert_eq!(read("orders").await?.into_inner().commands.len(), 1);
     assert_eq!(read("ops").await?.into_inner().commands.len(), 1);
-    refused(read("customers").await, Code::PermissionDenied, &["\"customers\"", "service \"orders\""]);
+    refused(read("customers").await, Code::NotFound, &[&no_partial]);
 
     // Confirm: its composite only; Cancel: its composite or an admin.
     let confirm = |id: &'static str, txn: String| {
@@ -257,11 +262,11 @@ async fn every_rule_is_both_allowed_and_denied() -> Result<()> {
                 .await
         }
     };
-    refused(confirm("shop2", txn.clone()).await, Code::PermissionDenied, &["\"shop2\""]);
+    refused(confirm("shop2", txn.clone()).await, Code::NotFound, &[&hidden(&txn)]);
     refused(confirm("ops", txn.clone()).await, Code::PermissionDenied, &["\"ops\""]);
-    refused(cancel("orders", txn.clone()).await, Code::PermissionDenied, &["\"orders\""]);
+    refused(cancel("orders", txn.clone()).await, Code::NotFound, &[&hidden(&txn)]);
     let t2 = begin("shop").await?;
-    refused(cancel("shop2", t2.transaction_id.clone()).await, Code::PermissionDenied, &["\"shop2\""]);
+    refused(cancel("shop2", t2.transaction_id.clone()).await, Code::NotFound, &[&hidden(&t2.transaction_id)]);
     assert_eq!(
         cancel("ops", t2.transaction_id.clone()).await?.into_inner().state,
         v1::TransactionState::Cancelling as i32

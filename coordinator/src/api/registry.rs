@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Access;
 use crate::clock::Clock;
-use crate::delivery::registry::Registry;
+use crate::delivery::registry::{Quota, Registry};
 
 /// The Registry service.
 pub struct RegistryApi {
@@ -29,9 +29,14 @@ impl registry_server::Registry for RegistryApi {
     async fn register(&self, request: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         const RPC: &str = "Registry.Register";
         let caller = self.access.caller(&request, RPC)?;
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         self.access.service(&caller, RPC, &req.service, false)?;
-        let quota = self.access.endpoint_quota(&caller);
+        let quota = match (self.access.endpoint_quota(&caller), peer) {
+            (Some(quota), _) => Quota::PerIdentity(quota),
+            (None, Some(peer)) if !self.access.is_enforced() => Quota::PerPeer(peer),
+            (None, _) => Quota::Unlimited,
+        };
         let ttl =
             self.registry.register(&req.service, &req.endpoint, req.ttl_ms, quota).await.map_err(|e| match e {
                 e @ crate::error::Error::LimitExceeded(_) => self.access.refuse(&caller, RPC, e),

@@ -41,7 +41,12 @@ impl Topics for TopicsApi {
         };
         let (receipt, duplicate) =
             self.engine.append(partial, appender, commands, &req.idempotency_key).await.map_err(|e| match e {
-                e @ crate::error::Error::PermissionDenied(_) => self.access.refuse(&caller, RPC, e),
+                // Another service's partial: answered as one that does not
+                // exist (the refusal is logged and counted).
+                e @ crate::error::Error::PermissionDenied(_) => {
+                    self.access.refuse(&caller, RPC, e);
+                    crate::error::Error::partial_not_found(partial)
+                }
                 e => e,
             })?;
         Ok(Response::new(v1::AppendResponse {
@@ -57,7 +62,7 @@ impl Topics for TopicsApi {
         let partial = PartialId::parse("partial_id", &req.partial_id)?;
         let (txn, participant, commands) =
             self.engine.read_topic(partial, req.from_sequence, req.limit as usize).await?;
-        self.access.service(&caller, "Topics.Read", &participant.service, true)?;
+        self.access.partial(&caller, "Topics.Read", partial, &participant.service, true)?;
         let next_sequence = match commands.last() {
             Some(last) if last.sequence < participant.command_count => last.sequence + 1,
             _ => 0,

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::model::TxnRecord;
+use crate::model::{PartialId, TxnRecord};
 use policy::{Policy, Scope, Tokens};
 use tls::Tls;
 
@@ -284,6 +284,14 @@ impl Access {
         if owns || (*admin && action != TxnAction::Drive) {
             return Ok(());
         }
+        if !*admin {
+            // One that may not even read it learns nothing of it, not even
+            // that it exists: the answer for an id never begun. The
+            // refusal is logged and counted all the same.
+            let why = format!("identity {name:?} may not call {rpc} on transaction {}: not its own", txn.id);
+            refused(Error::PermissionDenied(why), rpc, Some(name), *peer);
+            return Err(Error::txn_not_found(txn.id));
+        }
         let rule = match (composite, action) {
             (None, TxnAction::Drive) => "only the composite that began a transaction drives it".to_string(),
             (None, _) => "only the composite that began a transaction, or an admin, may do this".to_string(),
@@ -314,6 +322,26 @@ impl Access {
             name,
             *peer,
         ))
+    }
+
+    /// An operation on a partial topic of `service`: that service itself,
+    /// or (with `admin_too`) an admin. Anyone else is answered as for a
+    /// partial that does not exist (refusal logged and counted).
+    pub fn partial(
+        &self,
+        caller: &Caller,
+        rpc: &'static str,
+        partial: PartialId,
+        service: &str,
+        admin_too: bool,
+    ) -> Result<()> {
+        let Caller::Known { name, admin, peer, .. } = caller else { return Ok(()) };
+        if name == service || (admin_too && *admin) {
+            return Ok(());
+        }
+        let why = format!("identity {name:?} may not call {rpc} on partial transaction {partial}: not its own");
+        refused(Error::PermissionDenied(why), rpc, Some(name), *peer);
+        Err(Error::partial_not_found(partial))
     }
 
     /// The most endpoints `caller` may have registered, if limited.

@@ -57,6 +57,7 @@ use crate::engine::Engine;
 use crate::engine::lifecycle::DeliveryPlan;
 use crate::error::Result;
 use crate::model::{Decision, Event, ParticipantRecord, TxnId};
+use crate::throttle::Throttle;
 use transport::{CallError, Phase2Call, Transport};
 
 /// One participant's phase-2 delivery in progress.
@@ -292,7 +293,12 @@ impl Delivery {
     async fn record(&self, txn: TxnId, events: Vec<Event>) -> bool {
         let acked = events.iter().any(|e| matches!(e, Event::Delivered { .. }));
         if let Err(e) = self.engine.record_phase2(txn, events).await {
-            error!(txn = %txn, cause = %e, "cannot record phase-2 progress");
+            // A fenced or failed store refuses this for every transaction
+            // at once: one line per interval, with a count.
+            static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
+            if let Some(held_back) = THROTTLE.allow() {
+                error!(txn = %txn, cause = %e, held_back, "cannot record phase-2 progress (one line per 10 s; held_back: the like since the last one)");
+            }
             self.pause(Duration::from_secs(1)).await;
             return false;
         }

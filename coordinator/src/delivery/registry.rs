@@ -23,6 +23,7 @@
 
 use crate::lock;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,6 +50,9 @@ struct Instance {
     endpoint: String,
     /// When the lease ends (unix ms); `None` for static instances.
     expires: Option<i64>,
+    /// The peer address that registered it through this coordinator, in
+    /// open mode (see [`Quota::PerPeer`]); not stored.
+    peer: Option<IpAddr>,
     down_until: Option<Instant>,
     failures: u32,
 }
@@ -87,16 +91,38 @@ pub struct Registry {
 
 /// Adds an instance, or renews a registered one's lease (a static entry
 /// stays static).
-fn upsert(services: &mut HashMap<String, Vec<Instance>>, service: &str, endpoint: &str, expires: Option<i64>) {
+fn upsert(
+    services: &mut HashMap<String, Vec<Instance>>,
+    service: &str,
+    endpoint: &str,
+    expires: Option<i64>,
+    peer: Option<IpAddr>,
+) {
     let list = services.entry(service.to_string()).or_default();
     match list.iter_mut().find(|i| i.endpoint == endpoint) {
         Some(i) => {
             if i.expires.is_some() {
                 i.expires = expires;
+                i.peer = i.peer.or(peer);
             }
         }
-        None => list.push(Instance { endpoint: endpoint.to_string(), expires, down_until: None, failures: 0 }),
+        None => list.push(Instance { endpoint: endpoint.to_string(), expires, peer, down_until: None, failures: 0 }),
     }
+}
+
+/// How many registrations a caller may hold (renewing one it has is
+/// always allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quota {
+    /// No limit but the registry's own.
+    Unlimited,
+    /// An identity under a policy: at most this many endpoints of its
+    /// service (`max_endpoints_per_identity`).
+    PerIdentity(usize),
+    /// Open mode (no policy): one peer address holds at most
+    /// [`fixed::MAX_REGISTRATIONS_PER_PEER`] registrations, so that one
+    /// caller cannot fill every service slot.
+    PerPeer(IpAddr),
 }
 
 /// Checks an endpoint URI: http(s)://host:port, bounded length.
@@ -146,7 +172,7 @@ impl Registry {
             validate::service_name("participant service", service)?;
             parse_endpoint(uri)?;
             reg.check_scheme(uri)?;
-            reg.upsert(service, uri, None);
+            reg.upsert(service, uri, None, None);
         }
         Ok(reg)
     }
@@ -161,8 +187,8 @@ impl Registry {
         Ok(())
     }
 
-    fn upsert(&self, service: &str, endpoint: &str, expires: Option<i64>) {
-        upsert(&mut lock(&self.services), service, endpoint, expires);
+    fn upsert(&self, service: &str, endpoint: &str, expires: Option<i64>, peer: Option<IpAddr>) {
+        upsert(&mut lock(&self.services), service, endpoint, expires, peer);
     }
 
     /// Reads the stored registrations: live ones are added or renewed,
@@ -188,7 +214,7 @@ impl Registry {
                 });
             }
             for r in &live {
-                upsert(&mut services, &r.service, &r.endpoint, Some(r.expires_ms));
+                upsert(&mut services, &r.service, &r.endpoint, Some(r.expires_ms), None);
             }
         }
         self.prune();
@@ -197,10 +223,9 @@ impl Registry {
     }
 
     /// Registers or renews `endpoint` for `service` with a lease of `ttl_ms`
-    /// (0 = default), durably. Returns the lease granted. With `quota`, the
-    /// service may have at most that many registered endpoints (its
-    /// identity's quota; renewing one it has is always allowed).
-    pub async fn register(&self, service: &str, endpoint: &str, ttl_ms: u64, quota: Option<usize>) -> Result<Duration> {
+    /// (0 = default), durably. Returns the lease granted. `quota` limits how
+    /// many registrations the caller may hold ([`Quota`]).
+    pub async fn register(&self, service: &str, endpoint: &str, ttl_ms: u64, quota: Quota) -> Result<Duration> {
         validate::service_name("service", service)?;
         parse_endpoint(endpoint)?;
         self.check_scheme(endpoint)?;
@@ -217,6 +242,18 @@ impl Registry {
         {
             let services = lock(&self.services);
             let known = services.get(service);
+            let renewal = known.is_some_and(|list| list.iter().any(|i| i.endpoint == endpoint));
+            if let Quota::PerPeer(peer) = quota
+                && !renewal
+            {
+                let held = services.values().flatten().filter(|i| i.expires.is_some() && i.peer == Some(peer)).count();
+                if held >= fixed::MAX_REGISTRATIONS_PER_PEER {
+                    return Err(Error::LimitExceeded(format!(
+                        "peer {peer} holds {held} registrations; with no --policy one peer address may hold at most {} (give --policy for identities and their quotas)",
+                        fixed::MAX_REGISTRATIONS_PER_PEER
+                    )));
+                }
+            }
             if known.is_none() && services.len() >= fixed::MAX_SERVICES {
                 return Err(Error::LimitExceeded(format!(
                     "{} services are registered; the limit is {}",
@@ -228,7 +265,7 @@ impl Registry {
                 && !list.iter().any(|i| i.endpoint == endpoint)
             {
                 let registered = list.iter().filter(|i| i.expires.is_some()).count();
-                if let Some(quota) = quota
+                if let Quota::PerIdentity(quota) = quota
                     && registered >= quota
                 {
                     return Err(Error::LimitExceeded(format!(
@@ -249,7 +286,11 @@ impl Registry {
         // Counted before and after, so a load overlapping any of it skips.
         self.changes.fetch_add(1, Ordering::SeqCst);
         self.store.put_endpoint(&registration).await?;
-        self.upsert(service, endpoint, Some(expires_ms));
+        let peer = match quota {
+            Quota::PerPeer(peer) => Some(peer),
+            _ => None,
+        };
+        self.upsert(service, endpoint, Some(expires_ms), peer);
         self.changes.fetch_add(1, Ordering::SeqCst);
         Ok(Duration::from_millis(ttl))
     }
@@ -455,8 +496,8 @@ mod tests {
     #[tokio::test]
     async fn register_renew_deregister_and_rotation() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok());
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok(), "renewal");
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, Quota::Unlimited).await.is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, Quota::Unlimited).await.is_ok(), "renewal");
         assert_eq!(r.list(Some("orders")).len(), 2);
         let picks: std::collections::HashSet<String> =
             (0..4).filter_map(|_| r.pick("orders").map(|(e, _)| e)).collect();
@@ -467,10 +508,32 @@ mod tests {
         assert!(r.pick("nobody").is_none());
     }
 
+    /// Open mode: one peer address cannot fill the registry (it could
+    /// hold every service slot for the lease, across a restart).
+    #[tokio::test]
+    async fn in_open_mode_one_peer_holds_a_bounded_number_of_registrations() {
+        let r = reg();
+        let (a, b) = (Quota::PerPeer([10, 0, 0, 1].into()), Quota::PerPeer([10, 0, 0, 2].into()));
+        for i in 0..fixed::MAX_REGISTRATIONS_PER_PEER {
+            let ok = r.register(&format!("svc{i}"), &format!("http://127.0.0.1:{}", 10_000 + i), 5_000, a).await;
+            assert!(ok.is_ok(), "{i}: {ok:?}");
+        }
+        match r.register("one-more", "http://127.0.0.1:9999", 5_000, a).await {
+            Err(Error::LimitExceeded(msg)) => {
+                assert!(msg.contains("peer 10.0.0.1 holds 64 registrations") && msg.contains("--policy"), "{msg}")
+            }
+            other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+        }
+        assert!(r.register("svc0", "http://127.0.0.1:10000", 5_000, a).await.is_ok(), "renewing stays allowed");
+        assert!(r.register("one-more", "http://127.0.0.1:9999", 5_000, b).await.is_ok(), "another peer has room");
+        assert!(r.deregister("svc0", "http://127.0.0.1:10000").await.unwrap_or(false));
+        assert!(r.register("one-more", "http://127.0.0.1:9998", 5_000, a).await.is_ok(), "room again");
+    }
+
     #[tokio::test]
     async fn an_instance_that_fails_is_skipped_while_another_is_up() {
         let r = reg();
-        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, None).await.is_ok());
+        assert!(r.register("orders", "http://127.0.0.1:7002", 5_000, Quota::Unlimited).await.is_ok());
         r.report("http://127.0.0.1:7001", false);
         for _ in 0..4 {
             assert_eq!(r.pick("orders").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7002"));
@@ -485,27 +548,32 @@ mod tests {
     async fn registrations_are_bounded_and_pruned() {
         let r = reg();
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
-            assert!(r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000, None).await.is_ok());
+            assert!(
+                r.register("many", &format!("http://127.0.0.1:{}", 10_000 + i), 5_000, Quota::Unlimited).await.is_ok()
+            );
         }
-        let over = r.register("many", "http://127.0.0.1:9999", 5_000, None).await;
+        let over = r.register("many", "http://127.0.0.1:9999", 5_000, Quota::Unlimited).await;
         assert!(matches!(over, Err(Error::LimitExceeded(_))), "{over:?}");
-        assert!(r.register("many", "http://127.0.0.1:10000", 5_000, None).await.is_ok(), "renewing stays allowed");
+        assert!(
+            r.register("many", "http://127.0.0.1:10000", 5_000, Quota::Unlimited).await.is_ok(),
+            "renewing stays allowed"
+        );
         let _ = r.pick("many");
         assert_eq!(lock(&r.channels).len(), 1, "one pick, one channel");
         for i in 0..fixed::MAX_INSTANCES_PER_SERVICE {
             assert!(r.deregister("many", &format!("http://127.0.0.1:{}", 10_000 + i)).await.unwrap_or(false));
         }
-        assert!(r.register("many", "http://127.0.0.1:9999", 5_000, None).await.is_ok(), "room again");
+        assert!(r.register("many", "http://127.0.0.1:9999", 5_000, Quota::Unlimited).await.is_ok(), "room again");
         assert_eq!(lock(&r.channels).len(), 0, "channels of removed instances dropped");
     }
 
     #[tokio::test]
     async fn bad_registrations_are_refused() {
         let r = reg();
-        assert!(r.register("", "http://127.0.0.1:1", 0, None).await.is_err());
-        assert!(r.register("a", "ftp://x:1", 0, None).await.is_err());
-        assert!(r.register("a", "http://127.0.0.1:1", 10, None).await.is_err(), "lease too short");
-        assert!(r.register("a", "http://127.0.0.1:1", 0, None).await.is_ok());
+        assert!(r.register("", "http://127.0.0.1:1", 0, Quota::Unlimited).await.is_err());
+        assert!(r.register("a", "ftp://x:1", 0, Quota::Unlimited).await.is_err());
+        assert!(r.register("a", "http://127.0.0.1:1", 10, Quota::Unlimited).await.is_err(), "lease too short");
+        assert!(r.register("a", "http://127.0.0.1:1", 0, Quota::Unlimited).await.is_ok());
     }
 
     #[tokio::test]
@@ -513,8 +581,8 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemStore::new());
         let clock = Arc::new(ManualClock::at(1_000_000));
         let first = on(store.clone(), clock.clone());
-        assert!(first.register("bank", "http://127.0.0.1:7100", 5_000, None).await.is_ok());
-        assert!(first.register("bank", "http://127.0.0.1:7101", 60_000, None).await.is_ok());
+        assert!(first.register("bank", "http://127.0.0.1:7100", 5_000, Quota::Unlimited).await.is_ok());
+        assert!(first.register("bank", "http://127.0.0.1:7101", 60_000, Quota::Unlimited).await.is_ok());
         drop(first);
 
         // A restart: a new registry on the same store.
@@ -626,7 +694,7 @@ mod tests {
             async move { r.load().await }
         });
         store.read.notified().await; // the load read the store: no registration yet
-        assert!(r.register("bank", "http://127.0.0.1:7100", 60_000, None).await.is_ok());
+        assert!(r.register("bank", "http://127.0.0.1:7100", 60_000, Quota::Unlimited).await.is_ok());
         store.go.notify_one();
         assert!(matches!(loading.await, Ok(Ok(()))));
         assert_eq!(r.pick("bank").map(|(e, _)| e).as_deref(), Some("http://127.0.0.1:7100"), "still registered");

@@ -442,5 +442,5 @@ impl Engine {
 }
 
 fn not_found(id: TxnId) -> Error {
-    Error::NotFound(format!("transaction {id} not found (never begun, or garbage-collected)"))
+    Error::txn_not_found(id)
 }

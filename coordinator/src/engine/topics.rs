@@ -95,9 +95,7 @@ impl Engine {
             &live,
             guard,
             async {
-                let idx = guard
-                    .participant_index(partial)
-                    .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
+                let idx = guard.participant_index(partial).ok_or_else(|| Error::partial_not_found(partial))?;
                 appender.check(partial, &guard.participants[idx].service)?;
                 // An empty topic has no receipt (one is written with its
                 // commands), so a first append needs no lookup.
@@ -160,7 +158,7 @@ impl Engine {
             .iter()
             .find(|p| p.partial_id == partial)
             .cloned()
-            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
+            .ok_or_else(|| Error::partial_not_found(partial))?;
         Ok((txn, participant, commands))
     }
 
@@ -178,11 +176,7 @@ impl Engine {
         if let Some(id) = lock(&self.partials).get(&partial) {
             return Ok(*id);
         }
-        let id = self
-            .store
-            .find_partial(partial)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("partial transaction {partial} not found")))?;
+        let id = self.store.find_partial(partial).await?.ok_or_else(|| Error::partial_not_found(partial))?;
         self.remember_partials(id, [partial]);
         Ok(id)
     }

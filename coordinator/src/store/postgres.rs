@@ -655,7 +655,14 @@ impl Store for PgStore {
         let claimed: Option<i64> = row.try_get(2).map_err(read_error)?;
         match (claimed, found) {
             (Some(v), _) => {
-                info!(txn = %txn.id, previous_owner = ?owner, "took over a transaction whose coordinator's lease lapsed");
+                // A takeover claims every transaction of the lapsed node:
+                // one line per interval, with a count.
+                static THROTTLE: crate::throttle::Throttle =
+                    crate::throttle::Throttle::new(std::time::Duration::from_secs(10));
+                if let Some(held_back) = THROTTLE.allow() {
+                    let previous = owner.map(|o| o.to_string()).unwrap_or_default();
+                    info!(txn = %txn.id, %previous, held_back, "took over a transaction whose coordinator's lease lapsed (one line per 10 s; held_back: the like since the last one)");
+                }
                 Ok(Some(v as u64))
             }
             (None, None) => Ok(None), // gone (collected)
