@@ -259,6 +259,7 @@ impl Config {
             ("--handshake-timeout-ms", self.connections.handshake_timeout_ms),
             ("--idle-timeout-ms", self.connections.idle_timeout_ms),
             ("--body-timeout-ms", self.connections.body_timeout_ms),
+            ("--max-request-bytes", self.connections.max_request_bytes as u64),
             ("--max-connections-per-peer", self.connections.max_connections_per_peer.map_or(1, |n| n as u64)),
         ];
         if !(1_000..=600_000).contains(&self.lease_ms) {
@@ -297,6 +298,13 @@ impl Config {
             return Err(format!(
                 "timeouts must satisfy --min-timeout-ms ({}) <= --default-timeout-ms ({}) <= --max-timeout-ms ({})",
                 l.min_timeout_ms, l.default_timeout_ms, l.max_timeout_ms
+            ));
+        }
+        if self.connections.max_request_bytes < l.max_append_message_bytes() {
+            return Err(format!(
+                "--max-request-bytes ({}) must be at least the largest valid append ({} bytes, from --max-topic-bytes and --max-commands-per-append)",
+                self.connections.max_request_bytes,
+                l.max_append_message_bytes()
             ));
         }
         if d.retry_max_ms < d.retry_initial_ms {
@@ -395,6 +403,13 @@ pub struct Connections {
     /// (HTTP/1 headers themselves must arrive within 30 s.)
     #[arg(long, env = "TCC_BODY_TIMEOUT_MS", default_value_t = 10_000)]
     pub body_timeout_ms: u64,
+    /// Most bytes of requests held in memory at once, from their first
+    /// byte until they are answered. A request that does not fit waits
+    /// (its client is held back by flow control) until others are done,
+    /// within --body-timeout-ms; one larger than this is refused
+    /// (RESOURCE_EXHAUSTED). At least the largest valid append.
+    #[arg(long, env = "TCC_MAX_REQUEST_BYTES", default_value_t = 64 << 20)]
+    pub max_request_bytes: usize,
 }
 
 impl Connections {

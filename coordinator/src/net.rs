@@ -30,6 +30,14 @@
 //!   not read to its end, and an HTTP/2 connection falls under the idle
 //!   timeout once nothing is in flight). hyper bounds the time an HTTP/1
 //!   request's headers take at 30 s.
+//! * The bytes of requests held in memory at once are bounded
+//!   ([`RequestBudget`], `--max-request-bytes`): a request reserves its
+//!   whole size before its body is read (its Content-Length, or the length
+//!   prefix of its gRPC message) and keeps it until it is answered. One
+//!   that does not fit waits, and its client is held back by HTTP/2 flow
+//!   control, within the body timeout; one larger than the budget is
+//!   refused (RESOURCE_EXHAUSTED). Reserving all at once means two
+//!   half-received requests never wait on each other.
 //! * Every connection closed early is logged (rate-limited) and counted in
 //!   `tcc_connections_cut_total` by reason.
 //! * A failed `accept` (EMFILE, ENFILE, ENOBUFS...) never stops the server:
@@ -479,21 +487,45 @@ impl AsyncWrite for Io {
     }
 }
 
+/// The bytes of requests held in memory at once (see the module docs).
+#[derive(Clone, Debug)]
+pub struct RequestBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl RequestBudget {
+    /// A budget of `total` bytes.
+    pub fn new(total: usize) -> Self {
+        // `acquire_many` counts in u32.
+        let total = total.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        RequestBudget { bytes: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// Bytes free now (for tests and metrics).
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+}
+
 /// A tower layer that counts each request against its connection's idle
 /// clock (see [`ConnState`]) until its response body has ended, so a
 /// stream (health `Watch`, reflection) keeps its connection as a waiting
-/// unary call does; and gives its body a [`Deadline`].
-#[derive(Clone, Copy, Debug)]
+/// unary call does; gives its body a [`Deadline`]; and reserves its size
+/// in the [`RequestBudget`].
+#[derive(Clone, Debug)]
 pub struct TrackRequests {
     /// Time a request has, from its headers, to send its whole body.
     pub body: Duration,
+    /// The bytes of requests held at once.
+    pub budget: RequestBudget,
 }
 
 impl<S> tower::Layer<S> for TrackRequests {
     type Service = Tracked<S>;
 
     fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked { inner, body: self.body }
+        Tracked { inner, body: self.body, budget: self.budget.clone() }
     }
 }
 
@@ -502,10 +534,12 @@ impl<S> tower::Layer<S> for TrackRequests {
 pub struct Tracked<S> {
     inner: S,
     body: Duration,
+    budget: RequestBudget,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Tracked<S>
 where
+    B: http_body::Body,
     S: tower::Service<http::Request<Deadline<B>>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
@@ -528,7 +562,11 @@ where
         let method = crate::metrics::method_label(request.uri().path());
         let started = std::time::Instant::now();
         let deadline = Instant::from_std(started) + self.body;
-        let request = request.map(|body| Deadline { body, deadline, timer: None, expired: false });
+        let size = request_size(&request);
+        let held = Arc::new(std::sync::Mutex::new(None));
+        let reserve = Reserve { budget: self.budget.clone(), size, held: held.clone(), waiting: None, first: None };
+        let request =
+            request.map(|body| Deadline { body, deadline, timer: None, expired: false, reserve: Some(reserve) });
         // Untraced, a disabled span: entering it is one branch.
         let span = match crate::telemetry::enabled() {
             true => crate::telemetry::server_span(request.uri().path(), request.headers()),
@@ -541,7 +579,7 @@ where
             let code = response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_owned);
             let plain_ok = response.status().is_success() && code.is_none();
             let rpc = Rpc { method, started, code, plain_ok };
-            Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard, rpc }))
+            Ok(response.map(|body| Counted { body: Box::pin(body), _guard: guard, _held: held, rpc }))
         })
     }
 }
@@ -562,6 +600,8 @@ struct Rpc {
 pub struct Counted<B> {
     body: Pin<Box<B>>,
     _guard: Option<InFlight>,
+    /// The request's bytes in the budget, kept until the answer is out.
+    _held: Held,
     rpc: Rpc,
 }
 
@@ -599,21 +639,134 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
     }
 }
 
+/// A request's reservation in the [`RequestBudget`], shared by its body and
+/// its response (released when both are gone).
+type Held = Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
+
+/// How a request's size is known before its body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Size {
+    /// Its Content-Length.
+    Declared(u64),
+    /// gRPC: the length prefix of its first message (5 bytes + length).
+    Grpc,
+    /// Neither (a body-less or chunked plain HTTP request): not reserved.
+    Unknown,
+}
+
+fn request_size<B>(request: &http::Request<B>) -> Size {
+    let header = |name| request.headers().get(name).and_then(|v: &http::HeaderValue| v.to_str().ok());
+    if let Some(len) = header(http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok()) {
+        return Size::Declared(len);
+    }
+    match header(http::header::CONTENT_TYPE) {
+        Some(t) if t.starts_with("application/grpc") => Size::Grpc,
+        _ => Size::Unknown,
+    }
+}
+
+/// Reserving a request's size before its body is read.
+struct Reserve<D> {
+    budget: RequestBudget,
+    size: Size,
+    held: Held,
+    /// The acquisition under way, when the budget is short.
+    waiting: Option<Pin<Box<dyn std::future::Future<Output = Option<OwnedSemaphorePermit>> + Send>>>,
+    /// The first frame of a gRPC request, read for its length prefix and
+    /// handed on once the size is reserved.
+    first: Option<http_body::Frame<D>>,
+}
+
 /// A request body that must end by a deadline (see the module docs): past
 /// it, it fails with DEADLINE_EXCEEDED (tonic answers with that status; the
 /// console with 400), logged and counted. The timer is armed only when
-/// the body first waits for data, so a request that arrives whole (nearly
-/// every one) costs no timer.
-pub struct Deadline<B> {
+/// the body first waits (for data, or for room in the budget), so a
+/// request that arrives whole and fits (nearly every one) costs no timer.
+pub struct Deadline<B: http_body::Body> {
     body: B,
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
     expired: bool,
+    /// Until the request's size is reserved.
+    reserve: Option<Reserve<B::Data>>,
+}
+
+impl<B> Deadline<B>
+where
+    B: http_body::Body + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    /// Reserves the request's size: `Ready(Ok(()))` once reserved (or when
+    /// there is nothing to reserve), `Ready(Err)` for a request larger than
+    /// the budget, or an error of the body.
+    fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
+        let Some(r) = self.reserve.as_mut() else { return Poll::Ready(Ok(())) };
+        if r.waiting.is_none() {
+            let bytes = match r.size {
+                Size::Unknown => 0,
+                Size::Declared(len) => len,
+                Size::Grpc => {
+                    if r.first.is_none() {
+                        match Pin::new(&mut self.body).poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => r.first = Some(frame),
+                            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                            Poll::Ready(None) => {}
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    grpc_message_size(r.first.as_ref())
+                }
+            };
+            if bytes == 0 {
+                // Nothing to reserve (a frame read for its prefix, if any,
+                // is handed on by the caller).
+                return Poll::Ready(Ok(()));
+            }
+            if bytes > r.budget.total as u64 {
+                let message = format!(
+                    "the request is {bytes} bytes, more than the server holds of requests at once (--max-request-bytes, {} bytes)",
+                    r.budget.total
+                );
+                return Poll::Ready(Err(Box::new(tonic::Status::resource_exhausted(message))));
+            }
+            let (semaphore, n) = (r.budget.bytes.clone(), u32::try_from(bytes).unwrap_or(u32::MAX));
+            match semaphore.clone().try_acquire_many_owned(n) {
+                Ok(permit) => {
+                    *lock(&r.held) = Some(permit);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    r.waiting = Some(Box::pin(async move { semaphore.acquire_many_owned(n).await.ok() }));
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => return Poll::Ready(Ok(())),
+            }
+        }
+        let Some(waiting) = r.waiting.as_mut() else { return Poll::Ready(Ok(())) };
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(permit) => {
+                *lock(&r.held) = permit;
+                r.waiting = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The bytes a gRPC request's first message takes (prefix included), from
+/// the first frame; 0 if it does not start with a whole prefix.
+fn grpc_message_size<D: bytes::Buf>(first: Option<&http_body::Frame<D>>) -> u64 {
+    let Some(data) = first.and_then(|f| f.data_ref()) else { return 0 };
+    match data.chunk().get(..5) {
+        Some(prefix) => 5 + u64::from(u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]])),
+        None => data.remaining() as u64,
+    }
 }
 
 impl<B> http_body::Body for Deadline<B>
 where
     B: http_body::Body + Unpin,
+    B::Data: Unpin,
     B::Error: Into<tower::BoxError>,
 {
     type Data = B::Data;
@@ -627,7 +780,21 @@ where
         if this.expired {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.body).poll_frame(cx) {
+        let polled = match this.poll_reserve(cx) {
+            Poll::Ready(Err(e)) => {
+                this.expired = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            Poll::Ready(Ok(())) => {
+                let first = this.reserve.take().and_then(|mut r| r.first.take());
+                match first {
+                    Some(frame) => return Poll::Ready(Some(Ok(frame))),
+                    None => Pin::new(&mut this.body).poll_frame(cx),
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        };
+        match polled {
             Poll::Ready(Some(frame)) => return Poll::Ready(Some(frame.map_err(Into::into))),
             Poll::Ready(None) => {
                 this.timer = None;
@@ -644,17 +811,17 @@ where
         crate::metrics::connection_cut("body_timeout");
         if due_shared(&BODY_WARNED) {
             warn!(
-                "a request's body did not arrive within the body timeout (--body-timeout-ms); failing it (logged at most every 10 s)"
+                "a request's body did not arrive within the body timeout (--body-timeout-ms), or found no room in --max-request-bytes; failing it (logged at most every 10 s)"
             );
         }
         let status = tonic::Status::deadline_exceeded(
-            "the request's body did not arrive within the server's body timeout (--body-timeout-ms); send the whole request at once",
+            "the request's body did not arrive within the server's body timeout (--body-timeout-ms), or the server had no room for it (--max-request-bytes) in that time; send the whole request at once, and retry later",
         );
         Poll::Ready(Some(Err(Box::new(status))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.expired || self.body.is_end_stream()
+        self.expired || (self.reserve.as_ref().is_none_or(|r| r.first.is_none()) && self.body.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -50,6 +50,12 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// with more queues them on its side.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// The HTTP/2 flow-control window of one request: how much of its body a
+/// client may send before the server reads it (a request waiting for room
+/// in `--max-request-bytes` holds at most this much). The connection's
+/// window stays hyper's 1 MiB.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+
 /// Runs the coordinator on `listener` until `shutdown` is cancelled.
 /// `on_ready` is called with the listening address once recovery is done
 /// and requests are about to be served.
@@ -206,7 +212,11 @@ pub async fn run(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .layer(net::TrackRequests { body: limits.body })
+        // What a client may send before the server reads it, per request
+        // (the rest waits under --max-request-bytes): hyper's 1 MiB default
+        // let 128 connections park 128 MiB outside the budget.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .layer(net::TrackRequests { body: limits.body, budget: net::RequestBudget::new(c.max_request_bytes) })
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(net::incoming(listener, limits, tls), shutdown.cancelled())
         .await
