@@ -29,8 +29,10 @@ pub struct Config {
     #[arg(long, env = "TCC_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Address to listen on for gRPC (all services, health and reflection).
-    #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:50051")]
+    /// Address to listen on for gRPC (all services, health and reflection):
+    /// IP:PORT, or HOST:PORT for a host name this machine resolves
+    /// (localhost:50051).
+    #[arg(long, env = "TCC_LISTEN", default_value = "127.0.0.1:50051", value_parser = parse_addr)]
     pub listen: SocketAddr,
 
     /// Directory of the embedded sled database (created if missing).
@@ -78,7 +80,7 @@ pub struct Config {
 
     /// Also serve `GET /metrics` over plain HTTP on this address (it is
     /// always served on --listen too, beside gRPC).
-    #[arg(long, env = "TCC_HTTP_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "TCC_HTTP_LISTEN", value_name = "ADDR", value_parser = parse_addr)]
     pub http_listen: Option<SocketAddr>,
 
     /// Export traces over OTLP/gRPC to this collector (e.g.
@@ -197,8 +199,10 @@ impl Config {
                 .get_arguments()
                 .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
                 .ok_or_else(|| {
+                    let known = command.get_arguments().filter_map(|a| a.get_long()).filter(|l| *l != "config");
+                    let hint = closest(&long, known).map(|s| format!("; did you mean {s:?}?")).unwrap_or_default();
                     ConfigError::File(format!(
-                        "{shown}: unknown setting {key:?}; `tcc-coordinator --help` lists the settings (without the leading --)"
+                        "{shown}: unknown setting {key:?}{hint} (`tcc-coordinator --help` lists the settings, without the leading --)"
                     ))
                 })?;
             let flag = format!("--{long}");
@@ -556,6 +560,32 @@ impl DeliveryPolicy {
     }
 }
 
+/// An address to listen on: IP:PORT, or HOST:PORT for a name this machine
+/// resolves (the first address it gives).
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} is not IP:PORT (or HOST:PORT), e.g. 127.0.0.1:50051"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{text:?}: {port:?} is not a port number (0 to 65535)"));
+    }
+    let mut found = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("{text:?}: cannot resolve {host:?} ({e}); give an IP address, e.g. 127.0.0.1:{port}"))?;
+    found.next().ok_or_else(|| format!("{text:?}: {host:?} resolves to no address; give an IP address"))
+}
+
+/// The known name closest to `given` (a typo of it), if one is close.
+fn closest<'a>(given: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (strsim::jaro_winkler(given, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,6 +613,12 @@ mod tests {
             bad(&["--retry-initial-ms", "500", "--retry-max-ms", "100"]).is_err_and(|e| e.contains("--retry-max-ms"))
         );
         assert!(bad(&["--listen", "nonsense"]).is_err());
+        // Host names this machine resolves are taken; others say what to give.
+        assert!(bad(&["--listen", "localhost:50081"]).is_ok());
+        let listen = |text: &str| parse_addr(text).map(|a| a.port());
+        assert_eq!(listen("localhost:50081"), Ok(50081));
+        assert!(listen("no-such-host.invalid:1").is_err_and(|e| e.contains("give an IP address")));
+        assert!(listen("localhost:http").is_err_and(|e| e.contains("not a port number")));
         assert!(bad(&["--lease-ms", "10"]).is_err_and(|e| e.contains("--lease-ms")));
         assert!(bad(&["--database-url", "mysql://x"]).is_err_and(|e| e.contains("--database-url")));
         assert!(bad(&["--database-url", "postgres://tcc@127.0.0.1/db"]).is_ok());
@@ -637,6 +673,9 @@ mod tests {
         let err = |toml: &str| with_file(toml, &[]).err().unwrap_or_default();
         let unknown = err("max-participant = 2");
         assert!(unknown.contains("unknown setting \"max-participant\"") && unknown.contains("tcc.toml"), "{unknown}");
+        assert!(unknown.contains("did you mean \"max-participants\"?"), "{unknown}");
+        let far = err("colour = \"blue\"");
+        assert!(far.contains("unknown setting \"colour\"") && !far.contains("did you mean"), "{far}");
         let bad = err("max-participants = \"many\"");
         assert!(bad.contains("--max-participants") && bad.contains("many") && bad.contains("tcc.toml"), "{bad}");
         assert!(err("insecure = \"yes\"").contains("switch"));

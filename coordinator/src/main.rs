@@ -10,7 +10,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use tcc_coordinator::config::{ConfigError, LogFormat};
 use tcc_coordinator::telemetry::Telemetry;
 use tcc_coordinator::{Config, server};
@@ -89,9 +88,7 @@ fn init_logs(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Option<Te
 async fn run(config: Config) -> anyhow::Result<()> {
     // Before the port is bound (and before anything is created on disk).
     config.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = tcc_coordinator::net::bind(config.listen, "--listen").await.map_err(|e| anyhow::anyhow!(e))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone(), config.shutdown_timeout()));
     server::run(config, listener, shutdown, |addr| {

@@ -96,6 +96,27 @@ pub struct ConnectionLimits {
     pub body: Duration,
 }
 
+/// Binds `addr` (given by `flag`), with an error that says what to do:
+/// the port taken (by an earlier coordinator still running, say), an
+/// address this machine does not have, a privileged port.
+pub async fn bind(addr: std::net::SocketAddr, flag: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let what = match e.kind() {
+            io::ErrorKind::AddrInUse => format!(
+                "the address is already in use (by another process: an earlier tcc-coordinator or demo still running?); stop that process, or give {flag} another port"
+            ),
+            io::ErrorKind::AddrNotAvailable => format!(
+                "this machine has no such address; give {flag} one of its addresses (127.0.0.1 for this machine only, 0.0.0.0 for all)"
+            ),
+            io::ErrorKind::PermissionDenied => {
+                format!("permission denied (ports below 1024 need privileges); give {flag} a port above 1023")
+            }
+            _ => e.to_string(),
+        };
+        format!("cannot listen on {addr}: {what}")
+    })
+}
+
 /// Raises the soft limit on open files to the hard limit (as Go's runtime
 /// and most servers do) and returns how many client connections fit below
 /// it with [`RESERVED_DESCRIPTORS`] spare: at least 16, at most `wanted`.

@@ -163,8 +163,7 @@ pub async fn run(
     crate::metrics::store_failed(false);
     let console = Console::new(engine.clone(), delivery.clone(), registry.clone(), access.clone(), metrics.clone());
     if let Some(http) = config.http_listen {
-        let listener =
-            TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http} (--http-listen)"))?;
+        let listener = net::bind(http, "--http-listen").await.map_err(|e| anyhow::anyhow!(e))?;
         // Metrics only: this listener is plaintext wherever it is bound, so
         // the console (which acts) stays on the main port, under its TLS and
         // its loopback rule.

@@ -143,7 +143,11 @@ fn init_tracing(service: &'static str, otlp_endpoint: Option<&str>) -> anyhow::R
         // The request spans go to the exporter, not into the log lines.
         .add_directive("tcc_domain_sdk::telemetry=off".parse()?)
         .add_directive("tcc_coordinator::telemetry=off".parse()?);
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // Colour only on a terminal: never escape codes in a log file.
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter);
     let (telemetry, spans) = match otlp_endpoint {
         Some(endpoint) => {
             let (telemetry, layer) =
@@ -192,9 +196,7 @@ pub async fn serve(
     routes: Routes,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(common.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", common.listen))?;
+    let listener = tcc_coordinator::net::bind(common.listen, "--listen").await.map_err(|e| anyhow::anyhow!(e))?;
     let addr = listener.local_addr()?;
     let tls = common.tls.load()?;
     let registration = if common.no_register {

@@ -26,11 +26,7 @@ fn faketime() -> Result<Option<PathBuf>> {
         if std::env::var("TCC_REQUIRE_FAKETIME").is_ok_and(|v| v == "1") {
             bail!("libfaketime is not installed (Debian package faketime); CI installs it");
         }
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n*** SKIPPED: the clock-step test, because libfaketime is missing (apt-get install faketime).\n"
-        );
+        tcc_tests::say_skipped("the clock-step test, because libfaketime is missing (apt-get install faketime)");
     }
     Ok(found)
 }

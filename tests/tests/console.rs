@@ -354,15 +354,16 @@ impl Browser {
     /// `None` (said loudly) where Chromium or chromedriver is missing and
     /// the browser is not required.
     async fn start() -> Result<Option<Self>> {
-        let (chromium, driver) =
-            (std::path::Path::new("/usr/bin/chromium"), std::path::Path::new("/usr/bin/chromedriver"));
+        // TCC_CHROMIUM names another browser binary (a test of the skip).
+        let chromium = std::env::var("TCC_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let (chromium, driver) = (std::path::Path::new(&chromium), std::path::Path::new("/usr/bin/chromedriver"));
         if !chromium.exists() || !driver.exists() {
             if browser_required() {
-                bail!("TCC_REQUIRE_BROWSER=1 but /usr/bin/chromium or /usr/bin/chromedriver is missing");
+                bail!("TCC_REQUIRE_BROWSER=1 but {} or /usr/bin/chromedriver is missing", chromium.display());
             }
-            eprintln!(
-                "\n*** SKIPPED: the console's browser test needs Debian's chromium and chromium-driver \
-                 (apt-get install -y chromium chromium-driver); .ci/run installs them ***\n"
+            tcc_tests::say_skipped(
+                "the console's browser test needs Debian's chromium and chromium-driver \
+                 (apt-get install -y chromium chromium-driver); .ci/run installs them",
             );
             return Ok(None);
         }
@@ -639,4 +640,33 @@ async fn in_chromium_over_tls_the_console_signs_in_with_a_token_and_acts() -> Re
     let state = txns.get(v1::GetRequest { transaction_id: id }).await?.into_inner().state;
     assert_eq!(state, S::Cancelling as i32);
     browser.close().await
+}
+
+/// Without a browser a browser test is skipped, and says so where a
+/// person sees it: before, its banner went through `eprintln!`, which the
+/// test harness captures, so a skipped test printed only `ok`. This runs
+/// one browser test of this binary again with the browser missing.
+#[tokio::test]
+async fn a_browser_test_without_a_browser_says_it_was_skipped() -> Result<()> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "in_chromium_the_console_asks_for_a_token_under_a_policy"])
+        .env("TCC_CHROMIUM", "/nonexistent/chromium")
+        .env_remove("TCC_REQUIRE_BROWSER")
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("1 passed"), "{stdout}");
+    assert!(stderr.contains("*** SKIPPED: the console's browser test needs Debian's chromium"), "{stderr}");
+    // Where the browser is required, its absence fails instead.
+    let required = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "in_chromium_the_console_asks_for_a_token_under_a_policy"])
+        .env("TCC_CHROMIUM", "/nonexistent/chromium")
+        .env("TCC_REQUIRE_BROWSER", "1")
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    assert!(!required.status.success());
+    Ok(())
 }

@@ -428,9 +428,12 @@ impl Journal {
                 damage = Some((i, Error::Corrupt { key: format!("journal {}", path.display()), cause }));
                 break;
             }
-            // Files up to the recorded head were sealed before use.
+            // Files up to the recorded head were sealed before use (a file
+            // cut short is reported as truncated, by `replay`).
+            let full_length = std::fs::metadata(&path).is_ok_and(|m| m.len() >= sizes.file);
             if format == Format::Grouped
                 && head.is_some_and(|h| generation <= h)
+                && full_length
                 && seal_of(&path, generation).is_none()
             {
                 let cause = "it does not start with its own seal, which is synced before the file is used: it was replaced by another file (two journal files swapped, or an older copy) or damaged at its start".to_string();

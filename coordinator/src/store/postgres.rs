@@ -1022,7 +1022,11 @@ async fn migrate(pool: &Pool) -> Result<()> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(read_error)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(read_error)?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS tcc_schema (version integer NOT NULL)").await.map_err(read_error)?;
+    // Without the server's NOTICE that the table exists, which every node
+    // after the first would log.
+    let create =
+        "SET LOCAL client_min_messages = warning; CREATE TABLE IF NOT EXISTS tcc_schema (version integer NOT NULL)";
+    tx.batch_execute(create).await.map_err(read_error)?;
     let row = tx.query_one("SELECT coalesce(max(version), 0) FROM tcc_schema", &[]).await.map_err(read_error)?;
     let current: i32 = row.try_get(0).map_err(read_error)?;
     if current > SCHEMA_VERSION {

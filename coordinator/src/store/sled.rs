@@ -92,6 +92,12 @@ impl SledStore {
     }
 
     fn open_with(dir: &Path, salvage: bool) -> Result<Self> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::Storage(format!(
+                "--data-dir {} is a file, not a directory: give a directory (it is created if missing)",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Storage(format!("cannot create the data directory {}: {e}", dir.display())))?;
         integrity::check_files(dir)?;

@@ -105,9 +105,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         tcc_coordinator::Config::try_parse_from(flags)?
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // Its first port is the quickstart coordinator's: say what to do.
+    let listener = tcc_coordinator::net::bind(config.listen, "--port").await.map_err(|e| anyhow::anyhow!(e))?;
     let mut coordinator = tokio::spawn(tcc_coordinator::server::run(config, listener, stop_coordinator.clone(), |a| {
         println!("coordinator listening on {a}")
     }));
