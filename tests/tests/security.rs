@@ -158,6 +158,9 @@ async fn the_handshake_refuses_plaintext_unknown_ca_expired_and_missing_certific
     assert_eq!(health_through(Endpoint::from_shared(url.clone())?.tls_config(client(&ok.cert, &ok.key))?).await, None);
     let logs = d.coordinator.logs();
     assert!(logs.matches("TLS handshake failed").count() >= 3, "{logs}");
+    // The first of them at WARN, with its reason (before: DEBUG only).
+    let warned = logs.lines().find(|l| l.contains("WARN") && l.contains("TLS handshake failed"));
+    assert!(warned.is_some_and(|l| l.contains("cause=")), "no WARN with the reason:\n{logs}");
     assert!(logs.contains("UnknownIssuer") || logs.contains("unknown issuer"), "{logs}");
     assert!(logs.contains("Expired") || logs.contains("expired"), "{logs}");
     Ok(())
@@ -625,5 +628,77 @@ async fn open_access_beyond_loopback_needs_a_policy_or_an_explicit_opt_in() -> R
     .await??;
     child.kill().await?;
     assert!(warned, "no warning about open access");
+    Ok(())
+}
+
+/// The certificates SECURITY.md tells an operator to make with openssl
+/// (`coordinator/ops/make-certs.sh`, run here as it is) work for the
+/// coordinator, a composite and an admin, by IP and by name. A plain
+/// `openssl x509 -req` certificate (X.509 v1, no extensions), which a new
+/// user made when the documentation did not say what a certificate must
+/// hold, stops the start with a message that says what to make instead.
+#[tokio::test]
+async fn openssl_certificates_made_as_documented_work_and_a_v1_one_is_refused_saying_why() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../coordinator/ops/make-certs.sh");
+    let made = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(dir.path())
+        .args(["example.org", "tcc-coordinator", "shop", "ops"])
+        .output()?;
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    std::fs::write(dir.path().join("policy.toml"), POLICY)?;
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let args = [
+        "--tls-cert",
+        &file("tcc-coordinator.pem"),
+        "--tls-key",
+        &file("tcc-coordinator.key"),
+        "--tls-client-ca",
+        &file("ca.pem"),
+        "--policy",
+        &file("policy.toml"),
+    ];
+    let c = Coordinator::start_logged(&args, "info").await?;
+    let client = |id: &str| {
+        let path = |name: String| dir.path().join(name);
+        Tls::from_files(&path(format!("{id}.pem")), &path(format!("{id}.key")), &path("ca.pem".into()))
+    };
+    for url in [format!("https://{}", c.addr()), format!("https://localhost:{}", c.addr().port())] {
+        let shop = client("shop")?.endpoint(&url)?.connect().await.with_context(|| format!("shop to {url}"))?;
+        let t = TransactionsClient::new(shop)
+            .begin(v1::BeginRequest { participants: vec!["orders".into()], timeout_ms: 0 })
+            .await?
+            .into_inner();
+        let ops = client("ops")?.endpoint(&url)?.connect().await?;
+        AdminClient::new(ops).list_transactions(v1::ListTransactionsRequest::default()).await?;
+        assert!(!t.transaction_id.is_empty());
+    }
+
+    // A v1 certificate (no extensions) as the coordinator's own, from the
+    // same CA, as a new user made it.
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl").current_dir(dir.path()).args(args).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    run(
+        &[&["req", "-new"][..], &ec, &["-subj", "/CN=tcc-coordinator", "-keyout", "v1.key", "-out", "v1.csr"]].concat()
+    )?;
+    run(&["x509", "-req", "-in", "v1.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "v1.pem"])?;
+    let v1_args = [
+        "--tls-cert",
+        &file("v1.pem"),
+        "--tls-key",
+        &file("v1.key"),
+        "--tls-client-ca",
+        &file("ca.pem"),
+        "--policy",
+        &file("policy.toml"),
+    ];
+    let (status, log) = Coordinator::start_failing(&dir.path().join("v1-data"), &v1_args).await?;
+    assert!(!status.success(), "started with a v1 certificate:\n{log}");
+    assert!(log.contains("X.509 v1") && log.contains("make-certs.sh"), "{log}");
     Ok(())
 }

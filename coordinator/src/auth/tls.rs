@@ -189,8 +189,13 @@ fn build(files: &TlsFiles, optional_client_cert: bool, provider: &Arc<CryptoProv
         }
     };
     let mut server = builder.with_single_cert(chain.clone(), key.clone_key()).map_err(|e| {
+        let hint = if e.to_string().contains("UnsupportedCertVersion") {
+            " (an X.509 v1 certificate, as a plain `openssl x509 -req` makes: TLS needs version 3, with the extensions SECURITY.md lists under \"What a certificate must hold\"; coordinator/ops/make-certs.sh makes such certificates)"
+        } else {
+            ""
+        };
         format!(
-            "--tls-cert {} and --tls-key {} do not make a usable pair: {e}",
+            "--tls-cert {} and --tls-key {} do not make a usable pair: {e}{hint}",
             files.cert.display(),
             files.key.display()
         )
