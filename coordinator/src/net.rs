@@ -70,6 +70,7 @@ use tracing::warn;
 use crate::auth::PeerCert;
 use crate::auth::tls::{self, Tls};
 use crate::lock;
+use crate::throttle::Throttle;
 
 /// How long the accept loop waits after a failed `accept`.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -224,8 +225,8 @@ async fn accept_loop(
                                 // Plaintext, an unknown CA, an expired
                                 // certificate...: the client sees the alert.
                                 Ok(Err(e)) => {
-                                    if due_shared(&HANDSHAKE_WARNED) {
-                                        warn!(%peer, cause = %e, "TLS handshake failed (a warning at most every 10 s; each one at DEBUG)");
+                                    if let Some(held_back) = HANDSHAKE_WARNED.allow() {
+                                        warn!(%peer, cause = %e, held_back, "TLS handshake failed (a warning at most every 10 s, each one at DEBUG; held_back: the failures since the last warning)");
                                     } else {
                                         tracing::debug!(%peer, cause = %e, "TLS handshake failed");
                                     }
@@ -250,16 +251,11 @@ async fn accept_loop(
     }
 }
 
-/// When the last failed TLS handshake was logged.
-static HANDSHAKE_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+/// Failed TLS handshakes: one WARN per 10 s (each one at DEBUG).
+static HANDSHAKE_WARNED: Throttle = Throttle::new(Duration::from_secs(10));
 
-/// When the last request cut off for its body was logged.
-static BODY_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-
-/// [`due`] for a warning issued from many tasks.
-fn due_shared(last: &std::sync::Mutex<Option<Instant>>) -> bool {
-    due(&mut lock(last))
-}
+/// Requests cut off for their body: one WARN per 10 s.
+static BODY_WARNED: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// A connection's place under the per-peer cap; gives it back on drop.
 struct PeerSlot {
@@ -830,9 +826,10 @@ where
         }
         this.expired = true;
         crate::metrics::connection_cut("body_timeout");
-        if due_shared(&BODY_WARNED) {
+        if let Some(held_back) = BODY_WARNED.allow() {
             warn!(
-                "a request's body did not arrive within the body timeout (--body-timeout-ms), or found no room in --max-request-bytes; failing it (logged at most every 10 s)"
+                held_back,
+                "a request's body did not arrive within the body timeout (--body-timeout-ms), or found no room in --max-request-bytes; failing it (logged at most every 10 s; held_back: the like since the last line)"
             );
         }
         let status = tonic::Status::deadline_exceeded(

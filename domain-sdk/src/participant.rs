@@ -121,15 +121,20 @@ impl Tx<'_> {
 
 impl LocalStore {
     /// Opens (or creates) the database at `path` with the service's trees.
+    /// sled's own periodic flush is off: every write the SDK acknowledges
+    /// is flushed explicitly ([`LocalStore::flush`]), and sled 0.34's
+    /// periodic flusher races its writers (see `flush`).
     pub fn open(path: &std::path::Path, trees: &[&str]) -> Result<Self> {
         let db = sled::Config::new()
             .path(path)
+            .flush_every_ms(None)
             .open()
             .map_err(|e| Error::Store(format!("cannot open {}: {e}", path.display())))?;
         Self::from_db(db, trees)
     }
 
-    /// Uses an open database.
+    /// Uses an open database; open it with `flush_every_ms(None)`, as
+    /// [`LocalStore::open`] does.
     pub fn from_db(db: sled::Db, trees: &[&str]) -> Result<Self> {
         let mut opened = vec![db.open_tree(MARKERS)?];
         for t in trees {
@@ -167,12 +172,20 @@ impl LocalStore {
     }
 
     /// Makes everything written so far durable. Runs `flush` on a blocking
-    /// thread (sled 0.34's `flush_async` hangs with many waiters).
+    /// thread (sled 0.34's `flush_async` hangs with many waiters), pinned
+    /// to sled's epoch: sled 0.34.7 reads its current I/O buffer in `flush`
+    /// without pinning, and a writer sealing that buffer on another thread
+    /// defers its drop to the epoch collector, which can free it under an
+    /// unpinned flush (a double free; the coordinator's RELIABILITY.md,
+    /// "sled's drop, and the flaky journal test").
     pub async fn flush(&self) -> Result<()> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| Error::Store(format!("flush task failed: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            let _pinned = sled::pin();
+            db.flush()
+        })
+        .await
+        .map_err(|e| Error::Store(format!("flush task failed: {e}")))??;
         Ok(())
     }
 }

@@ -196,6 +196,10 @@ async fn a_node_killed_mid_delivery_is_taken_over_within_its_lease() -> Result<(
     ensure!(takeover <= bound, "takeover took {takeover:?}; bound {bound:?}");
     eprintln!("takeover after kill -9: {} ms (lease {LEASE_MS} ms)", takeover.as_millis());
     ensure!(n[1].logs().contains("took over"), "node 1 says it took over");
+    // The second node to start found the schema made: without the
+    // server's NOTICE about it in its log (before: at INFO).
+    ensure!(!n[1].logs().contains("already exists"), "a NOTICE in the log:\n{}", n[1].logs());
+    ensure!(!n[1].logs().contains("node=Some("), "the node id shown as an Option:\n{}", n[1].logs());
     Ok(())
 }
 

@@ -749,3 +749,39 @@ async fn bad_input_gets_the_right_status_and_harms_nothing() -> Result<()> {
     assert_eq!(first.commands[0].payload, b"safe");
     Ok(())
 }
+
+/// Start-up mistakes a new user made, each answered with what to do
+/// (before: "Address already in use", a layered sled error, "invalid
+/// socket address syntax").
+#[tokio::test]
+async fn start_up_mistakes_say_what_to_do() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The port taken, by the quickstart's coordinator say.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let run = |args: Vec<String>| async move {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(tcc_tests::binary("tcc-coordinator")).args(args).kill_on_drop(true).output(),
+        )
+        .await??;
+        anyhow::Ok((out.status, String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let data = dir.path().join("data").to_string_lossy().into_owned();
+    let (status, log) = run(vec!["--listen".into(), format!("127.0.0.1:{port}"), "--data-dir".into(), data]).await?;
+    assert!(!status.success());
+    assert!(log.contains("already in use") && log.contains("give --listen another port"), "{log}");
+    // A data directory that is a file.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x")?;
+    let file = file.to_string_lossy().into_owned();
+    let (status, log) = run(vec!["--listen".into(), "127.0.0.1:0".into(), "--data-dir".into(), file]).await?;
+    assert!(!status.success());
+    assert!(log.contains("is a file, not a directory"), "{log}");
+    // A host name: taken (before: "invalid socket address syntax").
+    let c = Coordinator::start(&["--listen", "localhost:0"]).await?;
+    assert!(c.addr().ip().is_loopback());
+    c.begin(&["svc"], 60_000).await?;
+    drop(taken);
+    Ok(())
+}

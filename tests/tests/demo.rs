@@ -124,6 +124,22 @@ async fn shop_demo_stops_cleanly_and_a_second_one_says_why_it_cannot_start() -> 
     assert!(said.contains("another coordinator is using it") || said.contains("lock"), "{said}");
     assert!(!said.contains("did not come up"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    assert!(!said.contains('\x1b'), "colour codes in a log that is not a terminal: {said:?}");
+
+    // Other data, the same ports (the quickstart's coordinator still on
+    // 50051, say): it says what to do.
+    let other = tempfile::tempdir()?;
+    let third = tokio::process::Command::new(binary("shop-demo"))
+        .arg("--data-dir")
+        .arg(other.path())
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .output();
+    let third = tokio::time::timeout(Duration::from_secs(30), third).await??;
+    let said = String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success());
+    assert!(said.contains("already in use") && said.contains("give --port another port"), "{said}");
 
     // SIGINT: everything stops, without a warning.
     let pid = first.id().context("pid")?;
