@@ -38,6 +38,12 @@
 //!   control, within the body timeout; one larger than the budget is
 //!   refused (RESOURCE_EXHAUSTED). Reserving all at once means two
 //!   half-received requests never wait on each other.
+//! * Under a policy, a gRPC request to the tcc services that carries no
+//!   identity that holds up is refused (UNAUTHENTICATED, naming the method)
+//!   before its body is read: an anonymous peer holds nothing for the body
+//!   timeout, and its refusal is logged and counted as every refusal is.
+//!   (The console's API checks its caller in its handlers, which answer
+//!   401 before they read a body.)
 //! * Every connection closed early is logged (rate-limited) and counted in
 //!   `tcc_connections_cut_total` by reason.
 //! * A failed `accept` (EMFILE, ENFILE, ENOBUFS...) never stops the server:
@@ -67,8 +73,8 @@ use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 
-use crate::auth::PeerCert;
 use crate::auth::tls::{self, Tls};
+use crate::auth::{Access, PeerCert};
 use crate::lock;
 use crate::throttle::Throttle;
 
@@ -530,28 +536,39 @@ impl RequestBudget {
 /// stream (health `Watch`, reflection) keeps its connection as a waiting
 /// unary call does; gives its body a [`Deadline`]; and reserves its size
 /// in the [`RequestBudget`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TrackRequests {
     /// Time a request has, from its headers, to send its whole body.
     pub body: Duration,
     /// The bytes of requests held at once.
     pub budget: RequestBudget,
+    /// Who may call: under a policy, a request with no identity is refused
+    /// before its body is read.
+    pub access: Arc<Access>,
 }
 
 impl<S> tower::Layer<S> for TrackRequests {
     type Service = Tracked<S>;
 
     fn layer(&self, inner: S) -> Tracked<S> {
-        Tracked { inner, body: self.body, budget: self.budget.clone() }
+        Tracked { inner, body: self.body, budget: self.budget.clone(), access: self.access.clone() }
     }
 }
 
 /// See [`TrackRequests`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Tracked<S> {
     inner: S,
     body: Duration,
     budget: RequestBudget,
+    access: Arc<Access>,
+}
+
+/// Whether a request to `path` needs an identity under a policy, checked
+/// before its body is read: the tcc services (not health, reflection,
+/// `/metrics`, or the console, whose handlers check).
+fn needs_identity(path: &str) -> bool {
+    path.starts_with("/tcc.v1.")
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Tracked<S>
@@ -579,11 +596,27 @@ where
         let method = crate::metrics::method_label(request.uri().path());
         let started = std::time::Instant::now();
         let deadline = Instant::from_std(started) + self.body;
+        // Identity before the body (see the module docs); the handler
+        // checks it again, with the rule of its call.
+        let refusal = if self.access.is_enforced() && needs_identity(request.uri().path()) {
+            let (parts, body) = request.into_parts();
+            let refused = self.access.http_caller(&parts, method).err();
+            request = http::Request::from_parts(parts, body);
+            refused.map(|e| tonic::Status::unauthenticated(e.to_string()))
+        } else {
+            None
+        };
         let size = request_size(&request);
         let held = Arc::new(std::sync::Mutex::new(None));
         let reserve = Reserve { budget: self.budget.clone(), size, held: held.clone(), waiting: None, first: None };
-        let request =
-            request.map(|body| Deadline { body, deadline, timer: None, expired: false, reserve: Some(reserve) });
+        let request = request.map(|body| Deadline {
+            body,
+            deadline,
+            timer: None,
+            expired: false,
+            refusal,
+            reserve: Some(reserve),
+        });
         // Untraced, a disabled span: entering it is one branch.
         let span = match crate::telemetry::enabled() {
             true => crate::telemetry::server_span(request.uri().path(), request.headers()),
@@ -704,6 +737,8 @@ pub struct Deadline<B: http_body::Body> {
     deadline: Instant,
     timer: Option<Pin<Box<Sleep>>>,
     expired: bool,
+    /// The caller has no identity that holds up: the body is not read.
+    refusal: Option<tonic::Status>,
     /// Until the request's size is reserved.
     reserve: Option<Reserve<B::Data>>,
 }
@@ -796,6 +831,10 @@ where
         let this = self.get_mut();
         if this.expired {
             return Poll::Ready(None);
+        }
+        if let Some(refusal) = this.refusal.take() {
+            this.expired = true;
+            return Poll::Ready(Some(Err(Box::new(refusal))));
         }
         let polled = match this.poll_reserve(cx) {
             Poll::Ready(Err(e)) => {

@@ -215,7 +215,11 @@ pub async fn run(
         // (the rest waits under --max-request-bytes): hyper's 1 MiB default
         // let 128 connections park 128 MiB outside the budget.
         .initial_stream_window_size(Some(STREAM_WINDOW))
-        .layer(net::TrackRequests { body: limits.body, budget: net::RequestBudget::new(c.max_request_bytes) })
+        .layer(net::TrackRequests {
+            body: limits.body,
+            budget: net::RequestBudget::new(c.max_request_bytes),
+            access: access.clone(),
+        })
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(net::incoming(listener, limits, tls), shutdown.cancelled())
         .await
@@ -332,7 +336,8 @@ async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String, 
             PgStore::connect(url, config.lease()).await.map_err(|e| anyhow::anyhow!("cannot use {place}: {e}"))?;
         let node = store.node().map(|n| n.to_string()).unwrap_or_default();
         info!(%node, lease_ms = config.lease_ms, "cluster mode: coordinators share {place}");
-        return Ok((Arc::new(store), place, None));
+        let latest = store.latest_ms().await.map_err(|e| anyhow::anyhow!("cannot read {place}: {e}"))?;
+        return Ok((Arc::new(store), place, latest));
     }
     let dir = config.data_dir.display();
     let opened = if config.salvage_journal {

@@ -8,8 +8,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::lock;
-
 /// At most one log line per `every`; see the module docs.
 #[derive(Debug)]
 pub struct Throttle {
@@ -31,7 +29,7 @@ impl Throttle {
     }
 
     fn allow_at(&self, now: Instant) -> Option<u64> {
-        let mut last = lock(&self.last);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| now.duration_since(t) < self.every) {
             self.held_back.fetch_add(1, Ordering::Relaxed);
             return None;

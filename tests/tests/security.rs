@@ -390,7 +390,7 @@ async fn bearer_tokens_identify_callers_behind_a_tls_proxy_and_the_policy_reload
     refused(
         TransactionsClient::new(c.channel().await?).begin(begin.clone()).await,
         Code::Unauthenticated,
-        &["Transactions.Begin", "Bearer"],
+        &["tcc.v1.Transactions/Begin", "Bearer"],
     );
     refused(
         bearer(c.channel().await?, "s3cret-shop-0123456780").begin(begin.clone()).await,
@@ -700,5 +700,32 @@ async fn openssl_certificates_made_as_documented_work_and_a_v1_one_is_refused_sa
     let (status, log) = Coordinator::start_failing(&dir.path().join("v1-data"), &v1_args).await?;
     assert!(!status.success(), "started with a v1 certificate:\n{log}");
     assert!(log.contains("X.509 v1") && log.contains("make-certs.sh"), "{log}");
+    Ok(())
+}
+
+/// Under a policy, an anonymous request is refused before its body is
+/// read: a Begin with no identity whose request stream never ends is
+/// UNAUTHENTICATED at once, not held until the body timeout (60 s here).
+#[tokio::test]
+async fn under_a_policy_an_anonymous_request_is_refused_before_its_body_is_read() -> Result<()> {
+    use futures::StreamExt;
+    let dir = tempfile::tempdir()?;
+    let (policy, tokens) = (dir.path().join("policy.toml"), dir.path().join("tokens"));
+    std::fs::write(&policy, "[composite]\nshop = \"own\"\n")?;
+    std::fs::write(&tokens, "shop s3cret-shop-0123456789\n")?;
+    let (policy, tokens) = (policy.to_string_lossy().into_owned(), tokens.to_string_lossy().into_owned());
+    let c = Coordinator::start(&["--policy", &policy, "--tokens", &tokens, "--body-timeout-ms", "60000"]).await?;
+    let mut grpc = tonic::client::Grpc::new(c.channel().await?);
+    grpc.ready().await?;
+    let request = v1::BeginRequest { participants: vec!["orders".into()], timeout_ms: 0 };
+    let never_ending = futures::stream::once(async move { request }).chain(futures::stream::pending());
+    let codec = tonic_prost::ProstCodec::<v1::BeginRequest, v1::BeginResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/tcc.v1.Transactions/Begin");
+    let started = std::time::Instant::now();
+    let call = grpc.client_streaming(tonic::Request::new(never_ending), path, codec);
+    let answer = tokio::time::timeout(Duration::from_secs(30), call).await.context("held, not refused")?;
+    refused(answer, Code::Unauthenticated, &["tcc.v1.Transactions/Begin", "no identity"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "refused after {:?}", started.elapsed());
+    assert!(c.logs().contains("request refused"), "logged as every refusal:\n{}", c.logs());
     Ok(())
 }

@@ -498,3 +498,27 @@ async fn a_group_cut_off_before_its_commit_is_unknown_and_applies_nothing() -> R
     ensure!(s.get_txn(x0.id).await?.map(|t| t.version) == Some(2), "the write that went through stays");
     Ok(())
 }
+
+/// The latest time the stored transactions hold, from which a coordinator
+/// whose clock was stepped back starts its time (`SteadyClock`): the
+/// newest creation, or a later finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_latest_stored_time_is_the_newest_creation_or_a_later_finish() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let store = PgStore::connect(&pg.url(), Duration::from_secs(30)).await?;
+    ensure!(store.latest_ms().await?.is_none(), "an empty database holds no time");
+    let mut old = txn(&["x"]);
+    old.created_ms = 1_000;
+    store.create_txn(&old).await?;
+    let mut new = txn(&["x"]);
+    new.created_ms = 5_000;
+    store.create_txn(&new).await?;
+    ensure!(store.latest_ms().await? == Some(5_000), "the newest creation");
+    // Finished (the state is all the store reads of it).
+    let mut finished = next(&old, Event::Cancel { reason: String::new() })?;
+    finished.state = tcc_coordinator::model::TxnState::Cancelled;
+    finished.finished_ms = 9_000;
+    store.update_txn(&finished, None).await?;
+    ensure!(store.latest_ms().await? == Some(9_000), "a later finish");
+    Ok(())
+}

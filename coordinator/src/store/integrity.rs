@@ -131,13 +131,12 @@ pub fn check_files(dir: &Path) -> Result<()> {
 }
 
 /// Refuses a start without the free space it needs ([`START_SPACE`] plus
-/// the journal to replay) on the file system of `dir`, before anything is
-/// written: a start on a full disk ends at once, saying how much it needs
-/// and where, and changes nothing.
-pub fn check_space(dir: &Path) -> Result<()> {
-    let (free, journal) = space(dir)?;
-    let needed = START_SPACE + journal;
-    if free >= needed {
+/// `journal`, the bytes of journal to replay) on the file system of `dir`,
+/// before anything is written: a start on a full disk ends at once, saying
+/// how much it needs and where, and changes nothing.
+pub fn check_space(dir: &Path, journal: u64) -> Result<()> {
+    let free = free_space(dir)?;
+    if free >= START_SPACE + journal {
         return Ok(());
     }
     Err(Error::Unavailable(no_space(dir, free, journal)))
@@ -158,41 +157,24 @@ fn no_space(dir: &Path, free: u64, journal: u64) -> String {
 }
 
 /// If `e` is a failed write for want of space, the error that says how much
-/// a start needs, and where; otherwise `e`.
-pub fn explain_no_space(dir: &Path, e: Error) -> Error {
+/// a start needs (`journal`: as for [`check_space`]), and where; otherwise
+/// `e`.
+pub fn explain_no_space(dir: &Path, journal: u64, e: Error) -> Error {
     let text = e.to_string();
     if !(text.contains("No space left on device") || text.contains("os error 28")) {
         return e;
     }
-    match space(dir) {
-        Ok((free, journal)) => {
-            Error::Unavailable(format!("{} (the write failed: {text})", no_space(dir, free, journal)))
-        }
+    match free_space(dir) {
+        Ok(free) => Error::Unavailable(format!("{} (the write failed: {text})", no_space(dir, free, journal))),
         Err(_) => e,
     }
 }
 
-/// Bytes free to an unprivileged user on the file system of `dir`, and
-/// bytes the journal files in it occupy (they are sparse: what was written).
-fn space(dir: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
+/// Bytes free to an unprivileged user on the file system of `dir`.
+fn free_space(dir: &Path) -> Result<u64> {
     let stat = rustix::fs::statvfs(dir)
         .map_err(|e| Error::Storage(format!("cannot read the free space of {}: {e}", dir.display())))?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-    let entries = std::fs::read_dir(dir).map_err(|e| io("cannot list", dir, e))?;
-    let mut journal = 0u64;
-    for entry in entries {
-        let entry = entry.map_err(|e| io("cannot list", dir, e))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let is_journal =
-            name.strip_prefix(super::journal::FILE_PREFIX).or_else(|| name.strip_prefix(super::journal::LEGACY_PREFIX));
-        if is_journal.is_some_and(|g| g.parse::<u64>().is_ok()) {
-            let meta = entry.metadata().map_err(|e| io("cannot read", &entry.path(), e))?;
-            journal += meta.blocks().saturating_mul(512);
-        }
-    }
-    Ok((free, journal))
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// Removes what a start interrupted by a full disk may leave of sled's

@@ -744,6 +744,19 @@ fn read_head(dir: &Path) -> Result<Option<u64>> {
     }
 }
 
+/// The bytes the journal files in `dir` occupy on disk (files are sparse:
+/// what was written to them), which a start replays.
+pub fn bytes_on_disk(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0u64;
+    for (generation, format) in generations(dir)? {
+        let path = format_path(dir, generation, format);
+        let meta = std::fs::metadata(&path).map_err(|e| io_error("cannot read", &path, e))?;
+        bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
+    }
+    Ok(bytes)
+}
+
 /// Removes the journal files up to `generation`, keeping the newest of them
 /// as the spare when `recycle` is set.
 fn remove_up_to(dir: &Path, generation: u64, recycle: bool) -> Result<()> {

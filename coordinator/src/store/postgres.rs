@@ -300,6 +300,18 @@ impl PgStore {
         self.pool.get().await.map_err(pool_error)
     }
 
+    /// The latest time the stored transactions hold (the newest's creation,
+    /// by its time-ordered id, and the latest finish, both by index): a
+    /// coordinator's time must not start before it (see
+    /// [`SteadyClock`](crate::clock::SteadyClock)).
+    pub async fn latest_ms(&self) -> Result<Option<i64>> {
+        let sql = "SELECT greatest((SELECT created_ms FROM tcc_txn ORDER BY id DESC LIMIT 1), \
+                   (SELECT max(finished_ms) FROM tcc_txn))";
+        let client = self.client().await?;
+        let row = client.query_one(sql, &[]).await.map_err(read_error)?;
+        row.try_get(0).map_err(read_error)
+    }
+
     /// Why a conditional write of `id` by `node` wrote nothing.
     async fn refusal(&self, id: TxnId, node: Uuid, expected: u64) -> Error {
         let sql = "SELECT (SELECT version FROM tcc_txn WHERE id = $1), \

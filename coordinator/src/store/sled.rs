@@ -101,7 +101,8 @@ impl SledStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Storage(format!("cannot create the data directory {}: {e}", dir.display())))?;
         integrity::check_files(dir)?;
-        integrity::check_space(dir)?;
+        let journal = super::journal::bytes_on_disk(dir)?;
+        integrity::check_space(dir, journal)?;
         integrity::remove_unfinished_snapshots(dir)?;
         let place = format!("sled database in {}", dir.display());
         let (db, tree) = integrity::catching_panics(&place, || {
@@ -110,7 +111,7 @@ impl SledStore {
             let tree = db.open_tree("tcc").map_err(|e| sled_open_error(dir, e))?;
             Ok((db, tree))
         })
-        .map_err(|e| integrity::explain_no_space(dir, e))?;
+        .map_err(|e| integrity::explain_no_space(dir, journal, e))?;
         let opened = Self::open_journal(dir, &place, db.clone(), tree.clone(), salvage);
         if opened.is_err() {
             // A failed start: sled's last flush on drop may wait forever on
@@ -119,7 +120,7 @@ impl SledStore {
             // process is about to exit.
             std::mem::forget((db, tree));
         }
-        opened.map_err(|e| integrity::explain_no_space(dir, e))
+        opened.map_err(|e| integrity::explain_no_space(dir, journal, e))
     }
 
     fn open_journal(dir: &Path, place: &str, db: sled::Db, tree: sled::Tree, salvage: bool) -> Result<Self> {
