@@ -379,9 +379,13 @@ impl Delivery {
                     }
                     due
                 };
-                if loud {
+                // And across transactions, one line a second: a participant
+                // down (or a takeover) fails every transaction at once.
+                static THROTTLE: Throttle = Throttle::new(Duration::from_secs(1));
+                let allowed = if loud { THROTTLE.allow() } else { None };
+                if let Some(held_back) = allowed {
                     warn!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
-                        cause = %error, "{verb} failed; retrying with backoff (further failures of this transaction are logged at most once a minute)");
+                        cause = %error, held_back, "{verb} failed; retrying with backoff (further failures of this transaction are logged at most once a minute, and of all at most one a second; held_back: the like since the last line)");
                 } else {
                     debug!(txn = %txn, partial = %p.partial_id, service = %p.service, attempts, retry_in_ms = delay.as_millis() as u64,
                         cause = %error, "{verb} failed; will retry");

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::Engine;
 use crate::model::{DEADLINE_REASON, Event, TxnState};
+use crate::throttle::Throttle;
 
 /// Longest sleep between passes.
 pub const MAX_SLEEP: Duration = Duration::from_secs(1);
@@ -70,7 +71,12 @@ impl Engine {
                     Ok(t) if t.state == TxnState::Cancelling && t.reason == DEADLINE_REASON => n += 1,
                     Ok(_) => {}
                     Err(e) => {
-                        warn!(txn = %id, cause = %e, "could not expire transaction; will retry");
+                        // A fenced node (a zombie after a takeover) fails
+                        // this for every due transaction at once.
+                        static THROTTLE: Throttle = Throttle::new(Duration::from_secs(10));
+                        if let Some(held_back) = THROTTLE.allow() {
+                            warn!(txn = %id, cause = %e, held_back, "could not expire transaction; will retry (one line per 10 s; held_back: the like since the last one)");
+                        }
                         failed = true;
                     }
                 }
