@@ -151,14 +151,14 @@ pub async fn run(
     let small = config.limits.max_small_message_bytes();
     let append = config.limits.max_append_message_bytes();
     let c = &config.connections;
+    let max = net::descriptor_budget(c.max_connections);
     let limits = net::ConnectionLimits {
-        max: net::descriptor_budget(c.max_connections),
+        max,
         handshake: Duration::from_millis(c.handshake_timeout_ms),
         idle: Duration::from_millis(c.idle_timeout_ms),
-        per_peer: 0,
+        per_peer: c.per_peer(max),
         body: Duration::from_millis(c.body_timeout_ms),
     };
-    let limits = net::ConnectionLimits { per_peer: c.per_peer(limits.max), ..limits };
     let metrics = crate::metrics::install();
     crate::metrics::store_failed(false);
     let console = Console::new(engine.clone(), delivery.clone(), registry.clone(), access.clone(), metrics.clone());
@@ -327,8 +327,8 @@ async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool
 
 /// Opens the store the configuration names: the PostgreSQL database of a
 /// cluster, or the embedded store in the data directory. Returns it with a
-/// description for messages and, for the embedded store, the latest time
-/// its records hold.
+/// description for messages and the latest time its records hold (for
+/// [`SteadyClock::hold_at_least`]).
 async fn open_store(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String, Option<i64>)> {
     if let Some(url) = &config.database_url {
         let place = format!("the database {}", crate::config::redact_url(url));

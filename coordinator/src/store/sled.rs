@@ -80,7 +80,11 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `dir`. Damage to its files refuses
     /// the open ([`Error::Corrupt`], naming the file; see
-    /// [`integrity`](super::integrity) and the journal's docs).
+    /// [`integrity`](super::integrity) and the journal's docs). A start
+    /// short of free space is refused before anything is written. An open
+    /// that fails after sled opened keeps sled's handles (and its lock on
+    /// `dir`) for the rest of the process rather than run sled's drop,
+    /// whose flush can hang on a failed disk: the coordinator exits then.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_with(dir, false)
     }
