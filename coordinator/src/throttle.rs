@@ -2,7 +2,8 @@
 //! coordinator's writes, a takeover of many transactions at once) go
 //! through a [`Throttle`]: at most one line per interval, which says how
 //! many like it were held back since the last one. The events themselves
-//! are still counted where they have a metric.
+//! are still counted where they have a metric. A burst shows as its first
+//! line; its count is told by the next line, if another comes.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
