@@ -176,32 +176,26 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max));
     let peers = Arc::new(std::sync::Mutex::new(HashMap::new()));
-    let (mut full_warned, mut error_warned, mut peer_warned) = (None::<Instant>, None::<Instant>, None::<Instant>);
+    // Warnings an attacker could repeat: at most one per 10 s each.
+    let every = Duration::from_secs(10);
+    let (full_warned, peer_warned, error_warned) = (Throttle::new(every), Throttle::new(every), Throttle::new(every));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    if due(&mut full_warned) {
-                        warn!(
-                            %peer,
-                            max = limits.max,
-                            "connection limit reached (--max-connections); closing new connections until some close"
-                        );
-                    }
-                    crate::metrics::connection_cut("limit");
-                    drop(stream);
+                    let what = format!(
+                        "connection limit reached (--max-connections, {}); closing new connections until some close",
+                        limits.max
+                    );
+                    turn_away(stream, peer, "limit", &full_warned, &what);
                     continue;
                 };
                 let Some(peer_slot) = PeerSlot::take(&peers, peer.ip(), limits.per_peer) else {
-                    if due(&mut peer_warned) {
-                        warn!(
-                            %peer,
-                            per_peer = limits.per_peer,
-                            "connection limit of one peer reached (--max-connections-per-peer); closing its new connections until some close"
-                        );
-                    }
-                    crate::metrics::connection_cut("peer_limit");
-                    drop(stream);
+                    let what = format!(
+                        "connection limit of one peer reached (--max-connections-per-peer, {}); closing its new connections until some close",
+                        limits.per_peer
+                    );
+                    turn_away(stream, peer, "peer_limit", &peer_warned, &what);
                     continue;
                 };
                 let slot = (slot, peer_slot);
@@ -248,8 +242,8 @@ async fn accept_loop(
                 }
             }
             Err(e) => {
-                if due(&mut error_warned) {
-                    warn!(cause = %e, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
+                if let Some(held_back) = error_warned.allow() {
+                    warn!(cause = %e, held_back, "cannot accept a connection; retrying every {} ms", ACCEPT_BACKOFF.as_millis());
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
@@ -295,14 +289,14 @@ impl Drop for PeerSlot {
     }
 }
 
-/// True at most once per 10 s: for warnings that an attacker could repeat.
-fn due(last: &mut Option<Instant>) -> bool {
-    let now = Instant::now();
-    if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-        return false;
+/// Closes a connection the caps leave no room for: counted under `reason`,
+/// and warned about (`what`) as `warned` allows.
+fn turn_away(stream: TcpStream, peer: std::net::SocketAddr, reason: &'static str, warned: &Throttle, what: &str) {
+    if let Some(held_back) = warned.allow() {
+        warn!(%peer, held_back, "{what}");
     }
-    *last = Some(now);
-    true
+    crate::metrics::connection_cut(reason);
+    drop(stream);
 }
 
 /// What a connection and the requests on it share: how many requests are
@@ -523,11 +517,6 @@ impl RequestBudget {
         // `acquire_many` counts in u32.
         let total = total.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         RequestBudget { bytes: Arc::new(Semaphore::new(total)), total }
-    }
-
-    /// Bytes free now (for tests and metrics).
-    pub fn available(&self) -> usize {
-        self.bytes.available_permits()
     }
 }
 
@@ -781,13 +770,14 @@ where
                 );
                 return Poll::Ready(Err(Box::new(tonic::Status::resource_exhausted(message))));
             }
-            let (semaphore, n) = (r.budget.bytes.clone(), u32::try_from(bytes).unwrap_or(u32::MAX));
-            match semaphore.clone().try_acquire_many_owned(n) {
+            let n = u32::try_from(bytes).unwrap_or(u32::MAX);
+            match r.budget.bytes.clone().try_acquire_many_owned(n) {
                 Ok(permit) => {
                     *lock(&r.held) = Some(permit);
                     return Poll::Ready(Ok(()));
                 }
                 Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    let semaphore = r.budget.bytes.clone();
                     r.waiting = Some(Box::pin(async move { semaphore.acquire_many_owned(n).await.ok() }));
                 }
                 Err(tokio::sync::TryAcquireError::Closed) => return Poll::Ready(Ok(())),
@@ -806,7 +796,8 @@ where
 }
 
 /// The bytes a gRPC request's first message takes (prefix included), from
-/// the first frame; 0 if it does not start with a whole prefix.
+/// the first frame: what the frame holds if it is shorter than the prefix,
+/// 0 without a data frame.
 fn grpc_message_size<D: bytes::Buf>(first: Option<&http_body::Frame<D>>) -> u64 {
     let Some(data) = first.and_then(|f| f.data_ref()) else { return 0 };
     match data.chunk().get(..5) {

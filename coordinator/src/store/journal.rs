@@ -1009,14 +1009,14 @@ fn checkpointer(shared: &Shared, db: &sled::Db, dir: &Path, requests: &mpsc::Rec
 /// threads (sled's own flusher, or the journal applying a group during a
 /// checkpoint). A pinned thread holds back every drop deferred after it
 /// pinned, so the buffer it loads stays alive until the flush returns.
-pub fn flush(db: &sled::Db) -> sled::Result<usize> {
+fn flush(db: &sled::Db) -> sled::Result<usize> {
     let _pinned = sled::pin();
     db.flush()
 }
 
 /// Drops `db` (and with it, when it is the last handle, sled's final flush)
 /// pinned, as [`flush`] runs: where a drop may meet a writer.
-pub fn drop_pinned<T>(sled: T) {
+fn drop_pinned<T>(sled: T) {
     let _pinned = sled::pin();
     drop(sled);
 }
