@@ -2,23 +2,24 @@
 //! the partial id and publishes a `customers.Debit`; commit turns the hold
 //! into a debit (recorded per order for auditing); rollback releases it.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+use tcc_domain_sdk::participant::{Participant, PhaseTwo, Tx, TxResult};
 use tcc_domain_sdk::propagation::ExtractInterceptor;
-use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler, Reservations, TREES};
+use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler};
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
+use crate::db::{Movement, Movements, ShopStore};
 use crate::pb::{self, customers_server::CustomersServer};
 use crate::runtime::{Common, serve};
-use crate::{check_id, movements, record_movement, require_partial};
+use crate::{check_id, require_partial};
 
 /// Service name at the coordinator.
 pub const SERVICE: &str = "customers";
-const DEBITS: &str = "debits";
 
 /// The command a try publishes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,22 +36,32 @@ impl Command for Debit {
     const TYPE: &'static str = "customers.Debit";
 }
 
-/// Phase 2 of the customers service.
-pub struct CustomersParticipant;
+/// Phase 2 of the customers service, on either store.
+pub struct CustomersParticipant<S>(PhantomData<fn() -> S>);
 
-impl Participant for CustomersParticipant {
-    fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+impl<S> Default for CustomersParticipant<S> {
+    fn default() -> Self {
+        CustomersParticipant(PhantomData)
+    }
+}
+
+impl<S: ShopStore> Participant for CustomersParticipant<S> {
+    type Store = S;
+
+    async fn commit(&self, tx: &mut Tx<'_, S>, call: &PhaseTwo) -> TxResult<()> {
         for c in &call.commands {
             let d: Debit = c.decode()?;
-            Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
-            record_movement(tx, DEBITS, &d.order_id, &call.partial_id, &d.customer, d.amount)?;
+            tx.consume(&call.partial_id, &d.customer, d.amount).await?;
+            let debit =
+                Movement { order_id: d.order_id, partial_id: call.partial_id.clone(), key: d.customer, amount: d.amount };
+            S::record(tx, Movements::Debits, &debit).await?;
         }
         // Anything the try held beyond its commands goes back.
-        Reservations::release(tx, &call.partial_id).map(|_| ())
+        tx.release(&call.partial_id).await.map(|_| ())
     }
 
-    fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
-        Reservations::release(tx, &call.partial_id).map(|_| ())
+    async fn rollback(&self, tx: &mut Tx<'_, S>, call: &PhaseTwo) -> TxResult<()> {
+        tx.release(&call.partial_id).await.map(|_| ())
     }
 }
 
@@ -59,13 +70,13 @@ fn account(customer: &str, a: Account) -> pb::Account {
 }
 
 /// The Customers API.
-pub struct CustomersApi {
-    store: LocalStore,
+pub struct CustomersApi<S> {
+    store: S,
     coordinator: Coordinator,
 }
 
 #[tonic::async_trait]
-impl pb::customers_server::Customers for CustomersApi {
+impl<S: ShopStore> pb::customers_server::Customers for CustomersApi<S> {
     async fn reserve_credit(
         &self,
         request: Request<pb::ReserveCreditRequest>,
@@ -80,7 +91,7 @@ impl pb::customers_server::Customers for CustomersApi {
         publisher
             .publish(&r.customer, &Debit { order_id: r.order_id, customer: r.customer.clone(), amount: r.amount })?;
         let lines = [(r.customer.clone(), r.amount)];
-        Reservations::reserve_and_publish(&self.store, &ctx, &lines, publisher).await.map_err(|e| match e {
+        self.store.reserve_and_publish(&ctx, &lines, publisher).await.map_err(|e| match e {
             HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
                 "not enough credit: customer {resource:?} has {available} available, {requested} needed"
             )),
@@ -96,35 +107,41 @@ impl pb::customers_server::Customers for CustomersApi {
         if r.credit <= 0 {
             return Err(Status::invalid_argument("credit must be positive"));
         }
-        let a = Reservations::seed(&self.store, &r.customer, r.credit).await?;
+        let a = self.store.seed(&r.customer, r.credit).await?;
         Ok(Response::new(account(&r.customer, a)))
     }
 
     async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
         let c = request.into_inner().customer;
-        match Reservations::account(&self.store, &c)? {
+        match self.store.account(&c).await? {
             Some(a) => Ok(Response::new(account(&c, a))),
             None => Err(Status::not_found(format!("unknown customer {c:?}"))),
         }
     }
 
     async fn list_accounts(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        let accounts = Reservations::accounts(&self.store)?.into_iter().map(|(c, a)| account(&c, a)).collect();
+        let accounts = self.store.accounts().await?.into_iter().map(|(c, a)| account(&c, a)).collect();
         Ok(Response::new(pb::ListAccountsResponse { accounts }))
     }
 
     async fn list_debits(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListMovementsResponse>, Status> {
-        Ok(Response::new(pb::ListMovementsResponse { movements: movements(&self.store, DEBITS)? }))
+        let movements = self.store.movements(Movements::Debits).await?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListMovementsResponse { movements }))
     }
 }
 
-/// Runs the customers service until a signal.
+/// Runs the customers service until a signal, on PostgreSQL with
+/// `--database-url`, else on sled in `--data-dir`.
 pub async fn run(common: Common) -> anyhow::Result<()> {
-    let mut trees = TREES.to_vec();
-    trees.push(DEBITS);
-    let store = LocalStore::open(&common.data_dir, &trees)?;
+    match common.database_url.clone() {
+        Some(url) => serve_on(crate::db::open_postgres(&url, SERVICE).await?, common).await,
+        None => serve_on(crate::db::open_sled(&common)?, common).await,
+    }
+}
+
+async fn serve_on<S: ShopStore>(store: S, common: Common) -> anyhow::Result<()> {
     let coordinator = Coordinator::from_channel(common.tls.channel(&common.coordinator)?);
-    let participant = Arc::new(CustomersParticipant);
+    let participant = Arc::new(CustomersParticipant::<S>::default());
     let shutdown = crate::runtime::shutdown_on_signal();
     let reconciler = Reconciler::new(
         store.clone(),

@@ -4,24 +4,24 @@
 //! releases them.
 
 use std::collections::HashSet;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+use tcc_domain_sdk::participant::{Participant, PhaseTwo, Tx, TxResult};
 use tcc_domain_sdk::propagation::ExtractInterceptor;
-use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler, Reservations, TREES};
+use tcc_domain_sdk::reservations::{Account, HoldError, Reconciler};
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
+use crate::db::{Movement, Movements, ShopStore};
 use crate::pb::{self, inventory_server::InventoryServer};
 use crate::runtime::{Common, serve};
-use crate::{check_id, movements, record_movement, require_partial};
+use crate::{check_id, require_partial};
 
 /// Service name at the coordinator.
 pub const SERVICE: &str = "inventory";
-const MOVEMENTS: &str = "movements";
-const PRICES: &str = "prices";
 
 /// The command a try publishes, one per order line.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,50 +38,55 @@ impl Command for Take {
     const TYPE: &'static str = "inventory.Take";
 }
 
-/// Phase 2 of the inventory service.
-pub struct InventoryParticipant;
+/// Phase 2 of the inventory service, on either store.
+pub struct InventoryParticipant<S>(PhantomData<fn() -> S>);
 
-impl Participant for InventoryParticipant {
-    fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+impl<S> Default for InventoryParticipant<S> {
+    fn default() -> Self {
+        InventoryParticipant(PhantomData)
+    }
+}
+
+impl<S: ShopStore> Participant for InventoryParticipant<S> {
+    type Store = S;
+
+    async fn commit(&self, tx: &mut Tx<'_, S>, call: &PhaseTwo) -> TxResult<()> {
         for c in &call.commands {
             let t: Take = c.decode()?;
-            Reservations::consume(tx, &call.partial_id, &t.sku, t.quantity)?;
-            record_movement(tx, MOVEMENTS, &t.order_id, &call.partial_id, &t.sku, t.quantity)?;
+            tx.consume(&call.partial_id, &t.sku, t.quantity).await?;
+            let sale =
+                Movement { order_id: t.order_id, partial_id: call.partial_id.clone(), key: t.sku, amount: t.quantity };
+            S::record(tx, Movements::Sales, &sale).await?;
         }
         // Anything the try held beyond its commands goes back.
-        Reservations::release(tx, &call.partial_id).map(|_| ())
+        tx.release(&call.partial_id).await.map(|_| ())
     }
 
-    fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
-        Reservations::release(tx, &call.partial_id).map(|_| ())
+    async fn rollback(&self, tx: &mut Tx<'_, S>, call: &PhaseTwo) -> TxResult<()> {
+        tx.release(&call.partial_id).await.map(|_| ())
     }
 }
 
 /// The Inventory API.
-pub struct InventoryApi {
-    store: LocalStore,
+pub struct InventoryApi<S> {
+    store: S,
     coordinator: Coordinator,
 }
 
-impl InventoryApi {
-    fn price(&self, sku: &str) -> Result<Option<i64>, Status> {
-        let v = self.store.tree(PRICES)?.get(sku.as_bytes()).map_err(|e| Status::unavailable(e.to_string()))?;
-        v.map(|v| serde_json::from_slice::<i64>(&v).map_err(|e| Status::data_loss(e.to_string()))).transpose()
-    }
-
-    fn item(&self, sku: &str, a: Account) -> Result<pb::Item, Status> {
+impl<S: ShopStore> InventoryApi<S> {
+    async fn item(&self, sku: &str, a: Account) -> Result<pb::Item, Status> {
         Ok(pb::Item {
             sku: sku.to_string(),
             available: a.available,
             held: a.held,
             sold: a.used,
-            price: self.price(sku)?.unwrap_or(0),
+            price: self.store.price(sku).await?.unwrap_or(0),
         })
     }
 }
 
 #[tonic::async_trait]
-impl pb::inventory_server::Inventory for InventoryApi {
+impl<S: ShopStore> pb::inventory_server::Inventory for InventoryApi<S> {
     async fn reserve_stock(
         &self,
         request: Request<pb::ReserveStockRequest>,
@@ -101,7 +106,7 @@ impl pb::inventory_server::Inventory for InventoryApi {
             if !seen.insert(l.sku.as_str()) {
                 return Err(Status::invalid_argument(format!("sku {:?} is listed twice", l.sku)));
             }
-            let price = self.price(&l.sku)?.ok_or_else(|| Status::not_found(format!("unknown item {:?}", l.sku)))?;
+            let price = self.store.price(&l.sku).await?.ok_or_else(|| Status::not_found(format!("unknown item {:?}", l.sku)))?;
             total = total.saturating_add(price.saturating_mul(l.quantity));
         }
         let lines: Vec<(String, i64)> = r.lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect();
@@ -110,7 +115,7 @@ impl pb::inventory_server::Inventory for InventoryApi {
             publisher
                 .publish(&l.sku, &Take { order_id: r.order_id.clone(), sku: l.sku.clone(), quantity: l.quantity })?;
         }
-        Reservations::reserve_and_publish(&self.store, &ctx, &lines, publisher).await.map_err(|e| match e {
+        self.store.reserve_and_publish(&ctx, &lines, publisher).await.map_err(|e| match e {
             HoldError::Insufficient { resource, available, requested } => Status::failed_precondition(format!(
                 "not enough stock of {resource:?}: {available} available, {requested} requested"
             )),
@@ -126,42 +131,45 @@ impl pb::inventory_server::Inventory for InventoryApi {
         if r.quantity <= 0 || r.price <= 0 {
             return Err(Status::invalid_argument("quantity and price must be positive"));
         }
-        self.store
-            .tree(PRICES)?
-            .insert(r.sku.as_bytes(), serde_json::to_vec(&r.price).map_err(|e| Status::internal(e.to_string()))?)
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let a = Reservations::seed(&self.store, &r.sku, r.quantity).await?;
-        Ok(Response::new(self.item(&r.sku, a)?))
+        self.store.set_price(&r.sku, r.price).await?;
+        let a = self.store.seed(&r.sku, r.quantity).await?;
+        Ok(Response::new(self.item(&r.sku, a).await?))
     }
 
     async fn get_item(&self, request: Request<pb::GetItemRequest>) -> Result<Response<pb::Item>, Status> {
         let sku = request.into_inner().sku;
-        match Reservations::account(&self.store, &sku)? {
-            Some(a) => Ok(Response::new(self.item(&sku, a)?)),
+        match self.store.account(&sku).await? {
+            Some(a) => Ok(Response::new(self.item(&sku, a).await?)),
             None => Err(Status::not_found(format!("unknown {sku:?}"))),
         }
     }
 
     async fn list_items(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListItemsResponse>, Status> {
         let mut items = Vec::new();
-        for (sku, a) in Reservations::accounts(&self.store)? {
-            items.push(self.item(&sku, a)?);
+        for (sku, a) in self.store.accounts().await? {
+            items.push(self.item(&sku, a).await?);
         }
         Ok(Response::new(pb::ListItemsResponse { items }))
     }
 
     async fn list_movements(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListMovementsResponse>, Status> {
-        Ok(Response::new(pb::ListMovementsResponse { movements: movements(&self.store, MOVEMENTS)? }))
+        let movements = self.store.movements(Movements::Sales).await?.into_iter().map(Into::into).collect();
+        Ok(Response::new(pb::ListMovementsResponse { movements }))
     }
 }
 
-/// Runs the inventory service until a signal.
+/// Runs the inventory service until a signal, on PostgreSQL with
+/// `--database-url`, else on sled in `--data-dir`.
 pub async fn run(common: Common) -> anyhow::Result<()> {
-    let mut trees = TREES.to_vec();
-    trees.extend([MOVEMENTS, PRICES]);
-    let store = LocalStore::open(&common.data_dir, &trees)?;
+    match common.database_url.clone() {
+        Some(url) => serve_on(crate::db::open_postgres(&url, SERVICE).await?, common).await,
+        None => serve_on(crate::db::open_sled(&common)?, common).await,
+    }
+}
+
+async fn serve_on<S: ShopStore>(store: S, common: Common) -> anyhow::Result<()> {
     let coordinator = Coordinator::from_channel(common.tls.channel(&common.coordinator)?);
-    let participant = Arc::new(InventoryParticipant);
+    let participant = Arc::new(InventoryParticipant::<S>::default());
     let shutdown = crate::runtime::shutdown_on_signal();
     let reconciler = Reconciler::new(
         store.clone(),

@@ -1,36 +1,22 @@
 //! `shop-orders`: records orders. CreateOrder (try) publishes an
 //! `orders.Create`; commit stores the order; rollback has nothing to undo.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+use tcc_domain_sdk::participant::{Participant, PhaseTwo, Tx, TxResult};
 use tcc_domain_sdk::propagation::ExtractInterceptor;
 use tcc_domain_sdk::{Command, Coordinator, ParticipantService, Publisher};
 use tonic::{Request, Response, Status};
 
+pub use crate::db::OrderRecord;
+use crate::db::ShopStore;
 use crate::pb::{self, orders_server::OrdersServer};
 use crate::runtime::{Common, serve};
-use crate::{check_id, require_partial, to_json};
+use crate::{check_id, require_partial};
 
 /// Service name at the coordinator.
 pub const SERVICE: &str = "orders";
-const ORDERS: &str = "orders";
-
-/// An order as stored and published.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct OrderRecord {
-    /// Order id.
-    pub order_id: String,
-    /// Customer.
-    pub customer: String,
-    /// (sku, quantity).
-    pub lines: Vec<(String, i64)>,
-    /// Total price.
-    pub total: i64,
-    /// The composite transaction.
-    pub transaction_id: String,
-}
 
 impl Command for OrderRecord {
     const TYPE: &'static str = "orders.Create";
@@ -48,31 +34,39 @@ impl From<OrderRecord> for pb::Order {
     }
 }
 
-/// Phase 2 of the orders service.
-pub struct OrdersParticipant;
+/// Phase 2 of the orders service, on either store.
+pub struct OrdersParticipant<S>(PhantomData<fn() -> S>);
 
-impl Participant for OrdersParticipant {
-    fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+impl<S> Default for OrdersParticipant<S> {
+    fn default() -> Self {
+        OrdersParticipant(PhantomData)
+    }
+}
+
+impl<S: ShopStore> Participant for OrdersParticipant<S> {
+    type Store = S;
+
+    async fn commit(&self, tx: &mut Tx<'_, S>, call: &PhaseTwo) -> TxResult<()> {
         for c in &call.commands {
             let o: OrderRecord = c.decode()?;
-            tx.tree(ORDERS)?.insert(o.order_id.as_bytes(), to_json(&o)?)?;
+            S::save_order(tx, &o).await?;
         }
         Ok(())
     }
 
-    fn rollback(&self, _tx: &Tx<'_>, _call: &PhaseTwo) -> TxResult<()> {
+    async fn rollback(&self, _tx: &mut Tx<'_, S>, _call: &PhaseTwo) -> TxResult<()> {
         Ok(())
     }
 }
 
 /// The Orders API.
-pub struct OrdersApi {
-    store: LocalStore,
+pub struct OrdersApi<S> {
+    store: S,
     coordinator: Coordinator,
 }
 
 #[tonic::async_trait]
-impl pb::orders_server::Orders for OrdersApi {
+impl<S: ShopStore> pb::orders_server::Orders for OrdersApi<S> {
     async fn create_order(
         &self,
         request: Request<pb::CreateOrderRequest>,
@@ -95,23 +89,26 @@ impl pb::orders_server::Orders for OrdersApi {
     }
 
     async fn list_orders(&self, _: Request<pb::ListRequest>) -> Result<Response<pb::ListOrdersResponse>, Status> {
-        let mut orders = Vec::new();
-        for item in self.store.tree(ORDERS)?.iter() {
-            let (_, v) = item.map_err(|e| Status::unavailable(e.to_string()))?;
-            let o: OrderRecord = serde_json::from_slice(&v).map_err(|e| Status::data_loss(e.to_string()))?;
-            orders.push(o.into());
-        }
+        let orders = self.store.orders().await?.into_iter().map(Into::into).collect();
         Ok(Response::new(pb::ListOrdersResponse { orders }))
     }
 }
 
-/// Runs the orders service until a signal.
+/// Runs the orders service until a signal, on PostgreSQL with
+/// `--database-url`, else on sled in `--data-dir`.
 pub async fn run(common: Common) -> anyhow::Result<()> {
-    let store = LocalStore::open(&common.data_dir, &[ORDERS])?;
+    match common.database_url.clone() {
+        Some(url) => serve_on(crate::db::open_postgres(&url, SERVICE).await?, common).await,
+        None => serve_on(crate::db::open_sled(&common)?, common).await,
+    }
+}
+
+async fn serve_on<S: ShopStore>(store: S, common: Common) -> anyhow::Result<()> {
     let coordinator = Coordinator::from_channel(common.tls.channel(&common.coordinator)?);
     let shutdown = crate::runtime::shutdown_on_signal();
     let api = OrdersApi { store: store.clone(), coordinator };
+    let participant = Arc::new(OrdersParticipant::<S>::default());
     let routes = tonic::service::Routes::new(OrdersServer::with_interceptor(api, ExtractInterceptor))
-        .add_service(common.tls.participant(ParticipantService::new(store, Arc::new(OrdersParticipant))).into_server());
+        .add_service(common.tls.participant(ParticipantService::new(store, participant)).into_server());
     serve(SERVICE, &["shop.v1.Orders", "tcc.v1.Participant"], &common, routes, shutdown).await
 }

@@ -20,8 +20,12 @@ pub struct Common {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
     /// Directory of this service's sled database.
-    #[arg(long)]
-    pub data_dir: PathBuf,
+    #[arg(long, required_unless_present = "database_url")]
+    pub data_dir: Option<PathBuf>,
+    /// This service's own PostgreSQL database (`postgres://…`), instead of
+    /// sled; the SDK and the service create their tables in it.
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    pub database_url: Option<String>,
     /// The coordinator.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,

@@ -151,7 +151,8 @@ pub async fn run(args: ShopArgs) -> anyhow::Result<()> {
     let routes = tonic::service::Routes::new(ShopServer::new(api));
     let common = Common {
         listen: args.listen,
-        data_dir: std::path::PathBuf::new(),
+        data_dir: None,
+        database_url: None,
         coordinator: args.coordinator.clone(),
         lease_ms: 3_000,
         no_register: true, // a composite service is not a participant

@@ -9,10 +9,12 @@
 //!   transaction, and which partial.
 //! * **Try phase** ([`publisher`]): typed [`Command`]s collected by a
 //!   [`Publisher`] and sent in one idempotent append per request.
-//! * **Participant side** ([`participant`]): implement [`Participant`]; the
-//!   SDK's [`ParticipantService`] applies commit/rollback **exactly once**,
-//!   recording each partial's outcome in your own sled database in the same
-//!   transaction as your changes.
+//! * **Participant side** ([`participant`], [`store`]): implement
+//!   [`Participant`] for your store; the SDK's [`ParticipantService`]
+//!   applies commit/rollback **exactly once**, recording each partial's
+//!   outcome in your own database in the same local transaction as your
+//!   changes: PostgreSQL (`store::postgres::PgStore`, cargo feature
+//!   `postgres`) or embedded sled ([`store::sled::SledStore`]).
 //! * **Reservations** ([`reservations`]): hold in try, consume at commit,
 //!   release at rollback; a [`Reconciler`](reservations::Reconciler) settles
 //!   holds whose delivery never came.
@@ -28,8 +30,9 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use serde::{Deserialize, Serialize};
-//! use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
-//! use tcc_domain_sdk::reservations::{Reservations, TREES};
+//! use tcc_domain_sdk::participant::{Participant, PhaseTwo, TxResult};
+//! use tcc_domain_sdk::reservations::Reservations;
+//! use tcc_domain_sdk::store::sled::{SledStore, SledTx};
 //! use tcc_domain_sdk::{Command, Coordinator, Publisher, propagation::PartialContext};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -38,30 +41,31 @@
 //!
 //! struct Customers;
 //! impl Participant for Customers {
-//!     fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+//!     type Store = SledStore; // with PgStore, `tx` is a PgTx: the body reads the same
+//!     async fn commit(&self, tx: &mut SledTx<'_>, call: &PhaseTwo) -> TxResult<()> {
 //!         for c in &call.commands {
 //!             let d: Debit = c.decode()?;
-//!             Reservations::consume(tx, &call.partial_id, &d.customer, d.amount)?;
+//!             tx.consume(&call.partial_id, &d.customer, d.amount).await?;
 //!         }
-//!         Reservations::release(tx, &call.partial_id).map(|_| ()) // leftovers, if any
+//!         tx.release(&call.partial_id).await.map(|_| ()) // leftovers, if any
 //!     }
-//!     fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
-//!         Reservations::release(tx, &call.partial_id).map(|_| ())
+//!     async fn rollback(&self, tx: &mut SledTx<'_>, call: &PhaseTwo) -> TxResult<()> {
+//!         tx.release(&call.partial_id).await.map(|_| ())
 //!     }
 //! }
 //!
 //! /// The try, inside the customers service's request handler: reserve,
 //! /// then publish; a definitive refusal releases the reservation.
-//! async fn reserve(store: &LocalStore, coordinator: &Coordinator, ctx: PartialContext,
+//! async fn reserve(store: &SledStore, coordinator: &Coordinator, ctx: PartialContext,
 //!                  customer: &str, amount: i64) -> Result<(), Box<dyn std::error::Error>> {
 //!     let mut publisher = Publisher::new(coordinator, "customers", ctx.clone());
 //!     publisher.publish(customer, &Debit { customer: customer.into(), amount })?;
-//!     Reservations::reserve_and_publish(store, &ctx, &[(customer.to_string(), amount)], publisher).await?;
+//!     store.reserve_and_publish(&ctx, &[(customer.to_string(), amount)], publisher).await?;
 //!     Ok(())
 //! }
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = LocalStore::open(std::path::Path::new("customers-db"), &TREES)?;
+//! let store = SledStore::open(std::path::Path::new("customers-db"), &[])?;
 //! let service = tcc_domain_sdk::ParticipantService::new(store.clone(), Arc::new(Customers));
 //! // serve `service.into_server()` with tonic, next to your own API ...
 //!
@@ -89,12 +93,15 @@ pub mod propagation;
 pub mod publisher;
 pub mod registration;
 pub mod reservations;
+pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 
 pub use composite::{CompositeTransaction, Coordinator, Outcome};
 pub use error::{Error, Result};
-pub use participant::{Participant, ParticipantService};
+pub use participant::{Participant, Store};
+pub use service::ParticipantService;
 pub use publisher::{Command, Publisher};
 /// The encoded descriptor set of `tcc.v1`, for a service's gRPC reflection.
 pub use tcc_proto::FILE_DESCRIPTOR_SET as PROTO_DESCRIPTOR_SET;

@@ -7,19 +7,23 @@
 //! * try: [`Reservations::hold`] moves amounts from `available` to `held`
 //!   under the partial id (all lines or none), refusing if the partial was
 //!   already decided here, so a late try reserves nothing;
-//! * commit: [`Reservations::consume`] moves a held amount to `used`;
-//! * rollback: [`Reservations::release`] moves what the partial still holds
+//! * commit: [`Tx::consume`](crate::participant::Tx::consume) moves a held amount to `used`;
+//! * rollback: [`Tx::release`](crate::participant::Tx::release) moves what the partial still holds
 //!   back to `available`.
+//!
+//! [`Reservations`] are the store's operations, and
+//! [`Tx`](crate::participant::Tx)'s methods the ones inside a phase-2
+//! transaction; both stores implement them with the same
+//! semantics and errors (sled in two trees, PostgreSQL in two tables: see
+//! [`crate::store`]).
 //!
 //! A hold records its transaction's deadline. The [`Reconciler`] finds holds
 //! past their deadline (plus a grace period), asks the coordinator for the
 //! outcome (by reading the partial topic), and applies it through the same
 //! exactly-once path as the coordinator's own call, so a lost delivery can
 //! never leak a hold forever.
-//!
-//! Services using this open their [`LocalStore`] with [`TREES`] among their
-//! trees.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,16 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::composite::Coordinator;
 use crate::error::{Error, Result};
-use crate::participant::{LocalStore, Participant, Phase, PhaseTwo, ReceivedCommand, Tx, TxResult, abort, apply};
+use crate::participant::{Participant, Phase, PhaseTwo, ReceivedCommand, Store, apply};
 use crate::propagation::PartialContext;
 use crate::publisher::{Published, Publisher};
-
-/// Tree of accounts: resource → [`Account`].
-pub const ACCOUNTS: &str = "tcc.accounts";
-/// Tree of holds: partial id → [`Hold`].
-pub const HOLDS: &str = "tcc.holds";
-/// The trees to open a [`LocalStore`] with.
-pub const TREES: [&str; 2] = [ACCOUNTS, HOLDS];
 
 /// Amounts of one resource.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,7 +95,8 @@ pub enum HoldError {
         /// What was asked for.
         requested: i64,
     },
-    /// A bad request (non-positive amount, no lines).
+    /// A bad request (non-positive amount, no lines, a resource twice,
+    /// or a retried try asking for other lines).
     #[error("{0}")]
     Invalid(String),
     /// The local store failed.
@@ -122,167 +120,79 @@ impl From<HoldError> for tonic::Status {
     }
 }
 
-fn get_json<T: serde::de::DeserializeOwned>(
-    tree: &sled::transaction::TransactionalTree,
-    key: &[u8],
-) -> TxResult<Option<T>> {
-    match tree.get(key)? {
-        Some(v) => match serde_json::from_slice(&v) {
-            Ok(t) => Ok(Some(t)),
-            Err(e) => abort(format!("corrupt record {:?}: {e}", String::from_utf8_lossy(key))),
-        },
-        None => Ok(None),
+/// Longest resource name, in bytes (a key in every store).
+pub const MAX_RESOURCE_LEN: usize = 255;
+
+/// Checks a try's lines and makes its hold: 1..=100 lines, distinct
+/// resources of 1..=255 bytes, positive amounts; the deadline capped at
+/// [`MAX_HOLD_MS`] from now.
+pub fn checked_hold(ctx: &PartialContext, lines: &[(String, i64)]) -> Result<Hold, HoldError> {
+    if lines.is_empty() || lines.len() > 100 {
+        return Err(HoldError::Invalid(format!("a hold needs 1..100 lines, got {}", lines.len())));
     }
+    if let Some((r, a)) = lines.iter().find(|(_, a)| *a <= 0) {
+        return Err(HoldError::Invalid(format!("amount for {r:?} must be positive, got {a}")));
+    }
+    if let Some((r, _)) = lines.iter().find(|(r, _)| r.is_empty() || r.len() > MAX_RESOURCE_LEN) {
+        return Err(HoldError::Invalid(format!("resource {r:?} must be 1..{MAX_RESOURCE_LEN} bytes")));
+    }
+    let mut requested = lines.to_vec();
+    requested.sort();
+    if let Some(w) = requested.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(HoldError::Invalid(format!("resource {:?} is listed twice", w[0].0)));
+    }
+    if ctx.partial_id.is_empty() || ctx.partial_id.len() > 64 {
+        return Err(HoldError::Invalid("partial_id is missing or too long (1..64 bytes)".into()));
+    }
+    Ok(Hold {
+        partial_id: ctx.partial_id.clone(),
+        transaction_id: ctx.transaction_id.clone(),
+        // Never trust a far-future deadline from metadata: the reconciler
+        // must get to every hold.
+        deadline_ms: ctx.deadline_ms.min(now_ms().saturating_add(MAX_HOLD_MS)),
+        lines: lines.to_vec(),
+        requested,
+    })
 }
 
-fn put_json<T: Serialize>(tree: &sled::transaction::TransactionalTree, key: &[u8], value: &T) -> TxResult<()> {
-    match serde_json::to_vec(value) {
-        Ok(v) => {
-            tree.insert(key, v)?;
-            Ok(())
-        }
-        Err(e) => abort(format!("cannot encode record: {e}")),
-    }
-}
-
-/// The reservation operations. Stateless; the data lives in the store.
-pub struct Reservations;
-
-impl Reservations {
-    /// Adds `amount` to a resource's available amount (creating it), durably.
-    pub async fn seed(store: &LocalStore, resource: &str, amount: i64) -> Result<Account> {
-        let account = store.transaction(|tx| {
-            let accounts = tx.tree(ACCOUNTS)?;
-            let mut a: Account = get_json(accounts, resource.as_bytes())?.unwrap_or_default();
-            match (a.available.checked_add(amount), a.total().checked_add(amount)) {
-                (Some(v), Some(_)) if amount > 0 => a.available = v,
-                _ => {
-                    return abort(format!(
-                        "cannot add {amount} to {resource:?}: must be positive and keep the total in range"
-                    ));
-                }
-            }
-            put_json(accounts, resource.as_bytes(), &a)?;
-            Ok(a)
-        });
-        let account = account.map_err(|e| match e {
-            Error::Refused(m) => Error::Invalid(m),
-            other => other,
-        })?;
-        store.flush().await?;
-        Ok(account)
-    }
+/// The reservation operations of a store, outside phase 2. Implemented by
+/// `SledStore` and `PgStore`; each documents its tables.
+pub trait Reservations: Store {
+    /// Adds `amount` to a resource's available amount (creating it),
+    /// durably. A non-positive amount, or one that would take the total
+    /// past `i64`, is [`Error::Invalid`].
+    fn seed(&self, resource: &str, amount: i64) -> impl Future<Output = Result<Account>> + Send;
 
     /// A resource's account.
-    pub fn account(store: &LocalStore, resource: &str) -> Result<Option<Account>> {
-        match store.tree(ACCOUNTS)?.get(resource.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
-    }
+    fn account(&self, resource: &str) -> impl Future<Output = Result<Option<Account>>> + Send;
 
     /// Every account, by resource.
-    pub fn accounts(store: &LocalStore) -> Result<Vec<(String, Account)>> {
-        let mut out = Vec::new();
-        for item in store.tree(ACCOUNTS)?.iter() {
-            let (k, v) = item?;
-            out.push((String::from_utf8_lossy(&k).into_owned(), serde_json::from_slice(&v)?));
-        }
-        Ok(out)
-    }
+    fn accounts(&self) -> impl Future<Output = Result<Vec<(String, Account)>>> + Send;
 
-    /// Every current hold.
-    pub fn holds(store: &LocalStore) -> Result<Vec<Hold>> {
-        let mut out = Vec::new();
-        for item in store.tree(HOLDS)?.iter() {
-            let (_, v) = item?;
-            out.push(serde_json::from_slice(&v)?);
-        }
-        Ok(out)
-    }
+    /// Every current hold, by partial id.
+    fn holds(&self) -> impl Future<Output = Result<Vec<Hold>>> + Send;
+
+    /// The holds whose deadline is at or before `cutoff_ms`, by partial id.
+    fn overdue(&self, cutoff_ms: i64) -> impl Future<Output = Result<Vec<Hold>>> + Send;
+
+    /// Stores `hold` (made by [`checked_hold`]) in one local transaction,
+    /// durably; the store's half of [`hold`](Self::hold).
+    fn store_hold(&self, hold: Hold) -> impl Future<Output = Result<bool, HoldError>> + Send;
+
+    /// Releases what `partial` holds (a hold whose publish then failed, or
+    /// a leftover after its decision), durably; returns the amount
+    /// released. Records no outcome, so a retried try may hold again.
+    fn release_now(&self, partial: &str) -> impl Future<Output = Result<i64>> + Send;
 
     /// The try: reserves every `(resource, amount)` line for the partial
     /// `ctx`, all or none, durably. A retried try for the same partial with
     /// the same lines is a no-op (returns `false`); with other lines it is
-    /// refused. A fresh reservation returns `true`.
-    pub async fn hold(store: &LocalStore, ctx: &PartialContext, lines: &[(String, i64)]) -> Result<bool, HoldError> {
-        if lines.is_empty() {
-            return Err(HoldError::Invalid("nothing to reserve".into()));
-        }
-        if let Some((r, a)) = lines.iter().find(|(_, a)| *a <= 0) {
-            return Err(HoldError::Invalid(format!("amount for {r:?} must be positive, got {a}")));
-        }
-        let mut requested = lines.to_vec();
-        requested.sort();
-        let hold = Hold {
-            partial_id: ctx.partial_id.clone(),
-            transaction_id: ctx.transaction_id.clone(),
-            // Never trust a far-future deadline from metadata: the
-            // reconciler must get to every hold.
-            deadline_ms: ctx.deadline_ms.min(now_ms().saturating_add(MAX_HOLD_MS)),
-            lines: lines.to_vec(),
-            requested,
-        };
-        let local = store.clone();
-        let result = tokio::task::spawn_blocking(move || Self::hold_in_transaction(&local, hold))
-            .await
-            .map_err(|e| HoldError::Store(Error::Store(format!("hold task failed: {e}"))))?;
-        let fresh = result?;
-        if fresh {
-            store.flush().await?;
-        }
-        Ok(fresh)
-    }
-
-    fn hold_in_transaction(store: &LocalStore, hold: Hold) -> Result<bool, HoldError> {
-        // Business refusals are found inside the transaction and reported
-        // after it; reset on every run, since sled may run the closure again.
-        let refusal = std::sync::Mutex::new(None);
-        let refuse = |e: HoldError| -> TxResult<bool> {
-            *lock(&refusal) = Some(e);
-            abort("refused")
-        };
-        let result = store.transaction(|tx| {
-            *lock(&refusal) = None;
-            if tx.phase_of(&hold.partial_id)?.is_some() {
-                return refuse(HoldError::Decided(hold.partial_id.clone()));
-            }
-            let holds = tx.tree(HOLDS)?;
-            if let Some(existing) = get_json::<Hold>(holds, hold.partial_id.as_bytes())? {
-                if existing.requested == hold.requested {
-                    return Ok(false);
-                }
-                return refuse(HoldError::Invalid(format!(
-                    "partial {} already reserved {:?}; a retried try must ask the same",
-                    hold.partial_id, existing.requested
-                )));
-            }
-            let accounts = tx.tree(ACCOUNTS)?;
-            for (resource, amount) in &hold.lines {
-                let Some(mut a) = get_json::<Account>(accounts, resource.as_bytes())? else {
-                    return refuse(HoldError::Unknown(resource.clone()));
-                };
-                if a.available < *amount {
-                    return refuse(HoldError::Insufficient {
-                        resource: resource.clone(),
-                        available: a.available,
-                        requested: *amount,
-                    });
-                }
-                a.available -= amount;
-                a.held += amount;
-                put_json(accounts, resource.as_bytes(), &a)?;
-            }
-            put_json(holds, hold.partial_id.as_bytes(), &hold)?;
-            Ok(true)
-        });
-        match result {
-            Ok(fresh) => Ok(fresh),
-            Err(Error::Refused(reason)) => {
-                Err(lock(&refusal).take().unwrap_or(HoldError::Store(Error::Refused(reason))))
-            }
-            Err(e) => Err(HoldError::Store(e)),
-        }
+    /// refused. A fresh reservation returns `true`. A partial already
+    /// decided here is refused ([`HoldError::Decided`]) in the same local
+    /// transaction that would have reserved, so a late try holds nothing.
+    fn hold(&self, ctx: &PartialContext, lines: &[(String, i64)]) -> impl Future<Output = Result<bool, HoldError>> + Send {
+        let checked = checked_hold(ctx, lines);
+        async move { self.store_hold(checked?).await }
     }
 
     /// The whole try for a reserving service: [`hold`](Self::hold) the
@@ -291,78 +201,26 @@ impl Reservations {
     /// service's), a fresh hold is released at once. If the outcome of the
     /// append is unknown (timeout, unavailable), the hold stays: the
     /// transaction's rollback, or the reconciler, settles it.
-    pub async fn reserve_and_publish(
-        store: &LocalStore,
+    fn reserve_and_publish(
+        &self,
         ctx: &PartialContext,
         lines: &[(String, i64)],
         publisher: Publisher,
-    ) -> Result<Published, HoldError> {
-        let fresh = Self::hold(store, ctx, lines).await?;
-        match publisher.send().await {
-            Ok(p) => Ok(p),
-            Err(e) if e.is_definitive() => {
-                if fresh {
-                    Self::release_now(store, &ctx.partial_id).await?;
+    ) -> impl Future<Output = Result<Published, HoldError>> + Send {
+        async move {
+            let fresh = self.hold(ctx, lines).await?;
+            match publisher.send().await {
+                Ok(p) => Ok(p),
+                Err(e) if e.is_definitive() => {
+                    if fresh {
+                        self.release_now(&ctx.partial_id).await?;
+                    }
+                    Err(HoldError::Publish(e))
                 }
-                Err(HoldError::Publish(e))
+                Err(e) => Err(HoldError::Publish(e)),
             }
-            Err(e) => Err(HoldError::Publish(e)),
         }
     }
-
-    /// Releases a hold taken by [`hold`](Self::hold) whose publish then
-    /// failed (e.g. the transaction was already decided). Durable.
-    pub async fn release_now(store: &LocalStore, partial: &str) -> Result<()> {
-        store.transaction(|tx| Self::release(tx, partial).map(|_| ()))?;
-        store.flush().await
-    }
-
-    /// In a commit: moves `amount` of `resource` held by `partial` to used.
-    /// Aborts if the partial holds less (the try did not reserve it).
-    pub fn consume(tx: &Tx<'_>, partial: &str, resource: &str, amount: i64) -> TxResult<()> {
-        let holds = tx.tree(HOLDS)?;
-        let Some(mut hold) = get_json::<Hold>(holds, partial.as_bytes())? else {
-            return abort(format!("partial {partial} holds nothing; cannot use {amount} of {resource:?}"));
-        };
-        let Some(line) = hold.lines.iter_mut().find(|(r, a)| r == resource && *a >= amount) else {
-            return abort(format!("partial {partial} does not hold {amount} of {resource:?}"));
-        };
-        line.1 -= amount;
-        let accounts = tx.tree(ACCOUNTS)?;
-        let mut a: Account = get_json(accounts, resource.as_bytes())?.unwrap_or_default();
-        a.held -= amount;
-        a.used += amount;
-        put_json(accounts, resource.as_bytes(), &a)?;
-        hold.lines.retain(|(_, a)| *a > 0);
-        if hold.lines.is_empty() {
-            holds.remove(partial.as_bytes())?;
-        } else {
-            put_json(holds, partial.as_bytes(), &hold)?;
-        }
-        Ok(())
-    }
-
-    /// In a rollback (or after a commit, for leftovers): returns everything
-    /// `partial` still holds to available. Returns the amount released.
-    pub fn release(tx: &Tx<'_>, partial: &str) -> TxResult<i64> {
-        let holds = tx.tree(HOLDS)?;
-        let Some(hold) = get_json::<Hold>(holds, partial.as_bytes())? else { return Ok(0) };
-        let accounts = tx.tree(ACCOUNTS)?;
-        let mut total = 0;
-        for (resource, amount) in &hold.lines {
-            let mut a: Account = get_json(accounts, resource.as_bytes())?.unwrap_or_default();
-            a.held -= amount;
-            a.available += amount;
-            put_json(accounts, resource.as_bytes(), &a)?;
-            total += amount;
-        }
-        holds.remove(partial.as_bytes())?;
-        Ok(total)
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What one reconciliation pass did.
@@ -379,16 +237,19 @@ pub struct Reconciled {
 }
 
 /// Resolves holds whose transaction's deadline passed without a delivery.
-pub struct Reconciler<P> {
-    store: LocalStore,
+pub struct Reconciler<P: Participant> {
+    store: P::Store,
     participant: Arc<P>,
     coordinator: Coordinator,
     grace: Duration,
 }
 
-impl<P: Participant> Reconciler<P> {
+impl<P: Participant> Reconciler<P>
+where
+    P::Store: Reservations,
+{
     /// A reconciler acting on holds older than their deadline plus `grace`.
-    pub fn new(store: LocalStore, participant: Arc<P>, coordinator: Coordinator, grace: Duration) -> Self {
+    pub fn new(store: P::Store, participant: Arc<P>, coordinator: Coordinator, grace: Duration) -> Self {
         Reconciler { store, participant, coordinator, grace }
     }
 
@@ -412,18 +273,13 @@ impl<P: Participant> Reconciler<P> {
     /// One pass over the overdue holds. A hold that cannot be settled is
     /// logged and left for the next pass; it does not stop the others.
     pub async fn reconcile_once(&self) -> Result<Reconciled> {
-        let now = now_ms();
+        let cutoff = now_ms().saturating_sub(self.grace.as_millis().min(i64::MAX as u128) as i64);
         let mut report = Reconciled::default();
-        for hold in Reservations::holds(&self.store)? {
-            if hold.deadline_ms.saturating_add(self.grace.as_millis() as i64) > now {
-                continue;
-            }
+        for hold in self.store.overdue(cutoff).await? {
             report.overdue += 1;
             // Already decided here: what is left is a leftover; release it.
-            if let Some(phase) = self.store.phase_of(&hold.partial_id)? {
-                let partial = hold.partial_id.clone();
-                self.store.transaction(|tx| Reservations::release(tx, &partial))?;
-                self.store.flush().await?;
+            if let Some(phase) = self.store.phase_of(&hold.partial_id).await? {
+                self.store.release_now(&hold.partial_id).await?;
                 tracing::warn!(partial = %hold.partial_id, ?phase, "released a hold left over after its decision");
                 report.rolled_back += 1;
                 continue;
@@ -491,86 +347,4 @@ impl<P: Participant> Reconciler<P> {
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ctx(p: &str) -> PartialContext {
-        PartialContext { partial_id: p.into(), transaction_id: "t".into(), deadline_ms: 0 }
-    }
-
-    struct Settle;
-    impl Participant for Settle {
-        fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
-            Reservations::consume(tx, &call.partial_id, "bob", 30)
-        }
-        fn rollback(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
-            Reservations::release(tx, &call.partial_id).map(|_| ())
-        }
-    }
-
-    fn call(p: &str) -> Arc<PhaseTwo> {
-        Arc::new(PhaseTwo { transaction_id: "t".into(), partial_id: p.into(), commands: vec![] })
-    }
-
-    #[tokio::test]
-    async fn hold_consume_release_keep_the_total() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Store(e.to_string()))?;
-        let store = LocalStore::open(dir.path(), &TREES)?;
-        Reservations::seed(&store, "bob", 100).await?;
-        let line = vec![("bob".to_string(), 30)];
-        assert!(Reservations::hold(&store, &ctx("p1"), &line).await.map_err(|e| Error::Store(e.to_string()))?);
-        assert!(
-            !Reservations::hold(&store, &ctx("p1"), &line).await.map_err(|e| Error::Store(e.to_string()))?,
-            "retried try is a no-op"
-        );
-        Reservations::hold(&store, &ctx("p2"), &line).await.map_err(|e| Error::Store(e.to_string()))?;
-        let a = Reservations::account(&store, "bob")?.unwrap_or_default();
-        assert_eq!((a.available, a.held, a.used, a.total()), (40, 60, 0, 100));
-        apply(&store, Arc::new(Settle), Phase::Committed, call("p1")).await?;
-        apply(&store, Arc::new(Settle), Phase::RolledBack, call("p2")).await?;
-        let a = Reservations::account(&store, "bob")?.unwrap_or_default();
-        assert_eq!((a.available, a.held, a.used, a.total()), (70, 0, 30, 100));
-        assert!(Reservations::holds(&store)?.is_empty());
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn refusals_reserve_nothing() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Store(e.to_string()))?;
-        let store = LocalStore::open(dir.path(), &TREES)?;
-        Reservations::seed(&store, "bob", 10).await?;
-        Reservations::seed(&store, "amy", 10).await?;
-        let two = vec![("amy".to_string(), 5), ("bob".to_string(), 11)];
-        assert!(matches!(Reservations::hold(&store, &ctx("p"), &two).await, Err(HoldError::Insufficient { .. })));
-        assert_eq!(Reservations::account(&store, "amy")?.map(|a| a.available), Some(10), "all or nothing");
-        let unknown = vec![("zed".to_string(), 1)];
-        assert!(matches!(Reservations::hold(&store, &ctx("p"), &unknown).await, Err(HoldError::Unknown(_))));
-        // A rollback that arrived first makes a late try refusable.
-        apply(&store, Arc::new(Settle), Phase::RolledBack, call("late")).await?;
-        let one = vec![("bob".to_string(), 1)];
-        assert!(matches!(Reservations::hold(&store, &ctx("late"), &one).await, Err(HoldError::Decided(_))));
-        assert_eq!(Reservations::account(&store, "bob")?.map(|a| (a.available, a.held)), Some((10, 0)));
-        assert!(matches!(
-            Reservations::hold(&store, &ctx("q"), &[("bob".to_string(), 0)]).await,
-            Err(HoldError::Invalid(_))
-        ));
-        // A retried try must ask the same; a different ask is refused.
-        Reservations::hold(&store, &ctx("r"), &[("bob".to_string(), 2)])
-            .await
-            .map_err(|e| Error::Store(e.to_string()))?;
-        let other = Reservations::hold(&store, &ctx("r"), &[("bob".to_string(), 3)]).await;
-        assert!(matches!(other, Err(HoldError::Invalid(_))), "{other:?}");
-        assert_eq!(Reservations::account(&store, "bob")?.map(|a| a.held), Some(2));
-        // Seeding past i64 is refused, not wrapped.
-        assert!(matches!(Reservations::seed(&store, "bob", i64::MAX).await, Err(Error::Invalid(_))));
-        // A far-future deadline from metadata is capped.
-        let far = PartialContext { partial_id: "far".into(), transaction_id: "t".into(), deadline_ms: i64::MAX };
-        Reservations::hold(&store, &far, &[("amy".to_string(), 1)]).await.map_err(|e| Error::Store(e.to_string()))?;
-        let h = Reservations::holds(&store)?.into_iter().find(|h| h.partial_id == "far").map(|h| h.deadline_ms);
-        assert!(h.is_some_and(|d| d <= now_ms() + MAX_HOLD_MS), "{h:?}");
-        Ok(())
-    }
 }

@@ -33,6 +33,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 pub mod disk;
+pub mod participants;
 pub mod pg;
 pub mod shop;
 

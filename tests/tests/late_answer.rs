@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use tcc_domain_sdk::ParticipantService;
-use tcc_domain_sdk::participant::{LocalStore, Participant, PhaseTwo, Tx, TxResult};
+use tcc_domain_sdk::participant::{Participant, PhaseTwo, TxResult};
+use tcc_domain_sdk::store::sled::{SledStore, SledTx};
 use tcc_proto::v1::{self, TransactionState as S};
 use tcc_tests::{Coordinator, command};
 
@@ -22,7 +23,10 @@ struct Slow {
 }
 
 impl Participant for Slow {
-    fn commit(&self, tx: &Tx<'_>, call: &PhaseTwo) -> TxResult<()> {
+    type Store = SledStore;
+    // Runs on the store's blocking thread: a blocking sleep is what a slow
+    // body does.
+    async fn commit(&self, tx: &mut SledTx<'_>, call: &PhaseTwo) -> TxResult<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(400));
         let t = tx.tree("applied")?;
@@ -30,7 +34,7 @@ impl Participant for Slow {
         t.insert(b"n".as_slice(), &[n + call.commands.len() as u8])?;
         Ok(())
     }
-    fn rollback(&self, _: &Tx<'_>, _: &PhaseTwo) -> TxResult<()> {
+    async fn rollback(&self, _: &mut SledTx<'_>, _: &PhaseTwo) -> TxResult<()> {
         Ok(())
     }
 }
@@ -38,7 +42,7 @@ impl Participant for Slow {
 #[tokio::test]
 async fn an_answer_after_the_coordinator_gave_up_is_not_applied_twice() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let store = LocalStore::open(dir.path(), &["applied"])?;
+    let store = SledStore::open(dir.path(), &["applied"])?;
     let bodies = Arc::new(AtomicU32::new(0));
     let service = ParticipantService::new(store.clone(), Arc::new(Slow { calls: bodies.clone() }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -31,6 +31,49 @@ struct Args {
     /// Run everything over mutual TLS, with a policy (see the module docs).
     #[arg(long)]
     tls: bool,
+    /// Keep the services' data in PostgreSQL instead of sled: customers,
+    /// inventory and orders each in a database of its own (`shop_customers`,
+    /// `shop_inventory`, `shop_orders`, created if missing) on the server at
+    /// this URL (`postgres://USER@HOST:PORT`). The coordinator keeps its
+    /// embedded store in --data-dir.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+}
+
+/// The URL of database `name` on the server of `url` (a `postgres://` URL,
+/// whose own database, if any, is replaced).
+fn database_on(url: &str, name: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .with_context(|| format!("--database-url must be a postgres:// URL, got {url:?}"))?;
+    let (server, query) = match rest.split_once('?') {
+        Some((server, query)) => (server, format!("?{query}")),
+        None => (rest, String::new()),
+    };
+    let server = server.split_once('/').map_or(server, |(server, _)| server);
+    Ok(format!("postgres://{server}/{name}{query}"))
+}
+
+/// Creates the services' databases on the server at `url`, unless they
+/// exist; returns each service's URL.
+async fn create_databases(url: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let admin = database_on(url, "postgres")?;
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL at {url}"))?;
+    tokio::spawn(connection);
+    let mut out = Vec::new();
+    for service in ["customers", "inventory", "orders"] {
+        let name = format!("shop_{service}");
+        let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+        if !exists {
+            client.batch_execute(&format!("CREATE DATABASE {name}")).await.with_context(|| format!("cannot create database {name}"))?;
+            println!("created database {name}");
+        }
+        out.push((service, database_on(url, &name)?));
+    }
+    Ok(out)
 }
 
 /// The identities of the demo.
@@ -111,9 +154,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("coordinator listening on {a}")
     }));
 
+    let databases = match &args.database_url {
+        Some(url) => create_databases(url).await?,
+        None => Vec::new(),
+    };
+    let database = |name: &str| databases.iter().find(|(s, _)| *s == name).map(|(_, url)| url.clone());
     let common = |offset: u16, name: &str| Common {
         listen: addr(offset).parse().unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
-        data_dir: args.data_dir.join(name),
+        data_dir: database(name).is_none().then(|| args.data_dir.join(name)),
+        database_url: database(name),
         coordinator: url(0),
         lease_ms: 3_000,
         no_register: false,

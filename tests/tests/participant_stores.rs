@@ -1,0 +1,333 @@
+//! The participant's guarantees, one suite run on both stores of the SDK:
+//! sled (a temp directory) and PostgreSQL (a real server per test, skipped
+//! loudly where it is not installed, required in CI).
+//!
+//! * duplicates are harmless, and outcomes stay apart;
+//! * an empty compensation is acknowledged and recorded, and a late try
+//!   after it holds nothing (no hanging);
+//! * a body that fails leaves nothing: not its writes, not the guard's
+//!   record;
+//! * the reservations: all or none, retried tries, refusals, totals;
+//! * 16 concurrent duplicate commits apply once;
+//! * commit and rollback racing on one partial: exactly one wins, the
+//!   other is refused naming the outcome recorded.
+//!
+//! PostgreSQL only: a newer schema is refused, and phase-2 calls that
+//! arrive while the server restarts fail as UNAVAILABLE, then succeed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail, ensure};
+use tcc_domain_sdk::Error;
+use tcc_domain_sdk::participant::{Applied, Phase, PhaseTwo, ReceivedCommand, TxError, apply};
+use tcc_domain_sdk::propagation::PartialContext;
+use tcc_domain_sdk::reservations::{Account, HoldError, MAX_HOLD_MS, Reservations};
+use tcc_domain_sdk::store::postgres::PgStore;
+use tcc_domain_sdk::store::sled::SledStore;
+use tcc_tests::participants::{COUNTS, Counter, Counting, Failing, open_counting_pg};
+use tcc_tests::pg::Postgres;
+
+fn ctx(partial: &str) -> PartialContext {
+    PartialContext { partial_id: partial.into(), transaction_id: format!("t-{partial}"), deadline_ms: i64::MAX }
+}
+
+fn call(partial: &str, commands: &[(&str, &str, i64)]) -> Arc<PhaseTwo> {
+    let commands = commands
+        .iter()
+        .enumerate()
+        .map(|(i, (kind, key, amount))| ReceivedCommand {
+            sequence: i as u64 + 1,
+            type_name: kind.to_string(),
+            key: key.to_string(),
+            payload: amount.to_string().into_bytes(),
+        })
+        .collect();
+    Arc::new(PhaseTwo { transaction_id: format!("t-{partial}"), partial_id: partial.into(), commands })
+}
+
+async fn commit<S: Counting>(store: &S, c: &Arc<PhaseTwo>) -> Result<Applied, Error> {
+    apply(store, Arc::new(Counter::<S>::default()), Phase::Committed, c.clone()).await
+}
+
+async fn rollback<S: Counting>(store: &S, c: &Arc<PhaseTwo>) -> Result<Applied, Error> {
+    apply(store, Arc::new(Counter::<S>::default()), Phase::RolledBack, c.clone()).await
+}
+
+async fn account<S: Counting>(store: &S, resource: &str) -> Result<(i64, i64, i64)> {
+    let a: Account = store.account(resource).await?.unwrap_or_default();
+    Ok((a.available, a.held, a.used))
+}
+
+fn refused(r: Result<Applied, Error>, naming: &str) -> Result<()> {
+    match r {
+        Err(Error::Refused(m)) if m.contains(naming) => Ok(()),
+        other => bail!("expected a refusal naming {naming:?}, got {other:?}"),
+    }
+}
+
+/// Duplicates, outcomes apart, empty compensation, no hanging.
+async fn guard<S: Counting>(store: &S) -> Result<()> {
+    let c = call("dup", &[("x", "", 0), ("y", "", 0)]);
+    ensure!(commit(store, &c).await? == Applied::Now);
+    ensure!(commit(store, &c).await? == Applied::Already, "a redelivered commit is acknowledged, not applied");
+    ensure!(store.count("dup").await? == 2, "two commands, applied once");
+    refused(rollback(store, &c).await, "already committed")?;
+    ensure!(store.count("dup:rollback").await? == 0);
+
+    let r = call("undo", &[]);
+    ensure!(rollback(store, &r).await? == Applied::Now, "an empty compensation is acknowledged");
+    ensure!(rollback(store, &r).await? == Applied::Already);
+    ensure!(store.count("undo:rollback").await? == 1);
+    ensure!(store.phase_of("undo").await? == Some(Phase::RolledBack), "and recorded");
+    refused(commit(store, &r).await, "already rolled back")?;
+    ensure!(store.count("undo").await? == 0);
+
+    // The late try, after the empty compensation: refused, nothing held.
+    store.seed("late-stock", 10).await?;
+    let late = store.hold(&ctx("undo"), &[("late-stock".into(), 4)]).await;
+    ensure!(matches!(late, Err(HoldError::Decided(_))), "{late:?}");
+    ensure!(account(store, "late-stock").await? == (10, 0, 0), "a late try reserves nothing");
+    ensure!(store.holds().await?.is_empty());
+    Ok(())
+}
+
+/// A failing body (refused, or the store failing) leaves nothing behind.
+async fn one_transaction<S: Counting>(store: &S) -> Result<()> {
+    for (partial, error) in [("fail-a", TxError::Refused("no".into())), ("fail-b", TxError::Store("disk".into()))] {
+        let c = call(partial, &[("x", "", 0)]);
+        let failing = Arc::new(Failing::<S>(error.clone(), PhantomData));
+        let r = apply(store, failing, Phase::Committed, c.clone()).await;
+        match (&error, &r) {
+            (TxError::Refused(_), Err(Error::Refused(_))) | (TxError::Store(_), Err(Error::Store(_))) => {}
+            _ => bail!("{error:?} gave {r:?}"),
+        }
+        ensure!(store.count(partial).await? == 0, "the body's write was rolled back");
+        ensure!(store.phase_of(partial).await?.is_none(), "no outcome recorded");
+        // The guard left no record: the next delivery applies.
+        ensure!(commit(store, &c).await? == Applied::Now);
+        ensure!(store.count(partial).await? == 1);
+    }
+    Ok(())
+}
+
+/// Reserve, consume, release: same semantics and errors on both stores.
+async fn reservations<S: Counting>(store: &S) -> Result<()> {
+    store.seed("bob", 100).await?;
+    let line = vec![("bob".to_string(), 30)];
+    ensure!(store.hold(&ctx("h1"), &line).await?, "a fresh hold");
+    ensure!(!store.hold(&ctx("h1"), &line).await?, "a retried try is a no-op");
+    let other = store.hold(&ctx("h1"), &[("bob".to_string(), 31)]).await;
+    ensure!(matches!(other, Err(HoldError::Invalid(_))), "a retried try must ask the same: {other:?}");
+    store.hold(&ctx("h2"), &line).await?;
+    ensure!(account(store, "bob").await? == (40, 60, 0));
+    ensure!(commit(store, &call("h1", &[("take", "bob", 25)])).await? == Applied::Now);
+    ensure!(rollback(store, &call("h2", &[])).await? == Applied::Now);
+    ensure!(account(store, "bob").await? == (75, 0, 25), "25 used, the 5 left over and h2's 30 released");
+    ensure!(store.holds().await?.is_empty());
+
+    // A commit that takes more than was held is refused and changes nothing.
+    store.hold(&ctx("h3"), &[("bob".to_string(), 5)]).await?;
+    refused(commit(store, &call("h3", &[("take", "bob", 6)])).await, "does not hold")?;
+    ensure!(account(store, "bob").await? == (70, 5, 25));
+    ensure!(store.phase_of("h3").await?.is_none());
+    ensure!(store.release_now("h3").await? == 5);
+    ensure!(store.hold(&ctx("h3"), &[("bob".to_string(), 7)]).await?, "a released try may hold again");
+    ensure!(rollback(store, &call("h3", &[])).await? == Applied::Now);
+
+    // Refusals reserve nothing, all lines or none.
+    store.seed("amy", 10).await?;
+    let two = vec![("amy".to_string(), 5), ("bob".to_string(), 1000)];
+    let r = store.hold(&ctx("h4"), &two).await;
+    ensure!(
+        matches!(&r, Err(HoldError::Insufficient { resource, available: 75, requested: 1000 }) if resource == "bob"),
+        "{r:?}"
+    );
+    ensure!(account(store, "amy").await? == (10, 0, 0), "all or nothing");
+    let r = store.hold(&ctx("h4"), &[("zed".to_string(), 1)]).await;
+    ensure!(matches!(&r, Err(HoldError::Unknown(z)) if z == "zed"), "{r:?}");
+    for bad in [vec![("bob".to_string(), 0)], vec![], vec![("amy".to_string(), 1), ("amy".to_string(), 1)]] {
+        let r = store.hold(&ctx("h4"), &bad).await;
+        ensure!(matches!(r, Err(HoldError::Invalid(_))), "{bad:?}: {r:?}");
+    }
+    // The failed tries left no record: h4 may still hold.
+    ensure!(store.hold(&ctx("h4"), &[("amy".to_string(), 1)]).await?);
+    ensure!(rollback(store, &call("h4", &[])).await? == Applied::Now);
+    // Seeding past i64 is refused, not wrapped.
+    ensure!(matches!(store.seed("bob", i64::MAX).await, Err(Error::Invalid(_))));
+    ensure!(matches!(store.seed("bob", -1).await, Err(Error::Invalid(_))));
+    // A far-future deadline from metadata is capped; the hold is overdue
+    // only after it.
+    store.hold(&ctx("far"), &[("amy".to_string(), 1)]).await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    let held = store.holds().await?;
+    ensure!(held.len() == 1 && held[0].deadline_ms <= now + MAX_HOLD_MS, "{held:?}");
+    ensure!(store.overdue(now).await?.is_empty());
+    ensure!(store.overdue(now + MAX_HOLD_MS + 1).await?.len() == 1);
+    let totals: i64 = store.accounts().await?.iter().map(|(_, a)| a.total()).sum();
+    ensure!(totals == 100 + 10 + 10, "seeded amounts are conserved: {totals}");
+    Ok(())
+}
+
+/// 16 identical commits at once, after a try: one applies.
+async fn concurrent_duplicates<S: Counting>(store: &S) -> Result<()> {
+    store.seed("conc", 50).await?;
+    store.hold(&ctx("conc-p"), &[("conc".to_string(), 5)]).await?;
+    let c = call("conc-p", &[("take", "conc", 5)]);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, c) = (store.clone(), c.clone());
+            tokio::spawn(async move { commit(&store, &c).await })
+        })
+        .collect();
+    let mut now = 0;
+    for t in tasks {
+        if t.await?? == Applied::Now {
+            now += 1;
+        }
+    }
+    ensure!(now == 1, "{now} of 16 applied");
+    ensure!(store.count("conc-p").await? == 1);
+    ensure!(account(store, "conc").await? == (45, 0, 5));
+    Ok(())
+}
+
+/// Commit and rollback of one partial at once (a buggy coordinator): one
+/// wins, the other is refused naming the outcome; with and without a try.
+async fn commit_rollback_race<S: Counting>(store: &S) -> Result<()> {
+    store.seed("race", 1000).await?;
+    for i in 0..12 {
+        let partial = format!("race-{i}");
+        let tried = i % 2 == 0;
+        if tried {
+            store.hold(&ctx(&partial), &[("race".to_string(), 3)]).await?;
+        }
+        let commands: &[(&str, &str, i64)] = if tried { &[("take", "race", 3)] } else { &[("x", "", 0)] };
+        let c = call(&partial, commands);
+        let (s1, c1, s2, c2) = (store.clone(), c.clone(), store.clone(), c.clone());
+        let (a, b) = tokio::join!(
+            tokio::spawn(async move { commit(&s1, &c1).await }),
+            tokio::spawn(async move { rollback(&s2, &c2).await })
+        );
+        match (a?, b?) {
+            (Ok(Applied::Now), lost) => {
+                refused(lost, "already committed")?;
+                ensure!(store.phase_of(&partial).await? == Some(Phase::Committed));
+            }
+            (lost, Ok(Applied::Now)) => {
+                refused(lost, "already rolled back")?;
+                ensure!(store.phase_of(&partial).await? == Some(Phase::RolledBack));
+            }
+            other => bail!("{partial}: neither won cleanly: {other:?}"),
+        }
+        let applied = store.count(&partial).await? + store.count(&format!("{partial}:rollback")).await?;
+        ensure!(applied == 1, "{partial}: one body ran to commit, not {applied}");
+    }
+    let (available, held, used) = account(store, "race").await?;
+    ensure!(held == 0 && available + used == 1000, "{available} + {used}");
+    Ok(())
+}
+
+async fn suite<S: Counting>(store: &S) -> Result<()> {
+    guard(store).await?;
+    one_transaction(store).await?;
+    reservations(store).await?;
+    concurrent_duplicates(store).await?;
+    commit_rollback_race(store).await
+}
+
+fn sled() -> Result<(tempfile::TempDir, SledStore)> {
+    let dir = tempfile::tempdir()?;
+    let store = SledStore::open(dir.path(), &[COUNTS])?;
+    Ok((dir, store))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sled_keeps_every_guarantee() -> Result<()> {
+    let (_dir, store) = sled()?;
+    suite(&store).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_keeps_every_guarantee() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let store = open_counting_pg(&pg.url()).await?;
+    suite(&store).await
+}
+
+#[tokio::test]
+async fn postgres_refuses_a_newer_schema_and_opens_its_own_again() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    PgStore::connect(&pg.url()).await?;
+    PgStore::connect(&pg.url()).await?; // the second start finds version 1
+    pg.client().await?.execute("UPDATE tcc_sdk_schema SET version = 7", &[]).await?;
+    let err = PgStore::connect(&pg.url()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(err.contains("version 7") && err.contains("newer than this tcc-domain-sdk"), "{err}");
+    let bad = PgStore::connect("postgres://nobody@127.0.0.1:1/x?connect_timeout=1").await.err();
+    ensure!(matches!(bad, Some(Error::Store(_))), "an unreachable server is a store error: {bad:?}");
+    let bad = PgStore::connect("not a url at all ===").await.err();
+    ensure!(matches!(bad, Some(Error::Invalid(_))), "{bad:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_restarting_under_phase_two_is_transient() -> Result<()> {
+    use tcc_domain_sdk::proto::{self as v1, participant_client::ParticipantClient};
+    let Some(mut pg) = Postgres::start().await? else { return Ok(()) };
+    let store = open_counting_pg(&pg.url()).await?;
+    store.seed("stock", 100).await?;
+    for i in 0..8 {
+        store.hold(&ctx(&format!("p{i}")), &[("stock".to_string(), 2)]).await?;
+    }
+    // The SDK's gRPC service, as the coordinator calls it.
+    let service = tcc_domain_sdk::ParticipantService::new(store.clone(), Arc::new(Counter::<PgStore>::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let mut client = ParticipantClient::connect(url).await?;
+    let request = |i: usize| v1::PhaseTwoRequest {
+        transaction_id: format!("t-p{i}"),
+        partial_id: format!("p{i}"),
+        service: "counter".into(),
+        commands: vec![v1::StoredCommand {
+            sequence: 1,
+            r#type: "take".into(),
+            key: "stock".into(),
+            payload: b"2".to_vec(),
+        }],
+    };
+    client.commit(request(0)).await?;
+    pg.crash().await?;
+    for i in 1..8 {
+        let status = client.commit(request(i)).await.err().map(|s| s.code());
+        ensure!(status == Some(tonic::Code::Unavailable), "p{i} while the server is down: {status:?}");
+    }
+    pg.start_again().await?;
+    // The pool finds its connections dead and opens new ones; each call
+    // is retried, as the coordinator does, until acknowledged (bounded).
+    for i in 0..8 {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match client.commit(request(i)).await {
+                Ok(_) => break,
+                Err(s) if s.code() == tonic::Code::Unavailable && attempts < 50 => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(s) => bail!("p{i} after the restart: {s:?}"),
+            }
+        }
+    }
+    for i in 0..8 {
+        ensure!(store.count(&format!("p{i}")).await? == 1, "p{i} applied once");
+    }
+    ensure!(account(&store, "stock").await? == (84, 0, 16));
+    Ok(())
+}
