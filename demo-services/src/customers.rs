@@ -52,8 +52,12 @@ impl<S: ShopStore> Participant for CustomersParticipant<S> {
         for c in &call.commands {
             let d: Debit = c.decode()?;
             tx.consume(&call.partial_id, &d.customer, d.amount).await?;
-            let debit =
-                Movement { order_id: d.order_id, partial_id: call.partial_id.clone(), key: d.customer, amount: d.amount };
+            let debit = Movement {
+                order_id: d.order_id,
+                partial_id: call.partial_id.clone(),
+                key: d.customer,
+                amount: d.amount,
+            };
             S::record(tx, Movements::Debits, &debit).await?;
         }
         // Anything the try held beyond its commands goes back.

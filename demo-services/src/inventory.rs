@@ -106,7 +106,11 @@ impl<S: ShopStore> pb::inventory_server::Inventory for InventoryApi<S> {
             if !seen.insert(l.sku.as_str()) {
                 return Err(Status::invalid_argument(format!("sku {:?} is listed twice", l.sku)));
             }
-            let price = self.store.price(&l.sku).await?.ok_or_else(|| Status::not_found(format!("unknown item {:?}", l.sku)))?;
+            let price = self
+                .store
+                .price(&l.sku)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("unknown item {:?}", l.sku)))?;
             total = total.saturating_add(price.saturating_mul(l.quantity));
         }
         let lines: Vec<(String, i64)> = r.lines.iter().map(|l| (l.sku.clone(), l.quantity)).collect();

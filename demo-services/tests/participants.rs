@@ -9,8 +9,8 @@
 use std::sync::Arc;
 
 use tcc_demo_services::customers::{CustomersParticipant, Debit};
-use tcc_demo_services::inventory::{InventoryParticipant, Take};
 use tcc_demo_services::db::{Movements, ShopStore, TREES};
+use tcc_demo_services::inventory::{InventoryParticipant, Take};
 use tcc_domain_sdk::participant::{Phase, PhaseTwo, ReceivedCommand, apply};
 use tcc_domain_sdk::propagation::PartialContext;
 use tcc_domain_sdk::reservations::Reservations;

@@ -101,8 +101,8 @@ pub mod tls;
 pub use composite::{CompositeTransaction, Coordinator, Outcome};
 pub use error::{Error, Result};
 pub use participant::{Participant, Store};
-pub use service::ParticipantService;
 pub use publisher::{Command, Publisher};
+pub use service::ParticipantService;
 /// The encoded descriptor set of `tcc.v1`, for a service's gRPC reflection.
 pub use tcc_proto::FILE_DESCRIPTOR_SET as PROTO_DESCRIPTOR_SET;
 pub use tcc_proto::v1 as proto;

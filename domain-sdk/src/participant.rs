@@ -251,7 +251,8 @@ pub trait Store: Clone + Send + Sync + 'static {
     fn phase_of(&self, partial: &str) -> impl Future<Output = Result<Option<Phase>>> + Send;
 
     /// [`Tx::consume`] on this store.
-    fn consume(tx: &mut Tx<'_, Self>, partial: &str, resource: &str, amount: i64) -> impl Future<Output = TxResult<()>>;
+    fn consume(tx: &mut Tx<'_, Self>, partial: &str, resource: &str, amount: i64)
+    -> impl Future<Output = TxResult<()>>;
 
     /// [`Tx::release`] on this store.
     fn release(tx: &mut Tx<'_, Self>, partial: &str) -> impl Future<Output = TxResult<i64>>;
@@ -289,4 +290,3 @@ pub async fn apply<P: Participant>(
 ) -> Result<Applied> {
     store.apply(participant, phase, call).await
 }
-

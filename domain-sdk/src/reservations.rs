@@ -190,7 +190,11 @@ pub trait Reservations: Store {
     /// refused. A fresh reservation returns `true`. A partial already
     /// decided here is refused ([`HoldError::Decided`]) in the same local
     /// transaction that would have reserved, so a late try holds nothing.
-    fn hold(&self, ctx: &PartialContext, lines: &[(String, i64)]) -> impl Future<Output = Result<bool, HoldError>> + Send {
+    fn hold(
+        &self,
+        ctx: &PartialContext,
+        lines: &[(String, i64)],
+    ) -> impl Future<Output = Result<bool, HoldError>> + Send {
         let checked = checked_hold(ctx, lines);
         async move { self.store_hold(checked?).await }
     }

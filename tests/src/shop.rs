@@ -41,9 +41,29 @@ pub struct Shop {
 /// Flags of a domain service in a test.
 pub fn service_args(c: &Coordinator, name: &str, extra: &[&str]) -> Vec<String> {
     let dir = c.tmp().path().join(name);
+    let mut args: Vec<String> = vec!["--data-dir".into(), dir.to_string_lossy().into_owned()];
+    args.extend(common_args(c, extra));
+    args
+}
+
+/// The flags of shop service `name` keeping its data in its own database
+/// (`shop_NAME`, created here) on the PostgreSQL server `pg`.
+pub async fn service_args_on_postgres(
+    c: &Coordinator,
+    pg: &crate::pg::Postgres,
+    name: &str,
+    extra: &[&str],
+) -> Result<Vec<String>> {
+    let database = format!("shop_{name}");
+    pg.client().await?.batch_execute(&format!("CREATE DATABASE {database}")).await?;
+    let url = format!("postgres://tcc@127.0.0.1:{}/{database}", pg.port());
+    let mut args: Vec<String> = vec!["--database-url".into(), url];
+    args.extend(common_args(c, extra));
+    Ok(args)
+}
+
+fn common_args(c: &Coordinator, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
-        "--data-dir".into(),
-        dir.to_string_lossy().into_owned(),
         "--coordinator".into(),
         c.url(),
         "--lease-ms".into(),
@@ -119,18 +139,31 @@ impl Shop {
     pub async fn start_on_fixed_ports(coordinator_extra: &[&str], shop_extra: &[&str]) -> Result<Self> {
         let mut args: Vec<&str> = FAST.to_vec();
         args.extend(coordinator_extra);
-        Self::start_fixed(1, &args, [0, 0, 0], shop_extra).await
+        Self::start_fixed(1, &args, [0, 0, 0], shop_extra, None).await
+    }
+
+    /// [`Shop::start_on_fixed_ports`] with customers, inventory and orders
+    /// each keeping its data in a database of its own on `pg` (the
+    /// coordinator keeps its embedded store).
+    pub async fn start_on_fixed_ports_on_postgres(pg: &crate::pg::Postgres, shop_extra: &[&str]) -> Result<Self> {
+        Self::start_fixed(1, FAST, [0, 0, 0], shop_extra, Some(pg)).await
     }
 
     /// The shop on a cluster: three coordinators sharing the PostgreSQL
-    /// database at `database_url` (lease 2 s), every process on a fixed
-    /// loopback port. The shop and orders use the first coordinator,
-    /// customers the second, inventory the third, so every transaction
-    /// crosses nodes.
-    pub async fn start_cluster(database_url: &str, shop_extra: &[&str]) -> Result<Self> {
+    /// server `pg` (lease 2 s), every process on a fixed loopback port. The
+    /// shop and orders use the first coordinator, customers the second,
+    /// inventory the third, so every transaction crosses nodes. With
+    /// `services_on_postgres`, customers, inventory and orders keep their
+    /// data in databases of their own on the same server.
+    pub async fn start_cluster(
+        pg: &crate::pg::Postgres,
+        services_on_postgres: bool,
+        shop_extra: &[&str],
+    ) -> Result<Self> {
+        let url = pg.url();
         let mut args: Vec<&str> = FAST.to_vec();
-        args.extend(["--database-url", database_url, "--lease-ms", "2000"]);
-        Self::start_fixed(3, &args, [1, 2, 0], shop_extra).await
+        args.extend(["--database-url", url.as_str(), "--lease-ms", "2000"]);
+        Self::start_fixed(3, &args, [1, 2, 0], shop_extra, services_on_postgres.then_some(pg)).await
     }
 
     /// `coordinators` coordinators with `coordinator_args`, then customers,
@@ -141,6 +174,7 @@ impl Shop {
         coordinator_args: &[&str],
         uses: [usize; 3],
         shop_extra: &[&str],
+        services_on: Option<&crate::pg::Postgres>,
     ) -> Result<Self> {
         let mut addrs = Vec::new();
         for _ in 0..coordinators + 4 {
@@ -155,7 +189,11 @@ impl Shop {
         let tmp = nodes[0].tmp();
         let mut procs = Vec::new();
         for (i, (name, c)) in ["customers", "inventory", "orders"].into_iter().zip(uses).enumerate() {
-            let a = service_args(&nodes[c], name, &["--listen", addrs[coordinators + i].as_str()]);
+            let extra = ["--listen", addrs[coordinators + i].as_str()];
+            let a = match services_on {
+                Some(pg) => service_args_on_postgres(&nodes[c], pg, name, &extra).await?,
+                None => service_args(&nodes[c], name, &extra),
+            };
             procs.push(Process::start(&format!("shop-{name}"), name, a, tmp.clone()).await?);
         }
         let mut shop_args: Vec<String> =

@@ -4,10 +4,12 @@
 //! stock conserved, every order with exactly one debit and one stock
 //! movement, no hold left, no transaction stuck outside a terminal state.
 //!
-//! The same on a cluster: three coordinators on one PostgreSQL database
-//! (each shop service talks to a different one), coordinators and services
-//! killed at random, and the database itself crashed and restarted once in
-//! the middle of the run.
+//! The same with the services keeping their data in PostgreSQL (a
+//! database each, the coordinator on its embedded store); and on a
+//! cluster: three coordinators on one PostgreSQL server that also holds
+//! the services' databases (each shop service talks to a different
+//! coordinator), coordinators and services killed at random, and the
+//! server itself crashed and restarted once in the middle of the run.
 //!
 //! The CI configuration runs 8 s of chaos each. A longer run by hand:
 //! `TCC_CHAOS_SECS=300 cargo test --workspace --test chaos -- --nocapture`.
@@ -57,10 +59,20 @@ async fn the_shop_keeps_its_invariants_while_processes_are_killed() -> Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_with_its_services_on_postgres_keeps_its_invariants_while_processes_are_killed() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let (secs, seed) = settings();
+    let shop = Shop::start_on_fixed_ports_on_postgres(&pg, &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+    chaos(shop, secs, seed, None).await
+}
+
+/// The cluster's database server also holds the services' databases, so
+/// its crash hits the coordinators and the participants at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_on_a_cluster_keeps_its_invariants_while_coordinators_and_the_database_fail() -> Result<()> {
     let Some(pg) = Postgres::start().await? else { return Ok(()) };
     let (secs, seed) = settings();
-    let shop = Shop::start_cluster(&pg.url(), &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+    let shop = Shop::start_cluster(&pg, true, &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
     chaos(shop, secs, seed, Some(pg)).await
 }
 

@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
-use tcc_domain_sdk::Error;
 use tcc_domain_sdk::participant::{Applied, Phase, PhaseTwo, ReceivedCommand, TxError, apply};
 use tcc_domain_sdk::propagation::PartialContext;
 use tcc_domain_sdk::reservations::{Account, HoldError, MAX_HOLD_MS, Reservations};
 use tcc_domain_sdk::store::postgres::PgStore;
 use tcc_domain_sdk::store::sled::SledStore;
+use tcc_domain_sdk::{Error, Store};
 use tcc_tests::participants::{COUNTS, Counter, Counting, Failing, open_counting_pg};
 use tcc_tests::pg::Postgres;
 
@@ -329,5 +329,64 @@ async fn postgres_restarting_under_phase_two_is_transient() -> Result<()> {
         ensure!(store.count(&format!("p{i}")).await? == 1, "p{i} applied once");
     }
     ensure!(account(&store, "stock").await? == (84, 0, 16));
+    Ok(())
+}
+
+/// A service killed (-9) between its local COMMIT and its answer: the
+/// coordinator redelivers the Commit to the restarted service, which
+/// acknowledges it without applying it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_killed_between_its_commit_and_its_answer_applies_once() -> Result<()> {
+    use tcc_domain_sdk::proto::{self as v1, TransactionState};
+    use tcc_tests::{Coordinator, Process, command, eventually, free_port};
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let endpoint = format!("counter=http://{addr}");
+    let c =
+        Coordinator::start(&["--participant", &endpoint, "--retry-initial-ms", "20", "--retry-max-ms", "200"]).await?;
+    let args = vec!["--listen".to_string(), addr.clone(), "--database-url".to_string(), pg.url()];
+    let mut service = Process::start("pg-participant", "counter", args, c.tmp()).await?;
+    // The first life hangs after every local COMMIT.
+    service.kill9().await?;
+    service.restart_with_args(&["--hang-after-commit"]).await?;
+    let store = open_counting_pg(&pg.url()).await?;
+
+    let mut txns = c.transactions().await?;
+    let begin = v1::BeginRequest { participants: vec!["counter".into()], timeout_ms: 30_000 };
+    let t = txns.begin(begin).await?.into_inner();
+    let partial = t.partials[0].partial_id.clone();
+    let append = v1::AppendRequest {
+        partial_id: partial.clone(),
+        commands: vec![command("x", "", b"1"), command("y", "", b"2"), command("z", "", b"3")],
+        idempotency_key: String::new(),
+        service: "counter".into(),
+    };
+    c.topics().await?.append(append).await?;
+    let confirm = v1::ConfirmRequest { transaction_id: t.transaction_id.clone(), wait: false, wait_timeout_ms: 0 };
+    txns.confirm(confirm).await?;
+    // Committed in the service's database, never answered.
+    eventually("the service's local COMMIT", Duration::from_secs(20), || async {
+        Ok((store.phase_of(&partial).await? == Some(Phase::Committed)).then_some(()))
+    })
+    .await?;
+    ensure!(service.logs().contains("never answering"), "{}", service.logs());
+    service.kill9().await?;
+    service.restart().await?;
+
+    let get = v1::GetRequest { transaction_id: t.transaction_id.clone() };
+    eventually("the transaction to be confirmed", Duration::from_secs(20), || {
+        let (mut txns, get) = (txns.clone(), get.clone());
+        async move {
+            let state = txns.get(get).await?.into_inner().state;
+            Ok((state == TransactionState::Confirmed as i32).then_some(()))
+        }
+    })
+    .await?;
+    ensure!(store.count(&partial).await? == 3, "three commands, applied once: {}", store.count(&partial).await?);
+    ensure!(
+        service.logs().contains("applied=Already"),
+        "the redelivered Commit was acknowledged as already applied:\n{}",
+        service.logs()
+    );
     Ok(())
 }

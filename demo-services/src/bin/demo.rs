@@ -68,7 +68,10 @@ async fn create_databases(url: &str) -> anyhow::Result<Vec<(&'static str, String
         let name = format!("shop_{service}");
         let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
         if !exists {
-            client.batch_execute(&format!("CREATE DATABASE {name}")).await.with_context(|| format!("cannot create database {name}"))?;
+            client
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .with_context(|| format!("cannot create database {name}"))?;
             println!("created database {name}");
         }
         out.push((service, database_on(url, &name)?));

@@ -218,7 +218,8 @@ impl PgStore {
             "SET LOCAL client_min_messages = warning; CREATE TABLE IF NOT EXISTS tcc_sdk_schema (version integer NOT NULL)",
         )
         .await?;
-        let current: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM tcc_sdk_schema", &[]).await?.try_get(0)?;
+        let current: i32 =
+            tx.query_one("SELECT coalesce(max(version), 0) FROM tcc_sdk_schema", &[]).await?.try_get(0)?;
         if current > SCHEMA_VERSION {
             return Err(Error::Store(format!(
                 "the participant tables in this database are schema version {current}, newer than this \
@@ -230,7 +231,10 @@ impl PgStore {
             tx.batch_execute(SCHEMA).await?;
             tx.execute("DELETE FROM tcc_sdk_schema", &[]).await?;
             tx.execute("INSERT INTO tcc_sdk_schema (version) VALUES ($1)", &[&SCHEMA_VERSION]).await?;
-            tracing::info!(version = SCHEMA_VERSION, "created the participant tables (tcc_guard, tcc_account, tcc_hold)");
+            tracing::info!(
+                version = SCHEMA_VERSION,
+                "created the participant tables (tcc_guard, tcc_account, tcc_hold)"
+            );
         }
         tx.commit().await?;
         Ok(())
@@ -397,7 +401,10 @@ async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result
 
 impl PgTx<'_> {
     async fn release_in(&mut self, partial: &str) -> TxResult<i64> {
-        let read = self.open.prepare_cached("SELECT resource, held FROM tcc_hold WHERE partial_id = $1 ORDER BY resource FOR UPDATE").await?;
+        let read = self
+            .open
+            .prepare_cached("SELECT resource, held FROM tcc_hold WHERE partial_id = $1 ORDER BY resource FOR UPDATE")
+            .await?;
         let rows = self.open.query(&read, &[&partial]).await?;
         if rows.is_empty() {
             return Ok(0);
@@ -431,7 +438,10 @@ impl PgTx<'_> {
             .prepare_cached("UPDATE tcc_account SET held = held - $2, used = used + $2 WHERE resource = $1")
             .await?;
         self.open.execute(&used, &[&resource, &amount]).await?;
-        let done = self.open.prepare_cached("DELETE FROM tcc_hold WHERE partial_id = $1 AND resource = $2 AND held = 0").await?;
+        let done = self
+            .open
+            .prepare_cached("DELETE FROM tcc_hold WHERE partial_id = $1 AND resource = $2 AND held = 0")
+            .await?;
         self.open.execute(&done, &[&partial, &resource]).await?;
         Ok(())
     }
@@ -465,70 +475,57 @@ impl Store for PgStore {
         }
     }
 
-    fn phase_of(&self, partial: &str) -> impl Future<Output = Result<Option<Phase>>> + Send {
-        let partial = partial.to_string();
-        async move {
-            let client = self.pool.get().await?;
-            let row = client.query_opt("SELECT outcome FROM tcc_guard WHERE partial_id = $1", &[&partial]).await?;
-            Ok(match row {
-                Some(row) => Phase::from_code(row.try_get::<_, String>(0)?.as_bytes()),
-                None => None,
-            })
-        }
+    async fn phase_of(&self, partial: &str) -> Result<Option<Phase>> {
+        let client = self.pool.get().await?;
+        let row = client.query_opt("SELECT outcome FROM tcc_guard WHERE partial_id = $1", &[&partial]).await?;
+        Ok(match row {
+            Some(row) => Phase::from_code(row.try_get::<_, String>(0)?.as_bytes()),
+            None => None,
+        })
     }
 }
 
 impl Reservations for PgStore {
-    fn seed(&self, resource: &str, amount: i64) -> impl Future<Output = Result<Account>> + Send {
-        let resource = resource.to_string();
-        async move {
-            if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
-                return Err(Error::Invalid(format!(
-                    "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
-                )));
+    async fn seed(&self, resource: &str, amount: i64) -> Result<Account> {
+        if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
+            return Err(Error::Invalid(format!(
+                "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
+            )));
+        }
+        let client = self.pool.get().await?;
+        // The WHERE fails with numeric_value_out_of_range (22003) when
+        // the total would leave the range.
+        let sql = "INSERT INTO tcc_account AS a (resource, available, held, used) VALUES ($1, $2, 0, 0) \
+                   ON CONFLICT (resource) DO UPDATE SET available = a.available + EXCLUDED.available \
+                   WHERE a.available + a.held + a.used + EXCLUDED.available IS NOT NULL \
+                   RETURNING available, held, used";
+        match client.query_one(sql, &[&resource, &amount]).await {
+            Ok(row) => Ok(Account { available: row.try_get(0)?, held: row.try_get(1)?, used: row.try_get(2)? }),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => {
+                Err(Error::Invalid(seed_overflow(resource, amount)))
             }
-            let client = self.pool.get().await?;
-            // The WHERE fails with numeric_value_out_of_range (22003) when
-            // the total would leave the range.
-            let sql = "INSERT INTO tcc_account AS a (resource, available, held, used) VALUES ($1, $2, 0, 0) \
-                       ON CONFLICT (resource) DO UPDATE SET available = a.available + EXCLUDED.available \
-                       WHERE a.available + a.held + a.used + EXCLUDED.available IS NOT NULL \
-                       RETURNING available, held, used";
-            match client.query_one(sql, &[&resource, &amount]).await {
-                Ok(row) => Ok(Account { available: row.try_get(0)?, held: row.try_get(1)?, used: row.try_get(2)? }),
-                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) => {
-                    Err(Error::Invalid(seed_overflow(&resource, amount)))
-                }
-                Err(e) => Err(e.into()),
-            }
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn account(&self, resource: &str) -> impl Future<Output = Result<Option<Account>>> + Send {
-        let resource = resource.to_string();
-        async move {
-            let client = self.pool.get().await?;
-            let sql = "SELECT available, held, used FROM tcc_account WHERE resource = $1";
-            match client.query_opt(sql, &[&resource]).await? {
-                Some(row) => {
-                    Ok(Some(Account { available: row.try_get(0)?, held: row.try_get(1)?, used: row.try_get(2)? }))
-                }
-                None => Ok(None),
-            }
+    async fn account(&self, resource: &str) -> Result<Option<Account>> {
+        let client = self.pool.get().await?;
+        let sql = "SELECT available, held, used FROM tcc_account WHERE resource = $1";
+        match client.query_opt(sql, &[&resource]).await? {
+            Some(row) => Ok(Some(Account { available: row.try_get(0)?, held: row.try_get(1)?, used: row.try_get(2)? })),
+            None => Ok(None),
         }
     }
 
-    fn accounts(&self) -> impl Future<Output = Result<Vec<(String, Account)>>> + Send {
-        async move {
-            let client = self.pool.get().await?;
-            let sql = "SELECT resource, available, held, used FROM tcc_account ORDER BY resource";
-            let mut out = Vec::new();
-            for row in client.query(sql, &[]).await? {
-                let account = Account { available: row.try_get(1)?, held: row.try_get(2)?, used: row.try_get(3)? };
-                out.push((row.try_get(0)?, account));
-            }
-            Ok(out)
+    async fn accounts(&self) -> Result<Vec<(String, Account)>> {
+        let client = self.pool.get().await?;
+        let sql = "SELECT resource, available, held, used FROM tcc_account ORDER BY resource";
+        let mut out = Vec::new();
+        for row in client.query(sql, &[]).await? {
+            let account = Account { available: row.try_get(1)?, held: row.try_get(2)?, used: row.try_get(3)? };
+            out.push((row.try_get(0)?, account));
         }
+        Ok(out)
     }
 
     fn holds(&self) -> impl Future<Output = Result<Vec<Hold>>> + Send {
@@ -539,21 +536,18 @@ impl Reservations for PgStore {
         self.read_holds(cutoff_ms)
     }
 
-    fn store_hold(&self, hold: Hold) -> impl Future<Output = Result<bool, HoldError>> + Send {
-        async move { self.hold_here(&hold).await }
+    async fn store_hold(&self, hold: Hold) -> Result<bool, HoldError> {
+        self.hold_here(&hold).await
     }
 
-    fn release_now(&self, partial: &str) -> impl Future<Output = Result<i64>> + Send {
-        let partial = partial.to_string();
-        async move {
-            let mut client = self.pool.get().await?;
-            let mut tx = Tx { open: client.transaction().await? };
-            let released = tx.release_in(&partial).await?;
-            // An undecided try's record goes too, so that a retried try
-            // may hold again (as with sled, which keeps no record of tries).
-            tx.open.execute("DELETE FROM tcc_guard WHERE partial_id = $1 AND outcome = 'T'", &[&partial]).await?;
-            tx.open.commit().await?;
-            Ok(released)
-        }
+    async fn release_now(&self, partial: &str) -> Result<i64> {
+        let mut client = self.pool.get().await?;
+        let mut tx = Tx { open: client.transaction().await? };
+        let released = tx.release_in(partial).await?;
+        // An undecided try's record goes too, so that a retried try
+        // may hold again (as with sled, which keeps no record of tries).
+        tx.open.execute("DELETE FROM tcc_guard WHERE partial_id = $1 AND outcome = 'T'", &[&partial]).await?;
+        tx.open.commit().await?;
+        Ok(released)
     }
 }

@@ -19,7 +19,9 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 use sled::{Transactional, Tree};
 
 use crate::error::{Error, Result};
@@ -219,7 +221,12 @@ impl SledStore {
 
     /// The guard and the body, in one sled transaction (see the module
     /// docs); not yet durable.
-    fn apply_here<P: Participant<Store = Self>>(&self, participant: &P, phase: Phase, call: &PhaseTwo) -> Result<Applied> {
+    fn apply_here<P: Participant<Store = Self>>(
+        &self,
+        participant: &P,
+        phase: Phase,
+        call: &PhaseTwo,
+    ) -> Result<Applied> {
         self.transaction(|tx| match tx.phase_of(&call.partial_id)? {
             Some(done) if done == phase => Ok(Applied::Already),
             Some(done) => abort(done.refusal(&call.partial_id, phase)),
@@ -331,30 +338,27 @@ impl Store for SledStore {
 }
 
 impl Reservations for SledStore {
-    fn seed(&self, resource: &str, amount: i64) -> impl Future<Output = Result<Account>> + Send {
-        let resource = resource.to_string();
-        async move {
-            if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
-                return Err(Error::Invalid(format!(
-                    "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
-                )));
-            }
-            let account = self.transaction(|tx| {
-                let mut a: Account = get_json(tx.open.accounts(), resource.as_bytes())?.unwrap_or_default();
-                match (a.available.checked_add(amount), a.total().checked_add(amount)) {
-                    (Some(v), Some(_)) => a.available = v,
-                    _ => return abort(seed_overflow(&resource, amount)),
-                }
-                put_json(tx.open.accounts(), resource.as_bytes(), &a)?;
-                Ok(a)
-            });
-            let account = account.map_err(|e| match e {
-                Error::Refused(m) => Error::Invalid(m),
-                other => other,
-            })?;
-            self.flush().await?;
-            Ok(account)
+    async fn seed(&self, resource: &str, amount: i64) -> Result<Account> {
+        if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
+            return Err(Error::Invalid(format!(
+                "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
+            )));
         }
+        let account = self.transaction(|tx| {
+            let mut a: Account = get_json(tx.open.accounts(), resource.as_bytes())?.unwrap_or_default();
+            match (a.available.checked_add(amount), a.total().checked_add(amount)) {
+                (Some(v), Some(_)) => a.available = v,
+                _ => return abort(seed_overflow(resource, amount)),
+            }
+            put_json(tx.open.accounts(), resource.as_bytes(), &a)?;
+            Ok(a)
+        });
+        let account = account.map_err(|e| match e {
+            Error::Refused(m) => Error::Invalid(m),
+            other => other,
+        })?;
+        self.flush().await?;
+        Ok(account)
     }
 
     fn account(&self, resource: &str) -> impl Future<Output = Result<Option<Account>>> + Send {
@@ -381,17 +385,15 @@ impl Reservations for SledStore {
         std::future::ready(self.all_holds().map(|h| h.into_iter().filter(|h| h.deadline_ms <= cutoff_ms).collect()))
     }
 
-    fn store_hold(&self, hold: Hold) -> impl Future<Output = Result<bool, HoldError>> + Send {
-        async move {
-            let local = self.clone();
-            let fresh = tokio::task::spawn_blocking(move || local.hold_here(&hold))
-                .await
-                .map_err(|e| HoldError::Store(Error::Store(format!("hold task failed: {e}"))))??;
-            if fresh {
-                self.flush().await?;
-            }
-            Ok(fresh)
+    async fn store_hold(&self, hold: Hold) -> Result<bool, HoldError> {
+        let local = self.clone();
+        let fresh = tokio::task::spawn_blocking(move || local.hold_here(&hold))
+            .await
+            .map_err(|e| HoldError::Store(Error::Store(format!("hold task failed: {e}"))))??;
+        if fresh {
+            self.flush().await?;
         }
+        Ok(fresh)
     }
 
     fn release_now(&self, partial: &str) -> impl Future<Output = Result<i64>> + Send {
