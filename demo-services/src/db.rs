@@ -221,7 +221,7 @@ async fn pg<T>(
     f: impl AsyncFnOnce(&deadpool_postgres::Client) -> Result<T, tokio_postgres::Error>,
 ) -> Result<T, Status> {
     let client = store.pool().get().await.map_err(unavailable)?;
-    f(&client).await.map_err(|e| unavailable(tcc_domain_sdk::Error::from(e)))
+    f(&client).await.map_err(|e| Status::from(tcc_domain_sdk::Error::from(e)))
 }
 
 impl ShopStore for PgStore {

@@ -123,6 +123,30 @@ impl From<HoldError> for tonic::Status {
 /// Longest resource name, in bytes (a key in every store).
 pub const MAX_RESOURCE_LEN: usize = 255;
 
+/// Checks the ids of a call or a try as every store keeps them: a partial
+/// id of 1..=64 bytes and a transaction id of at most 64, neither with a
+/// NUL character.
+pub fn check_ids(partial_id: &str, transaction_id: &str) -> Result<(), String> {
+    if partial_id.is_empty() || partial_id.len() > 64 || partial_id.contains('\0') {
+        return Err(format!("partial_id {partial_id:?} must be 1..64 bytes without NUL"));
+    }
+    if transaction_id.len() > 64 || transaction_id.contains('\0') {
+        return Err(format!("transaction_id {transaction_id:?} must be at most 64 bytes without NUL"));
+    }
+    Ok(())
+}
+
+/// Checks a seed: a positive amount, a resource of 1..=255 bytes without
+/// NUL.
+pub(crate) fn check_seed(resource: &str, amount: i64) -> Result<()> {
+    if amount <= 0 || resource.is_empty() || resource.len() > MAX_RESOURCE_LEN || resource.contains('\0') {
+        return Err(Error::Invalid(format!(
+            "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a try's lines and makes its hold: 1..=100 lines, distinct
 /// resources of 1..=255 bytes, positive amounts; the deadline capped at
 /// [`MAX_HOLD_MS`] from now.
@@ -141,8 +165,9 @@ pub fn checked_hold(ctx: &PartialContext, lines: &[(String, i64)]) -> Result<Hol
     if let Some(w) = requested.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(HoldError::Invalid(format!("resource {:?} is listed twice", w[0].0)));
     }
-    if ctx.partial_id.is_empty() || ctx.partial_id.len() > 64 {
-        return Err(HoldError::Invalid("partial_id is missing or too long (1..64 bytes)".into()));
+    check_ids(&ctx.partial_id, &ctx.transaction_id).map_err(HoldError::Invalid)?;
+    if let Some((r, _)) = lines.iter().find(|(r, _)| r.contains('\0')) {
+        return Err(HoldError::Invalid(format!("resource {r:?} holds a NUL character")));
     }
     Ok(Hold {
         partial_id: ctx.partial_id.clone(),

@@ -68,8 +68,8 @@ impl<P: Participant> ParticipantService<P> {
             }
         }
         let call = Arc::new(PhaseTwo::from(request.into_inner()));
-        if call.partial_id.is_empty() || call.partial_id.len() > 64 {
-            return Err(Status::invalid_argument("partial_id is missing or too long (1..64 bytes)"));
+        if let Err(why) = crate::reservations::check_ids(&call.partial_id, &call.transaction_id) {
+            return Err(Status::invalid_argument(why));
         }
         match apply(&self.store, self.participant.clone(), phase, call.clone()).await {
             Ok(applied) => {

@@ -46,7 +46,8 @@ pub const COUNTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS counts (key TEXT PRIM
 impl Counting for PgStore {
     async fn bump(tx: &mut PgTx<'_>, key: &str) -> TxResult<()> {
         let sql = "INSERT INTO counts (key, n) VALUES ($1, 1) ON CONFLICT (key) DO UPDATE SET n = counts.n + 1";
-        tx.execute(sql, &[&key]).await?;
+        let statement = tx.prepare_cached(sql).await?;
+        tx.execute(&statement, &[&key]).await?;
         Ok(())
     }
 
@@ -117,4 +118,19 @@ impl<S: Counting> Participant for Failing<S> {
         S::bump(tx, &format!("{}:rollback", call.partial_id)).await?;
         Err(self.0.clone())
     }
+}
+
+/// Serves the SDK's `tcc.v1.Participant` over a [`Counter`] on `store`, on
+/// an ephemeral loopback port, for the rest of the process; returns its
+/// endpoint URI.
+pub async fn serve_counter<S: Counting>(store: S) -> anyhow::Result<String> {
+    let service = tcc_domain_sdk::ParticipantService::new(store, std::sync::Arc::new(Counter::<S>::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))),
+    );
+    Ok(format!("http://{addr}"))
 }

@@ -205,3 +205,74 @@ async fn the_shop_demo_runs_entirely_over_mutual_tls() -> Result<()> {
     assert!(status.success(), "{status:?}");
     Ok(())
 }
+
+/// Places the same orders on a `shop-demo` (alice buys two books, bob
+/// three pens, bob ten books: refused) and returns what its services
+/// then list: every account and every item.
+async fn orders_and_balances(port: u16) -> Result<(Vec<String>, Vec<String>)> {
+    use tcc_demo_services::pb::{
+        self, customers_client::CustomersClient, inventory_client::InventoryClient, shop_client::ShopClient,
+    };
+    let url = |offset: u16| format!("http://127.0.0.1:{}", port + offset);
+    let mut shop = ShopClient::connect(url(4)).await?;
+    for (customer, sku, quantity, ok) in
+        [("alice", "book", 2, true), ("bob", "pen", 3, true), ("bob", "book", 10, false)]
+    {
+        let order =
+            pb::PlaceOrderRequest { customer: customer.into(), items: vec![pb::Line { sku: sku.into(), quantity }] };
+        let placed = shop.place_order(order).await;
+        assert_eq!(placed.is_ok(), ok, "{customer} {quantity} {sku}: {placed:?}");
+    }
+    let accounts = CustomersClient::connect(url(1)).await?.list_accounts(pb::ListRequest {}).await?.into_inner();
+    let items = InventoryClient::connect(url(2)).await?.list_items(pb::ListRequest {}).await?.into_inner();
+    let mut accounts: Vec<String> = accounts.accounts.iter().map(|a| format!("{a:?}")).collect();
+    let mut items: Vec<String> = items.items.iter().map(|i| format!("{i:?}")).collect();
+    accounts.sort();
+    items.sort();
+    Ok((accounts, items))
+}
+
+#[tokio::test]
+async fn the_shop_demo_on_postgres_gives_the_balances_of_the_sled_run() -> Result<()> {
+    let Some(pg) = tcc_tests::pg::Postgres::start().await? else { return Ok(()) };
+    let on_sled = {
+        let dir = tempfile::tempdir()?;
+        let port = five_free_ports()?;
+        let (_demo, _) = shop_demo(dir.path(), port).await?;
+        orders_and_balances(port).await?
+    };
+    let dir = tempfile::tempdir()?;
+    let port = five_free_ports()?;
+    let server = format!("postgres://tcc@127.0.0.1:{}", pg.port());
+    let (mut demo, seen) = shop_demo_with(dir.path(), port, &["--database-url", &server]).await?;
+    assert!(seen.contains("created database shop_customers"), "{seen}");
+    let on_postgres = orders_and_balances(port).await?;
+    assert_eq!(on_postgres, on_sled, "the same orders leave the same balances on either store");
+    assert!(on_sled.0.iter().any(|a| a.contains("\"alice\"") && a.contains("debited: 30")), "{on_sled:?}");
+
+    // The data is in the services' own databases, referring to each other
+    // only by soft references.
+    let db = |name: &str| format!("postgres://tcc@127.0.0.1:{}/{name}", pg.port());
+    let (orders, conn) = tokio_postgres::connect(&db("shop_orders"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let rows = orders.query("SELECT customers_customer_id, total FROM orders ORDER BY total", &[]).await?;
+    let placed: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(placed, vec![("bob".to_string(), 6), ("alice".to_string(), 30)]);
+    let (customers, conn) = tokio_postgres::connect(&db("shop_customers"), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let debits: i64 = customers.query_one("SELECT count(*) FROM debits", &[]).await?.get(0);
+    let decided: i64 = customers.query_one("SELECT count(*) FROM tcc_guard WHERE outcome <> 'T'", &[]).await?.get(0);
+    assert_eq!((debits, decided), (2, 3), "two debits; three partials decided (the refused order's rolled back)");
+    for (client, name) in [(&orders, "orders"), (&customers, "customers")] {
+        let fks: i64 = client
+            .query_one("SELECT count(*) FROM information_schema.table_constraints WHERE constraint_type = 'FOREIGN KEY' AND table_name <> 'order_lines'", &[])
+            .await?
+            .get(0);
+        assert_eq!(fks, 0, "no foreign key leaves the {name} service");
+    }
+    let pid = demo.id().context("pid")?;
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    let status = tokio::time::timeout(Duration::from_secs(20), demo.wait()).await??;
+    assert!(status.success(), "{status:?}");
+    Ok(())
+}

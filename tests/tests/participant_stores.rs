@@ -153,6 +153,19 @@ async fn reservations<S: Counting>(store: &S) -> Result<()> {
         let r = store.hold(&ctx("h4"), &bad).await;
         ensure!(matches!(r, Err(HoldError::Invalid(_))), "{bad:?}: {r:?}");
     }
+    let nul = PartialContext { partial_id: "h\0".into(), transaction_id: "t".into(), deadline_ms: 0 };
+    ensure!(matches!(store.hold(&nul, &[("amy".to_string(), 1)]).await, Err(HoldError::Invalid(_))));
+    ensure!(matches!(store.hold(&ctx("h4"), &[("a\0".to_string(), 1)]).await, Err(HoldError::Invalid(_))));
+    ensure!(matches!(store.seed("a\0", 1).await, Err(Error::Invalid(_))));
+    // A retried try of several lines is a no-op whatever their order (and
+    // whatever order the database sorts them in).
+    store.seed("Zoe", 5).await?;
+    store.seed("abe", 5).await?;
+    let mixed = vec![("abe".to_string(), 1), ("Zoe".to_string(), 2)];
+    ensure!(store.hold(&ctx("h5"), &mixed).await?);
+    let reordered = vec![("Zoe".to_string(), 2), ("abe".to_string(), 1)];
+    ensure!(!store.hold(&ctx("h5"), &reordered).await?, "the same lines in another order are the same try");
+    ensure!(rollback(store, &call("h5", &[])).await? == Applied::Now);
     // The failed tries left no record: h4 may still hold.
     ensure!(store.hold(&ctx("h4"), &[("amy".to_string(), 1)]).await?);
     ensure!(rollback(store, &call("h4", &[])).await? == Applied::Now);
@@ -168,7 +181,7 @@ async fn reservations<S: Counting>(store: &S) -> Result<()> {
     ensure!(store.overdue(now).await?.is_empty());
     ensure!(store.overdue(now + MAX_HOLD_MS + 1).await?.len() == 1);
     let totals: i64 = store.accounts().await?.iter().map(|(_, a)| a.total()).sum();
-    ensure!(totals == 100 + 10 + 10, "seeded amounts are conserved: {totals}");
+    ensure!(totals == 100 + 10 + 10 + 5 + 5, "seeded amounts are conserved: {totals}");
     Ok(())
 }
 
@@ -304,6 +317,9 @@ async fn postgres_restarting_under_phase_two_is_transient() -> Result<()> {
         }],
     };
     client.commit(request(0)).await?;
+    let forged = v1::PhaseTwoRequest { transaction_id: "t".repeat(65), ..request(1) };
+    let refused = client.commit(forged).await.err().map(|s| s.code());
+    ensure!(refused == Some(tonic::Code::InvalidArgument), "an overlong transaction id: {refused:?}");
     pg.crash().await?;
     for i in 1..8 {
         let status = client.commit(request(i)).await.err().map(|s| s.code());

@@ -33,6 +33,9 @@
 //!    1 and 2) → back to 1.
 //! 4. The body; then COMMIT. A failure anywhere rolls everything back.
 //!
+//! 1 and 2 are sent together (pipelined, one round trip): after an UPDATE
+//! that decided the row, the INSERT finds it and does nothing.
+//!
 //! Two deliveries of one partial at once serialize on its row: the
 //! UPDATE's row lock, or the INSERT's wait on the unique key, holds the
 //! second until the first commits (then it finds the outcome) or rolls
@@ -44,7 +47,8 @@
 //!    no row → `SELECT outcome ... FOR SHARE`: `C` or `R` → refuse (a late
 //!    try reserves nothing: no hanging); `T` → a retried try, a no-op if
 //!    it asks the same lines (`SELECT resource, requested FROM tcc_hold WHERE partial_id = $1 ORDER BY resource`).
-//! 2. Per line, by resource: `UPDATE tcc_account SET available = available - $2, held = held + $2 WHERE resource = $1 AND available >= $2`
+//! 2. Per line, by resource (in byte order, as phase 2 also locks
+//!    accounts): `UPDATE tcc_account SET available = available - $2, held = held + $2 WHERE resource = $1 AND available >= $2`
 //!    (no row → unknown or not enough: roll back), then
 //!    `INSERT INTO tcc_hold (...)`.
 //! 3. COMMIT.
@@ -61,6 +65,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
 
 use crate::error::{Error, Result};
 use crate::participant::{Applied, Participant, Phase, PhaseTwo, Store, Tx, TxError, TxResult, abort, run_body};
@@ -176,6 +181,11 @@ impl PgStore {
         }
         if config.get_application_name().is_none() {
             config.application_name("tcc-domain-sdk");
+        }
+        // No statement (a body waiting on a lock, say) holds a phase-2
+        // call and its connection forever; the call fails and is retried.
+        if config.get_options().is_none() {
+            config.options("-c statement_timeout=30000");
         }
         // A dead database host is noticed within seconds, not minutes.
         if config.get_keepalives_interval().is_none() {
@@ -318,13 +328,16 @@ impl PgStore {
 /// for a redelivery of the recorded outcome.
 async fn guard(tx: &deadpool_postgres::Transaction<'_>, phase: Phase, call: &PhaseTwo) -> Result<bool> {
     let (partial, code, now) = (call.partial_id.as_str(), phase.code(), now_ms());
+    let decide = tx.prepare_cached(DECIDE_TRY).await?;
+    let record = tx.prepare_cached(RECORD).await?;
     for _ in 0..3 {
-        let decide = tx.prepare_cached(DECIDE_TRY).await?;
-        if tx.execute(&decide, &[&partial, &code, &now]).await? == 1 {
-            return Ok(true);
-        }
-        let record = tx.prepare_cached(RECORD).await?;
-        if tx.execute(&record, &[&partial, &call.transaction_id, &code, &now]).await? == 1 {
+        // Sent together, in one round trip: after an UPDATE that decided
+        // the try's row, the INSERT finds that row and does nothing.
+        let decide_params: [&(dyn ToSql + Sync); 3] = [&partial, &code, &now];
+        let record_params: [&(dyn ToSql + Sync); 4] = [&partial, &call.transaction_id, &code, &now];
+        let (decided, recorded) =
+            tokio::try_join!(tx.execute(&decide, &decide_params), tx.execute(&record, &record_params))?;
+        if decided == 1 || recorded == 1 {
             return Ok(true);
         }
         let read = tx.prepare_cached(READ_OUTCOME).await?;
@@ -358,11 +371,13 @@ async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result
         if found != "T" {
             return Err(HoldError::Decided(partial.to_string()));
         }
-        let sql = "SELECT resource, requested FROM tcc_hold WHERE partial_id = $1 ORDER BY resource";
+        let sql = "SELECT resource, requested FROM tcc_hold WHERE partial_id = $1";
         let mut first = Vec::new();
         for row in tx.query(sql, &[&partial]).await.map_err(Error::from)? {
             first.push((row.try_get::<_, String>(0).map_err(Error::from)?, row.try_get(1).map_err(Error::from)?));
         }
+        // In Rust's order, as `requested` is (the server's collation may differ).
+        first.sort();
         return if first == hold.requested { Ok(false) } else { Err(retried_try_differs(partial, &first)) };
     }
     let take = tx
@@ -392,8 +407,7 @@ async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result
                 },
             });
         }
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&partial, resource, &hold.transaction_id, &hold.deadline_ms, amount];
+        let params: [&(dyn ToSql + Sync); 5] = [&partial, resource, &hold.transaction_id, &hold.deadline_ms, amount];
         tx.execute(&insert, &params).await.map_err(Error::from)?;
     }
     Ok(true)
@@ -401,21 +415,24 @@ async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result
 
 impl PgTx<'_> {
     async fn release_in(&mut self, partial: &str) -> TxResult<i64> {
-        let read = self
-            .open
-            .prepare_cached("SELECT resource, held FROM tcc_hold WHERE partial_id = $1 ORDER BY resource FOR UPDATE")
-            .await?;
-        let rows = self.open.query(&read, &[&partial]).await?;
+        let read =
+            self.open.prepare_cached("SELECT resource, held FROM tcc_hold WHERE partial_id = $1 FOR UPDATE").await?;
+        let mut rows = Vec::new();
+        for row in self.open.query(&read, &[&partial]).await? {
+            rows.push((row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?));
+        }
         if rows.is_empty() {
             return Ok(0);
         }
+        // Accounts in the order a try locks them (Rust's, not the server's
+        // collation), so that a release and a try do not deadlock.
+        rows.sort();
         let give = self
             .open
             .prepare_cached("UPDATE tcc_account SET held = held - $2, available = available + $2 WHERE resource = $1")
             .await?;
         let mut total = 0i64;
-        for row in rows {
-            let (resource, held): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        for (resource, held) in rows {
             self.open.execute(&give, &[&resource, &held]).await?;
             total = total.saturating_add(held);
         }
@@ -487,11 +504,7 @@ impl Store for PgStore {
 
 impl Reservations for PgStore {
     async fn seed(&self, resource: &str, amount: i64) -> Result<Account> {
-        if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
-            return Err(Error::Invalid(format!(
-                "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
-            )));
-        }
+        crate::reservations::check_seed(resource, amount)?;
         let client = self.pool.get().await?;
         // The WHERE fails with numeric_value_out_of_range (22003) when
         // the total would leave the range.

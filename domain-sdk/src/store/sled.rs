@@ -339,11 +339,7 @@ impl Store for SledStore {
 
 impl Reservations for SledStore {
     async fn seed(&self, resource: &str, amount: i64) -> Result<Account> {
-        if amount <= 0 || resource.is_empty() || resource.len() > crate::reservations::MAX_RESOURCE_LEN {
-            return Err(Error::Invalid(format!(
-                "cannot seed {amount} of {resource:?}: the amount must be positive and the resource 1..255 bytes"
-            )));
-        }
+        crate::reservations::check_seed(resource, amount)?;
         let account = self.transaction(|tx| {
             let mut a: Account = get_json(tx.open.accounts(), resource.as_bytes())?.unwrap_or_default();
             match (a.available.checked_add(amount), a.total().checked_add(amount)) {

@@ -41,6 +41,12 @@
 //! coordinator checking their identity. The floor is then measured over
 //! TLS as well.
 //!
+//! `--participant-store sled|postgres` replaces the no-op participants with
+//! the SDK's participant service (its exactly-once guard included) over a
+//! participant that counts each command in its own store: a sled directory
+//! each, or a database each on a throwaway PostgreSQL server. The
+//! difference from `noop` is the participant side's cost.
+//!
 //! Every loop is bounded by `--duration-secs` or `--count`; only loopback
 //! addresses are used.
 
@@ -114,6 +120,13 @@ struct Args {
     /// Mutual TLS and a policy everywhere (see the module docs).
     #[arg(long)]
     tls: bool,
+    /// Where the participants keep their data: `noop` (they acknowledge at
+    /// once and keep nothing), `sled` or `postgres` (the SDK's participant
+    /// service, exactly-once guard included, over a participant that
+    /// counts each command in its own store: a temp sled directory, or a
+    /// database of its own on a throwaway PostgreSQL server).
+    #[arg(long, default_value = "noop")]
+    participant_store: String,
     /// Extra flags for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     coordinator_args: Vec<String>,
@@ -585,12 +598,36 @@ async fn main() -> Result<()> {
         return run_active(&mut nodes[0], &args).await;
     }
 
+    let participant_db = match args.participant_store.as_str() {
+        "noop" | "sled" => None,
+        "postgres" => Some(
+            tcc_tests::pg::Postgres::start()
+                .await?
+                .context("--participant-store postgres needs PostgreSQL: apt-get install -y postgresql")?,
+        ),
+        other => bail!("unknown --participant-store {other:?}; use noop, sled or postgres"),
+    };
+    let participant_dirs = tempfile::tempdir()?;
     let mut services = Vec::new();
     for i in 0..args.participants {
         let name = format!("bench-{i}");
-        let url = match SECURITY.get() {
-            Some(s) => tcc_tests::start_noop_participant_tls(s.tls(&name)?.server()).await?,
-            None => tcc_tests::start_noop_participant().await?,
+        let url = match (SECURITY.get(), args.participant_store.as_str(), &participant_db) {
+            (Some(s), "noop", _) => tcc_tests::start_noop_participant_tls(s.tls(&name)?.server()).await?,
+            (Some(_), _, _) => bail!("--tls goes with --participant-store noop"),
+            (None, "sled", _) => {
+                let store = tcc_domain_sdk::store::sled::SledStore::open(
+                    &participant_dirs.path().join(&name),
+                    &[tcc_tests::participants::COUNTS],
+                )?;
+                tcc_tests::participants::serve_counter(store).await?
+            }
+            (None, _, Some(db)) => {
+                let database = format!("bench_{i}");
+                db.client().await?.batch_execute(&format!("CREATE DATABASE {database}")).await?;
+                let url = format!("postgres://tcc@127.0.0.1:{}/{database}", db.port());
+                tcc_tests::participants::serve_counter(tcc_tests::participants::open_counting_pg(&url).await?).await?
+            }
+            (None, _, None) => tcc_tests::start_noop_participant().await?,
         };
         let mut registry = RegistryClient::new(connect(&nodes[0], &name).await?);
         registry.register(v1::RegisterRequest { service: name.clone(), endpoint: url, ttl_ms: 600_000 }).await?;
@@ -659,8 +696,13 @@ async fn main() -> Result<()> {
         args.concurrency,
         args.cancel_ratio * 100.0
     );
+    println!("| participants' store | {} |", args.participant_store);
     println!("| transactions | {done} in {:.1} s, {errors} errors |", elapsed.as_secs_f64());
-    println!("| throughput | {tps:.0} tx/s ({:.0} coordinator RPCs/s) |", tps * rpcs as f64);
+    println!(
+        "| throughput | {tps:.0} tx/s ({:.0} coordinator RPCs/s, {:.0} phase-2 calls/s) |",
+        tps * rpcs as f64,
+        tps * args.participants as f64
+    );
     println!(
         "| whole transaction p50 / p99 / p99.9 | {:.2} / {:.2} / {:.2} ms |",
         ms(whole.value_at_quantile(0.5)),
