@@ -326,9 +326,14 @@ where
                         continue;
                     }
                 },
-                // Never begun (a forged or mistaken partial id), or collected
-                // long after it finished: nothing will ever be delivered.
-                Err(Error::Coordinator(s)) if s.code() == tonic::Code::NotFound => (Phase::RolledBack, Vec::new()),
+                // Never begun (a forged or mistaken partial id, or one that
+                // cannot name a partial at all), or collected long after it
+                // finished: nothing will ever be delivered.
+                Err(Error::Coordinator(s))
+                    if matches!(s.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument) =>
+                {
+                    (Phase::RolledBack, Vec::new())
+                }
                 Err(e) => {
                     tracing::warn!(partial = %hold.partial_id, cause = %e, "cannot learn the outcome of an overdue hold");
                     report.pending += 1;

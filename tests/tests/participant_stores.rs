@@ -406,3 +406,70 @@ async fn a_service_killed_between_its_commit_and_its_answer_applies_once() -> Re
     );
     Ok(())
 }
+
+/// The reconciler on `store`: a hold whose transaction was confirmed but
+/// never delivered (the service is not registered) is committed from the
+/// topic; one whose partial the coordinator never began is rolled back;
+/// both through the guard, so a later delivery is a redelivery.
+async fn reconciler<S: Counting>(store: S) -> Result<()> {
+    use tcc_domain_sdk::reservations::{Reconciled, Reconciler};
+    use tcc_tests::{Coordinator, command};
+    let c = Coordinator::start(&[]).await?;
+    let sdk = tcc_domain_sdk::Coordinator::connect(&c.url()).await?;
+    store.seed("stock", 20).await?;
+    let txn = sdk.begin(&["counter"], Duration::from_millis(400)).await?;
+    let ctx = txn.partial("counter")?;
+    store.hold(&ctx, &[("stock".to_string(), 4)]).await?;
+    let append = tcc_domain_sdk::proto::AppendRequest {
+        partial_id: ctx.partial_id.clone(),
+        commands: vec![command("take", "stock", b"3")],
+        idempotency_key: String::new(),
+        service: "counter".into(),
+    };
+    c.topics().await?.append(append).await?;
+    let confirm =
+        tcc_domain_sdk::proto::ConfirmRequest { transaction_id: txn.id.clone(), wait: false, wait_timeout_ms: 0 };
+    c.transactions().await?.confirm(confirm).await?;
+    // Never begun: an id the coordinator cannot have made, and a
+    // well-formed one it does not know.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    for partial in ["never-begun", unknown.as_str()] {
+        let never = PartialContext { partial_id: partial.into(), transaction_id: "t".into(), deadline_ms: 0 };
+        store.hold(&never, &[("stock".to_string(), 2)]).await?;
+    }
+    ensure!(account(&store, "stock").await? == (12, 8, 0));
+
+    let reconciler = Reconciler::new(store.clone(), Arc::new(Counter::<S>::default()), sdk, Duration::ZERO);
+    // The confirmed transaction's hold is overdue once its deadline passes.
+    let total = std::sync::Mutex::new(Reconciled::default());
+    tcc_tests::eventually("the confirmed hold to be settled", Duration::from_secs(10), || async {
+        let r = reconciler.reconcile_once().await?;
+        let mut total = total.lock().unwrap();
+        total.committed += r.committed;
+        total.rolled_back += r.rolled_back;
+        total.pending += r.pending;
+        Ok((total.committed == 1).then_some(()))
+    })
+    .await?;
+    let total = *total.lock().unwrap();
+    ensure!((total.committed, total.rolled_back, total.pending) == (1, 2, 0), "{total:?}");
+    ensure!(account(&store, "stock").await? == (17, 0, 3), "3 used, the 1 left over and the 2 + 2 released");
+    ensure!(store.count(&ctx.partial_id).await? == 1);
+    ensure!(store.phase_of("never-begun").await? == Some(Phase::RolledBack));
+    ensure!(store.phase_of(&unknown).await? == Some(Phase::RolledBack));
+    ensure!(commit(&store, &call(&ctx.partial_id, &[("take", "stock", 3)])).await? == Applied::Already);
+    ensure!(reconciler.reconcile_once().await? == Reconciled::default(), "nothing left");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_settles_overdue_holds_on_sled() -> Result<()> {
+    let (_dir, store) = sled()?;
+    reconciler(store).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_settles_overdue_holds_on_postgres() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    reconciler(open_counting_pg(&pg.url()).await?).await
+}
