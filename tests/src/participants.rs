@@ -64,7 +64,8 @@ impl Counting for PgStore {
 /// A [`PgStore`] on `url` with the counts table.
 pub async fn open_counting_pg(url: &str) -> anyhow::Result<PgStore> {
     let store = PgStore::connect(url).await?;
-    store.pool().get().await?.batch_execute(COUNTS_TABLE).await?;
+    let client = store.pool().get().await?;
+    client.batch_execute(&format!("SET client_min_messages = warning; {COUNTS_TABLE}; RESET client_min_messages")).await?;
     Ok(store)
 }
 

@@ -385,7 +385,11 @@ async fn a_service_killed_between_its_commit_and_its_answer_applies_once() -> Re
         Ok((store.phase_of(&partial).await? == Some(Phase::Committed)).then_some(()))
     })
     .await?;
-    ensure!(service.logs().contains("never answering"), "{}", service.logs());
+    // Its log line follows the COMMIT: the process is in the window.
+    eventually("the service to say it will not answer", Duration::from_secs(10), || async {
+        Ok(service.logs().contains("never answering").then_some(()))
+    })
+    .await?;
     service.kill9().await?;
     service.restart().await?;
 
