@@ -65,7 +65,9 @@ impl Counting for PgStore {
 pub async fn open_counting_pg(url: &str) -> anyhow::Result<PgStore> {
     let store = PgStore::connect(url).await?;
     let client = store.pool().get().await?;
-    client.batch_execute(&format!("SET client_min_messages = warning; {COUNTS_TABLE}; RESET client_min_messages")).await?;
+    client
+        .batch_execute(&format!("SET client_min_messages = warning; {COUNTS_TABLE}; RESET client_min_messages"))
+        .await?;
     Ok(store)
 }
 
