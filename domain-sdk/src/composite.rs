@@ -238,7 +238,7 @@ fn reason_of<E: std::fmt::Display + 'static>(e: &E) -> String {
     if let Some(status) = any.downcast_ref::<tonic::Status>() {
         return status.message().to_string();
     }
-    if let Some(crate::Error::Coordinator(status)) = any.downcast_ref::<crate::Error>() {
+    if let Some(crate::error::Error::Coordinator(status)) = any.downcast_ref::<crate::error::Error>() {
         return status.message().to_string();
     }
     e.to_string()
@@ -250,7 +250,7 @@ mod tests {
     fn a_status_gives_its_message_as_the_cancel_reason() {
         let refused = tonic::Status::failed_precondition("not enough credit: 5 short");
         assert_eq!(super::reason_of(&refused), "not enough credit: 5 short");
-        let wrapped = crate::Error::Coordinator(tonic::Status::not_found("no such partial"));
+        let wrapped = crate::error::Error::Coordinator(tonic::Status::not_found("no such partial"));
         assert_eq!(super::reason_of(&wrapped), "no such partial");
         assert_eq!(super::reason_of(&"plain text"), "plain text");
     }

@@ -147,6 +147,16 @@ pub(crate) fn check_seed(resource: &str, amount: i64) -> Result<()> {
     Ok(())
 }
 
+/// The refusal of a retried try that asks for other lines than the first.
+pub(crate) fn retried_try_differs(partial: &str, first: &[(String, i64)]) -> HoldError {
+    HoldError::Invalid(format!("partial {partial} already reserved {first:?}; a retried try must ask the same"))
+}
+
+/// The refusal of a seed that would take an account past `i64`.
+pub(crate) fn seed_overflow(resource: &str, amount: i64) -> String {
+    format!("cannot add {amount} to {resource:?}: the total would leave the range of a 64-bit integer")
+}
+
 /// Checks a try's lines and makes its hold: 1..=100 lines, distinct
 /// resources of 1..=255 bytes, positive amounts; the deadline capped at
 /// [`MAX_HOLD_MS`] from now.

@@ -6,10 +6,11 @@
 //!
 //! The same with the services keeping their data in PostgreSQL (a
 //! database each, the coordinator on its embedded store); and on a
-//! cluster: three coordinators on one PostgreSQL server that also holds
-//! the services' databases (each shop service talks to a different
-//! coordinator), coordinators and services killed at random, and the
-//! server itself crashed and restarted once in the middle of the run.
+//! cluster: three coordinators on one PostgreSQL server (each shop service
+//! talks to a different coordinator), coordinators and services killed at
+//! random, and the server itself crashed and restarted once in the middle
+//! of the run, with the services on sled and again with their databases
+//! on that same server.
 //!
 //! The CI configuration runs 8 s of chaos each. A longer run by hand:
 //! `TCC_CHAOS_SECS=300 cargo test --workspace --test chaos -- --nocapture`.
@@ -66,10 +67,19 @@ async fn the_shop_with_its_services_on_postgres_keeps_its_invariants_while_proce
     chaos(shop, secs, seed, None).await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_on_a_cluster_keeps_its_invariants_while_coordinators_and_the_database_fail() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let (secs, seed) = settings();
+    let shop = Shop::start_cluster(&pg, false, &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;
+    chaos(shop, secs, seed, Some(pg)).await
+}
+
 /// The cluster's database server also holds the services' databases, so
 /// its crash hits the coordinators and the participants at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shop_on_a_cluster_keeps_its_invariants_while_coordinators_and_the_database_fail() -> Result<()> {
+async fn the_shop_on_a_cluster_with_its_services_on_postgres_keeps_its_invariants_while_the_server_fails() -> Result<()>
+{
     let Some(pg) = Postgres::start().await? else { return Ok(()) };
     let (secs, seed) = settings();
     let shop = Shop::start_cluster(&pg, true, &["--timeout-ms", "3000", "--wait-ms", "3000"]).await?;

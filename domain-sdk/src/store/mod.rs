@@ -8,9 +8,10 @@
 //!   give the DDL and every statement of the guard, for a participant
 //!   written in another language.
 //!
-//! Both implement [`Store`](crate::participant::Store),
-//! [`Reservations`](crate::reservations::Reservations), and, for their
-//! transaction, [`Settle`](crate::reservations::Settle), with the same
+//! Both implement [`Store`](crate::participant::Store) (with the
+//! reservation operations of their transaction,
+//! [`Tx`](crate::participant::Tx)) and
+//! [`Reservations`](crate::reservations::Reservations), with the same
 //! semantics and errors: one participant's code reads the same on either.
 
 #[cfg(feature = "postgres")]

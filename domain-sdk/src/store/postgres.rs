@@ -69,8 +69,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::error::{Error, Result};
 use crate::participant::{Applied, Participant, Phase, PhaseTwo, Store, Tx, TxError, TxResult, abort, run_body};
-use crate::reservations::{Account, Hold, HoldError, Reservations, now_ms};
-use crate::store::sled::{retried_try_differs, seed_overflow};
+use crate::reservations::{Account, Hold, HoldError, Reservations, now_ms, retried_try_differs, seed_overflow};
 
 /// The schema version this SDK writes and understands.
 pub const SCHEMA_VERSION: i32 = 1;

@@ -26,7 +26,7 @@ use sled::{Transactional, Tree};
 
 use crate::error::{Error, Result};
 use crate::participant::{Applied, Participant, Phase, PhaseTwo, Store, Tx, TxError, TxResult, abort, run_body};
-use crate::reservations::{Account, Hold, HoldError, Reservations};
+use crate::reservations::{Account, Hold, HoldError, Reservations, retried_try_differs, seed_overflow};
 
 const PARTIALS: &str = "tcc.partials";
 const ACCOUNTS: &str = "tcc.accounts";
@@ -304,11 +304,6 @@ impl SledStore {
     }
 }
 
-/// The refusal of a retried try that asks for other lines than the first.
-pub(crate) fn retried_try_differs(partial: &str, first: &[(String, i64)]) -> HoldError {
-    HoldError::Invalid(format!("partial {partial} already reserved {first:?}; a retried try must ask the same"))
-}
-
 impl Store for SledStore {
     type Open<'a> = SledView<'a>;
 
@@ -396,11 +391,6 @@ impl Reservations for SledStore {
         let partial = partial.to_string();
         self.write(move |store| store.transaction(|tx| tx.open.release_now(&partial)))
     }
-}
-
-/// The refusal of a seed that would take an account past `i64`.
-pub(crate) fn seed_overflow(resource: &str, amount: i64) -> String {
-    format!("cannot add {amount} to {resource:?}: the total would leave the range of a 64-bit integer")
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(tree: &TransactionalTree, key: &[u8]) -> TxResult<Option<T>> {
