@@ -760,8 +760,28 @@ where
 }
 
 /// A loopback port that was free a moment ago (for processes that must be
-/// restarted on the same address).
+/// restarted on the same address). It is taken below the kernel's
+/// ephemeral range (`ip_local_port_range`), which the outgoing connections
+/// of every test draw from: a port from that range, free when chosen, was
+/// now and then taken by some client's connection before the process
+/// meant for it (or restarted on it) could listen. Each process walks its
+/// own sequence through the range, from an offset of its pid, so that
+/// tests running at once rarely try the same port.
 pub fn free_port() -> Result<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u64, ephemeral_low.clamp(10_001, 65_535));
+    let span = high - low;
+    let start = u64::from(std::process::id()).wrapping_mul(7_919) % span;
+    for _ in 0..span.min(2_000) {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
