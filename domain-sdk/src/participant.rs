@@ -270,6 +270,9 @@ impl<S: Store> Tx<'_, S> {
     /// In a commit: moves `amount` of `resource` held by `partial` to used.
     /// Refuses if the partial holds less (the try did not reserve it).
     pub async fn consume(&mut self, partial: &str, resource: &str, amount: i64) -> TxResult<()> {
+        if amount <= 0 {
+            return abort(format!("cannot use {amount} of {resource:?}: the amount must be positive"));
+        }
         S::consume(self, partial, resource, amount).await
     }
 

@@ -271,7 +271,10 @@ pub struct Reconciled {
     pub committed: usize,
     /// Rollbacks applied by the reconciler.
     pub rolled_back: usize,
-    /// Left for later (still undecided, or the coordinator unreachable).
+    /// Holds left over after their partial's decision, released.
+    pub leftovers: usize,
+    /// Left for later (still undecided, the coordinator unreachable, or
+    /// the store failing).
     pub pending: usize,
 }
 
@@ -317,10 +320,25 @@ where
         for hold in self.store.overdue(cutoff).await? {
             report.overdue += 1;
             // Already decided here: what is left is a leftover; release it.
-            if let Some(phase) = self.store.phase_of(&hold.partial_id).await? {
-                self.store.release_now(&hold.partial_id).await?;
-                tracing::warn!(partial = %hold.partial_id, ?phase, "released a hold left over after its decision");
-                report.rolled_back += 1;
+            let decided = match self.store.phase_of(&hold.partial_id).await {
+                Ok(decided) => decided,
+                Err(e) => {
+                    tracing::warn!(partial = %hold.partial_id, cause = %e, "cannot read an overdue hold's outcome");
+                    report.pending += 1;
+                    continue;
+                }
+            };
+            if let Some(phase) = decided {
+                match self.store.release_now(&hold.partial_id).await {
+                    Ok(_) => {
+                        tracing::warn!(partial = %hold.partial_id, ?phase, "released a hold left over after its decision");
+                        report.leftovers += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(partial = %hold.partial_id, cause = %e, "cannot release a leftover hold");
+                        report.pending += 1;
+                    }
+                }
                 continue;
             }
             let (phase, commands) = match self.read_topic(&hold.partial_id).await {

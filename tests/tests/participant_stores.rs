@@ -138,6 +138,12 @@ async fn reservations<S: Counting>(store: &S) -> Result<()> {
     ensure!(store.hold(&ctx("h3"), &[("bob".to_string(), 7)]).await?, "a released try may hold again");
     ensure!(rollback(store, &call("h3", &[])).await? == Applied::Now);
 
+    // Only positive amounts are used, on either store.
+    store.hold(&ctx("h6"), &[("bob".to_string(), 5)]).await?;
+    for amount in [0, -5] {
+        refused(commit(store, &call("h6", &[("take", "bob", amount)])).await, "must be positive")?;
+    }
+    ensure!(rollback(store, &call("h6", &[])).await? == Applied::Now);
     // Refusals reserve nothing, all lines or none.
     store.seed("amy", 10).await?;
     let two = vec![("amy".to_string(), 5), ("bob".to_string(), 1000)];
@@ -244,12 +250,33 @@ async fn commit_rollback_race<S: Counting>(store: &S) -> Result<()> {
     Ok(())
 }
 
+/// A try's own release (its publish refused) racing the coordinator's
+/// rollback of the same partial: both finish, and the hold goes back once.
+async fn release_rollback_race<S: Counting>(store: &S) -> Result<()> {
+    store.seed("rr", 100).await?;
+    for i in 0..10 {
+        let partial = format!("rr-{i}");
+        store.hold(&ctx(&partial), &[("rr".to_string(), 7)]).await?;
+        let (s1, s2, c) = (store.clone(), store.clone(), call(&partial, &[]));
+        let p = partial.clone();
+        let (released, rolled) = tokio::join!(
+            tokio::spawn(async move { s1.release_now(&p).await }),
+            tokio::spawn(async move { rollback(&s2, &c).await })
+        );
+        let (released, rolled) = (released??, rolled??);
+        ensure!(rolled == Applied::Now && (released == 7 || released == 0), "{partial}: {released} {rolled:?}");
+        ensure!(account(store, "rr").await? == (100, 0, 0), "{partial}: released once");
+    }
+    Ok(())
+}
+
 async fn suite<S: Counting>(store: &S) -> Result<()> {
     guard(store).await?;
     one_transaction(store).await?;
     reservations(store).await?;
     concurrent_duplicates(store).await?;
-    commit_rollback_race(store).await
+    commit_rollback_race(store).await?;
+    release_rollback_race(store).await
 }
 
 fn sled() -> Result<(tempfile::TempDir, SledStore)> {
@@ -476,4 +503,45 @@ async fn the_reconciler_settles_overdue_holds_on_sled() -> Result<()> {
 async fn the_reconciler_settles_overdue_holds_on_postgres() -> Result<()> {
     let Some(pg) = Postgres::start().await? else { return Ok(()) };
     reconciler(open_counting_pg(&pg.url()).await?).await
+}
+
+/// A body that swallows a failed statement leaves PostgreSQL's
+/// transaction aborted, and PostgreSQL answers its COMMIT with a silent
+/// rollback: the SDK must not acknowledge it.
+struct Swallowing;
+
+impl tcc_domain_sdk::Participant for Swallowing {
+    type Store = PgStore;
+
+    async fn commit(
+        &self,
+        tx: &mut tcc_domain_sdk::store::postgres::PgTx<'_>,
+        call: &PhaseTwo,
+    ) -> tcc_domain_sdk::participant::TxResult<()> {
+        PgStore::bump(tx, &call.partial_id).await?;
+        let _ignored = tx.execute("SELECT 1 / 0", &[]).await;
+        Ok(())
+    }
+
+    async fn rollback(
+        &self,
+        _: &mut tcc_domain_sdk::store::postgres::PgTx<'_>,
+        _: &PhaseTwo,
+    ) -> tcc_domain_sdk::participant::TxResult<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn postgres_does_not_acknowledge_a_body_that_swallowed_a_failed_statement() -> Result<()> {
+    let Some(pg) = Postgres::start().await? else { return Ok(()) };
+    let store = open_counting_pg(&pg.url()).await?;
+    let c = call("swallow", &[("x", "", 0)]);
+    let r = apply(&store, Arc::new(Swallowing), Phase::Committed, c.clone()).await;
+    ensure!(matches!(&r, Err(Error::Store(m)) if m.contains("25P02") || m.contains("no longer holds")), "{r:?}");
+    ensure!(store.phase_of("swallow").await?.is_none() && store.count("swallow").await? == 0, "nothing committed");
+    // The redelivery, to a body that works, applies.
+    ensure!(commit(&store, &c).await? == Applied::Now);
+    ensure!(store.count("swallow").await? == 1);
+    Ok(())
 }

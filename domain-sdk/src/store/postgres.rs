@@ -31,7 +31,10 @@
 //!    `O` → a redelivery: roll back, acknowledge. The other outcome →
 //!    roll back, refuse for good, naming it. `T` (a try committed between
 //!    1 and 2) → back to 1.
-//! 4. The body; then COMMIT. A failure anywhere rolls everything back.
+//! 4. The body; then the outcome read back (`SELECT outcome ... WHERE
+//!    partial_id = $1` must say `O`: PostgreSQL would turn the COMMIT of a
+//!    transaction that a swallowed error aborted into a silent rollback);
+//!    then COMMIT. A failure anywhere rolls everything back.
 //!
 //! 1 and 2 are sent together (pipelined, one round trip): after an UPDATE
 //! that decided the row, the INSERT finds it and does nothing.
@@ -46,7 +49,8 @@
 //! 1. `INSERT INTO tcc_guard (...) VALUES ($1, $2, 'T', $4) ON CONFLICT (partial_id) DO NOTHING`;
 //!    no row → `SELECT outcome ... FOR SHARE`: `C` or `R` → refuse (a late
 //!    try reserves nothing: no hanging); `T` → a retried try, a no-op if
-//!    it asks the same lines (`SELECT resource, requested FROM tcc_hold WHERE partial_id = $1 ORDER BY resource`).
+//!    it asks the same lines (`SELECT resource, requested FROM tcc_hold WHERE partial_id = $1`,
+//!    compared sorted by byte order).
 //! 2. Per line, by resource (in byte order, as phase 2 also locks
 //!    accounts): `UPDATE tcc_account SET available = available - $2, held = held + $2 WHERE resource = $1 AND available >= $2`
 //!    (no row → unknown or not enough: roll back), then
@@ -273,6 +277,22 @@ impl PgStore {
         if let Err(e) = run_body(participant, &mut tx, phase, call).await {
             let _ = tx.open.rollback().await;
             return Err(e.into());
+        }
+        // PostgreSQL answers COMMIT of an aborted transaction (a body that
+        // swallowed a failed statement) with a rollback, and tokio-postgres
+        // reports that as success: read the outcome back first. This fails
+        // (25P02) in an aborted transaction, and finds nothing after a body
+        // that ended the transaction itself.
+        let check = tx.open.prepare_cached(READ_OUTCOME).await?;
+        let recorded = tx.open.query_opt(&check, &[&call.partial_id]).await?;
+        let recorded = recorded.map(|row| row.try_get::<_, String>(0)).transpose()?;
+        if recorded.as_deref() != Some(phase.code()) {
+            let _ = tx.open.rollback().await;
+            return Err(Error::Store(format!(
+                "partial {}: the participant's transaction no longer holds its outcome (the body ended or \
+                 aborted the transaction); nothing was committed",
+                call.partial_id
+            )));
         }
         // A connection lost during COMMIT leaves the outcome unknown here;
         // the coordinator retries, and the guard tells which.
@@ -554,11 +574,18 @@ impl Reservations for PgStore {
 
     async fn release_now(&self, partial: &str) -> Result<i64> {
         let mut client = self.pool.get().await?;
-        let mut tx = Tx { open: client.transaction().await? };
+        let mut tx: PgTx<'_> = Tx { open: client.transaction().await? };
+        // The guard's row first, then the holds: phase 2's order, so that
+        // the two cannot deadlock.
+        let sql = "SELECT outcome FROM tcc_guard WHERE partial_id = $1 FOR UPDATE";
+        let row = tx.open.query_opt(sql, &[&partial]).await?;
+        let outcome: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
         let released = tx.release_in(partial).await?;
         // An undecided try's record goes too, so that a retried try
         // may hold again (as with sled, which keeps no record of tries).
-        tx.open.execute("DELETE FROM tcc_guard WHERE partial_id = $1 AND outcome = 'T'", &[&partial]).await?;
+        if outcome.as_deref() == Some("T") {
+            tx.open.execute("DELETE FROM tcc_guard WHERE partial_id = $1", &[&partial]).await?;
+        }
         tx.open.commit().await?;
         Ok(released)
     }

@@ -381,9 +381,9 @@ impl Reservations for SledStore {
         let fresh = tokio::task::spawn_blocking(move || local.hold_here(&hold))
             .await
             .map_err(|e| HoldError::Store(Error::Store(format!("hold task failed: {e}"))))??;
-        if fresh {
-            self.flush().await?;
-        }
+        // Also for a retried try: the first may still wait for its flush,
+        // and its publish must not go out before the hold is durable.
+        self.flush().await?;
         Ok(fresh)
     }
 
