@@ -759,6 +759,9 @@ where
     }
 }
 
+/// How far apart the ports of [`free_port`] are.
+pub const PORT_BLOCK: u64 = 8;
+
 /// A loopback port that was free a moment ago (for processes that must be
 /// restarted on the same address). It is taken below the kernel's
 /// ephemeral range (`ip_local_port_range`), which the outgoing connections
@@ -766,18 +769,22 @@ where
 /// now and then taken by some client's connection before the process
 /// meant for it (or restarted on it) could listen. Each process walks its
 /// own sequence through the range, from an offset of its pid, so that
-/// tests running at once rarely try the same port.
+/// tests running at once rarely try the same port; it steps by
+/// [`PORT_BLOCK`], so that a caller may use the few ports after the one
+/// it got (`shop-demo` takes five in a row) without meeting the next
+/// caller's.
 pub fn free_port() -> Result<u16> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
         .unwrap_or(32_768);
-    let (low, high) = (10_000u64, ephemeral_low.clamp(10_001, 65_535));
-    let span = high - low;
-    let start = u64::from(std::process::id()).wrapping_mul(7_919) % span;
-    for _ in 0..span.min(2_000) {
-        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+    let (low, high) = (10_000u64, ephemeral_low.clamp(10_000 + PORT_BLOCK, 65_535));
+    let blocks = (high - low) / PORT_BLOCK;
+    let start = u64::from(std::process::id()).wrapping_mul(7_919) % blocks;
+    for _ in 0..blocks.min(2_000) {
+        let block = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % blocks;
+        let port = (low + block * PORT_BLOCK) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
