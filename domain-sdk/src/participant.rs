@@ -128,6 +128,19 @@ impl Phase {
     }
 }
 
+/// Checks the ids of a call or a try as every store keeps them: a partial
+/// id of 1..=64 bytes and a transaction id of at most 64, neither with a
+/// NUL character.
+pub fn check_ids(partial_id: &str, transaction_id: &str) -> Result<(), String> {
+    if partial_id.is_empty() || partial_id.len() > 64 || partial_id.contains('\0') {
+        return Err(format!("partial_id {partial_id:?} must be 1..64 bytes without NUL"));
+    }
+    if transaction_id.len() > 64 || transaction_id.contains('\0') {
+        return Err(format!("transaction_id {transaction_id:?} must be at most 64 bytes without NUL"));
+    }
+    Ok(())
+}
+
 /// A command as the coordinator delivered it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceivedCommand {

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::composite::Coordinator;
 use crate::error::{Error, Result};
-use crate::participant::{Participant, Phase, PhaseTwo, ReceivedCommand, Store, apply};
+use crate::participant::{Participant, Phase, PhaseTwo, ReceivedCommand, Store, apply, check_ids};
 use crate::propagation::PartialContext;
 use crate::publisher::{Published, Publisher};
 
@@ -122,19 +122,6 @@ impl From<HoldError> for tonic::Status {
 
 /// Longest resource name, in bytes (a key in every store).
 pub const MAX_RESOURCE_LEN: usize = 255;
-
-/// Checks the ids of a call or a try as every store keeps them: a partial
-/// id of 1..=64 bytes and a transaction id of at most 64, neither with a
-/// NUL character.
-pub fn check_ids(partial_id: &str, transaction_id: &str) -> Result<(), String> {
-    if partial_id.is_empty() || partial_id.len() > 64 || partial_id.contains('\0') {
-        return Err(format!("partial_id {partial_id:?} must be 1..64 bytes without NUL"));
-    }
-    if transaction_id.len() > 64 || transaction_id.contains('\0') {
-        return Err(format!("transaction_id {transaction_id:?} must be at most 64 bytes without NUL"));
-    }
-    Ok(())
-}
 
 /// Checks a seed: a positive amount, a resource of 1..=255 bytes without
 /// NUL.

@@ -9,7 +9,7 @@ use tcc_proto::v1;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::participant::{Participant, Phase, PhaseTwo, apply};
+use crate::participant::{Participant, Phase, PhaseTwo, apply, check_ids};
 
 /// The `tcc.v1.Participant` gRPC service over a [`Participant`].
 pub struct ParticipantService<P: Participant> {
@@ -68,7 +68,7 @@ impl<P: Participant> ParticipantService<P> {
             }
         }
         let call = Arc::new(PhaseTwo::from(request.into_inner()));
-        if let Err(why) = crate::reservations::check_ids(&call.partial_id, &call.transaction_id) {
+        if let Err(why) = check_ids(&call.partial_id, &call.transaction_id) {
             return Err(Status::invalid_argument(why));
         }
         match apply(&self.store, self.participant.clone(), phase, call.clone()).await {

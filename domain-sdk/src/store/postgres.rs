@@ -163,6 +163,18 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+impl From<tokio_postgres::Error> for HoldError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        HoldError::Store(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for HoldError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        HoldError::Store(e.into())
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
@@ -301,12 +313,12 @@ impl PgStore {
     }
 
     async fn hold_here(&self, hold: &Hold) -> Result<bool, HoldError> {
-        let mut client = self.pool.get().await.map_err(Error::from)?;
-        let tx = client.transaction().await.map_err(Error::from)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
         let result = hold_in(&tx, hold).await;
         match result {
             Ok(true) => {
-                tx.commit().await.map_err(Error::from)?;
+                tx.commit().await?;
                 Ok(true)
             }
             other => {
@@ -376,24 +388,23 @@ async fn guard(tx: &deadpool_postgres::Transaction<'_>, phase: Phase, call: &Pha
 /// be committed, anything else to be rolled back.
 async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result<bool, HoldError> {
     let partial = hold.partial_id.as_str();
-    let record = tx.prepare_cached(RECORD).await.map_err(Error::from)?;
-    let inserted =
-        tx.execute(&record, &[&partial, &hold.transaction_id, &"T", &now_ms()]).await.map_err(Error::from)?;
+    let record = tx.prepare_cached(RECORD).await?;
+    let inserted = tx.execute(&record, &[&partial, &hold.transaction_id, &"T", &now_ms()]).await?;
     if inserted == 0 {
-        let read = tx.prepare_cached(READ_OUTCOME).await.map_err(Error::from)?;
-        let Some(row) = tx.query_opt(&read, &[&partial]).await.map_err(Error::from)? else {
+        let read = tx.prepare_cached(READ_OUTCOME).await?;
+        let Some(row) = tx.query_opt(&read, &[&partial]).await? else {
             return Err(HoldError::Store(Error::Store(format!(
                 "partial {partial}'s hold was released while this try ran; retry the try"
             ))));
         };
-        let found: String = row.try_get(0).map_err(Error::from)?;
+        let found: String = row.try_get(0)?;
         if found != "T" {
             return Err(HoldError::Decided(partial.to_string()));
         }
         let sql = "SELECT resource, requested FROM tcc_hold WHERE partial_id = $1";
         let mut first = Vec::new();
-        for row in tx.query(sql, &[&partial]).await.map_err(Error::from)? {
-            first.push((row.try_get::<_, String>(0).map_err(Error::from)?, row.try_get(1).map_err(Error::from)?));
+        for row in tx.query(sql, &[&partial]).await? {
+            first.push((row.try_get::<_, String>(0)?, row.try_get(1)?));
         }
         // In Rust's order, as `requested` is (the server's collation may differ).
         first.sort();
@@ -404,30 +415,28 @@ async fn hold_in(tx: &deadpool_postgres::Transaction<'_>, hold: &Hold) -> Result
             "UPDATE tcc_account SET available = available - $2, held = held + $2 \
              WHERE resource = $1 AND available >= $2",
         )
-        .await
-        .map_err(Error::from)?;
+        .await?;
     let insert = tx
         .prepare_cached(
             "INSERT INTO tcc_hold (partial_id, resource, transaction_id, deadline_ms, requested, held) \
              VALUES ($1, $2, $3, $4, $5, $5)",
         )
-        .await
-        .map_err(Error::from)?;
+        .await?;
     // By resource, so that concurrent tries lock accounts in one order.
     for (resource, amount) in &hold.requested {
-        if tx.execute(&take, &[resource, amount]).await.map_err(Error::from)? == 0 {
+        if tx.execute(&take, &[resource, amount]).await? == 0 {
             let sql = "SELECT available FROM tcc_account WHERE resource = $1";
-            return Err(match tx.query_opt(sql, &[resource]).await.map_err(Error::from)? {
+            return Err(match tx.query_opt(sql, &[resource]).await? {
                 None => HoldError::Unknown(resource.clone()),
                 Some(row) => HoldError::Insufficient {
                     resource: resource.clone(),
-                    available: row.try_get(0).map_err(Error::from)?,
+                    available: row.try_get(0)?,
                     requested: *amount,
                 },
             });
         }
         let params: [&(dyn ToSql + Sync); 5] = [&partial, resource, &hold.transaction_id, &hold.deadline_ms, amount];
-        tx.execute(&insert, &params).await.map_err(Error::from)?;
+        tx.execute(&insert, &params).await?;
     }
     Ok(true)
 }
